@@ -1,0 +1,303 @@
+//! The data part of the configuration: WeNet's `dataset_conf` keys (unknown keys are
+//! refused by name) plus upcycle's bad-input policy.
+
+use serde::{Deserialize, Serialize};
+
+use super::augment::SpecAugConf;
+use super::fbank::FbankOptions;
+
+/// WeNet's `dataset_conf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConf {
+    /// Length filters.
+    #[serde(default)]
+    pub filter_conf: FilterConf,
+    /// Sample rate of the model input; only 16000 is supported.
+    #[serde(default)]
+    pub resample_conf: ResampleConf,
+    /// Speed perturbation (0.9/1.0/1.1) in training.
+    #[serde(default)]
+    pub speed_perturb: bool,
+    /// Filterbank options (dither applies in training only).
+    #[serde(default)]
+    pub fbank_conf: FbankOptions,
+    /// SpecAugment in training.
+    #[serde(default)]
+    pub spec_aug: bool,
+    /// SpecAugment options.
+    #[serde(default)]
+    pub spec_aug_conf: SpecAugConf,
+    /// Shuffle utterances within a window in training.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Shuffle window.
+    #[serde(default)]
+    pub shuffle_conf: ShuffleConf,
+    /// Sort by length within a window (less padding).
+    #[serde(default = "yes")]
+    pub sort: bool,
+    /// Sort window.
+    #[serde(default)]
+    pub sort_conf: SortConf,
+    /// Batch composition.
+    #[serde(default)]
+    pub batch_conf: BatchConf,
+    /// Refuse a list when more than this fraction of its lines is bad input (missing,
+    /// broken or wrong-format audio, empty transcripts, characters outside the units).
+    #[serde(default = "default_max_bad_fraction")]
+    pub max_bad_fraction: f64,
+    /// Threads computing features in the background.
+    #[serde(default = "default_num_workers")]
+    pub num_workers: usize,
+    /// Batches prepared ahead of the training loop.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_bad_fraction() -> f64 {
+    0.05
+}
+fn default_num_workers() -> usize {
+    2
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+impl Default for DatasetConf {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl DatasetConf {
+    /// Checks values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.filter_conf;
+        if f.min_length > f.max_length {
+            return Err("dataset_conf.filter_conf: min_length is above max_length".into());
+        }
+        if f.token_min_length > f.token_max_length {
+            return Err("dataset_conf.filter_conf: token_min_length is above token_max_length".into());
+        }
+        if self.resample_conf.resample_rate != super::audio::SAMPLE_RATE {
+            return Err(format!(
+                "dataset_conf.resample_conf.resample_rate: only {} is supported (data prepare converts audio to it)",
+                super::audio::SAMPLE_RATE
+            ));
+        }
+        if self.fbank_conf.num_mel_bins == 0 || self.fbank_conf.frame_shift <= 0.0 || self.fbank_conf.frame_length <= 0.0 {
+            return Err("dataset_conf.fbank_conf: num_mel_bins, frame_length and frame_shift must be positive".into());
+        }
+        match self.batch_conf.batch_type {
+            BatchType::Static if self.batch_conf.batch_size == 0 => {
+                return Err("dataset_conf.batch_conf.batch_size must be at least 1".into())
+            }
+            BatchType::Dynamic if self.batch_conf.max_frames_in_batch == 0 => {
+                return Err("dataset_conf.batch_conf.max_frames_in_batch must be at least 1".into())
+            }
+            _ => {}
+        }
+        if !(0.0..=1.0).contains(&self.max_bad_fraction) {
+            return Err("dataset_conf.max_bad_fraction must be between 0 and 1".into());
+        }
+        if self.num_workers == 0 || self.prefetch == 0 {
+            return Err("dataset_conf.num_workers and dataset_conf.prefetch must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// WeNet's `filter_conf`: lengths in 10 ms frames and in tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConf {
+    /// Longest utterance, in 10 ms frames.
+    #[serde(default = "default_max_length")]
+    pub max_length: f64,
+    /// Shortest utterance, in 10 ms frames.
+    #[serde(default = "default_min_length")]
+    pub min_length: f64,
+    /// Most tokens.
+    #[serde(default = "default_token_max_length")]
+    pub token_max_length: usize,
+    /// Fewest tokens.
+    #[serde(default = "default_token_min_length")]
+    pub token_min_length: usize,
+    /// Smallest tokens-per-frame ratio.
+    #[serde(default = "default_min_ratio")]
+    pub min_output_input_ratio: f64,
+    /// Largest tokens-per-frame ratio.
+    #[serde(default = "default_max_ratio")]
+    pub max_output_input_ratio: f64,
+}
+
+fn default_max_length() -> f64 {
+    40960.0
+}
+fn default_min_length() -> f64 {
+    10.0
+}
+fn default_token_max_length() -> usize {
+    200
+}
+fn default_token_min_length() -> usize {
+    1
+}
+fn default_min_ratio() -> f64 {
+    0.0005
+}
+fn default_max_ratio() -> f64 {
+    1.0
+}
+
+impl Default for FilterConf {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// WeNet's `resample_conf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResampleConf {
+    /// Target rate in Hz.
+    #[serde(default = "default_rate")]
+    pub resample_rate: u32,
+}
+
+fn default_rate() -> u32 {
+    super::audio::SAMPLE_RATE
+}
+
+impl Default for ResampleConf {
+    fn default() -> Self {
+        Self {
+            resample_rate: default_rate(),
+        }
+    }
+}
+
+/// WeNet's `shuffle_conf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShuffleConf {
+    /// Utterances shuffled together.
+    #[serde(default = "default_shuffle_size")]
+    pub shuffle_size: usize,
+}
+
+fn default_shuffle_size() -> usize {
+    1500
+}
+
+impl Default for ShuffleConf {
+    fn default() -> Self {
+        Self {
+            shuffle_size: default_shuffle_size(),
+        }
+    }
+}
+
+/// WeNet's `sort_conf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SortConf {
+    /// Utterances sorted by length together.
+    #[serde(default = "default_sort_size")]
+    pub sort_size: usize,
+}
+
+fn default_sort_size() -> usize {
+    500
+}
+
+impl Default for SortConf {
+    fn default() -> Self {
+        Self {
+            sort_size: default_sort_size(),
+        }
+    }
+}
+
+/// How utterances are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchType {
+    /// A fixed number of utterances.
+    Static,
+    /// As many as fit `max_frames_in_batch` once padded.
+    Dynamic,
+}
+
+/// WeNet's `batch_conf`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConf {
+    /// `static` or `dynamic`.
+    #[serde(default = "default_batch_type")]
+    pub batch_type: BatchType,
+    /// Utterances per static batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Padded frames per dynamic batch.
+    #[serde(default = "default_max_frames")]
+    pub max_frames_in_batch: usize,
+}
+
+fn default_batch_type() -> BatchType {
+    BatchType::Static
+}
+fn default_batch_size() -> usize {
+    16
+}
+fn default_max_frames() -> usize {
+    12000
+}
+
+impl Default for BatchConf {
+    fn default() -> Self {
+        Self {
+            batch_type: default_batch_type(),
+            batch_size: default_batch_size(),
+            max_frames_in_batch: default_max_frames(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_wenet_keys_and_names_unknown_ones() {
+        let yaml = "
+filter_conf: {max_length: 40960, min_length: 0, token_max_length: 200, token_min_length: 1}
+resample_conf: {resample_rate: 16000}
+speed_perturb: true
+fbank_conf: {num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 1.0}
+spec_aug: true
+spec_aug_conf: {num_t_mask: 2, num_f_mask: 2, max_t: 50, max_f: 10}
+shuffle: true
+shuffle_conf: {shuffle_size: 1500}
+sort: true
+sort_conf: {sort_size: 500}
+batch_conf: {batch_type: dynamic, max_frames_in_batch: 12000}
+";
+        let c: DatasetConf = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(c.batch_conf.batch_type, BatchType::Dynamic);
+        assert_eq!(c.fbank_conf.dither, 1.0);
+        c.validate().unwrap();
+
+        let e = serde_yaml::from_str::<DatasetConf>("spec_sub: true").unwrap_err().to_string();
+        assert!(e.contains("spec_sub"), "{e}");
+        let e = serde_yaml::from_str::<DatasetConf>("fbank_conf: {num_mel_bin: 80}").unwrap_err().to_string();
+        assert!(e.contains("num_mel_bin"), "{e}");
+        let bad: DatasetConf = serde_yaml::from_str("resample_conf: {resample_rate: 8000}").unwrap();
+        assert!(bad.validate().unwrap_err().contains("resample_rate"));
+    }
+}

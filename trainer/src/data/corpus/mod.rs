@@ -1,0 +1,496 @@
+//! `upcycle data prepare`: turns a corpus into a dataset directory.
+//!
+//! ```text
+//! OUT/train/data.list  OUT/dev/data.list  OUT/test/data.list   WeNet lists
+//! OUT/wav/<key>.wav                                            16 kHz mono 16-bit
+//! OUT/units.txt        WeNet lang_char.txt form, from the training transcripts
+//! OUT/global_cmvn      WeNet global CMVN JSON, from the training features
+//! OUT/summary.json     utterances, hours, speakers, characters per split
+//! ```
+//!
+//! The split is deterministic and by *group* (a Fillets level, or a sentence), so no
+//! test sentence is seen in training; training utterances whose normalised text also
+//! occurs in dev or test are removed as well. The directory is built under a temporary
+//! name and renamed when complete, so an interrupted run never leaves a half dataset
+//! (and never touches a complete one).
+
+mod sources;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::audio::{self, SAMPLE_RATE};
+use super::cmvn::CmvnStats;
+use super::fbank::{Fbank, FbankOptions};
+use super::list::{write_list, ListEntry};
+use super::text::{self, Units};
+
+/// The corpora `data prepare` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CorpusName {
+    /// Fish Fillets NG Czech dialogue (real, ~1,750 utterances, 1.6 h), split by level.
+    FilletsCs,
+    /// Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled).
+    AsteriskEn,
+    /// pocketsphinx's LibriVox and cards clips (real, 10 utterances; for tests).
+    Librivox,
+    /// Synthetic English from espeak-ng with varied voices, speeds and pitches.
+    EspeakEn,
+    /// Your own data: `--src` with wav.scp + text, or a data.list.
+    Dir,
+}
+
+impl CorpusName {
+    /// Debian packages the corpus needs.
+    pub fn packages(self) -> &'static [&'static str] {
+        match self {
+            CorpusName::FilletsCs => &["fillets-ng-data", "fillets-ng-data-cs", "sox", "libsox-fmt-base"],
+            CorpusName::AsteriskEn => &["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"],
+            CorpusName::Librivox => &["pocketsphinx-testdata"],
+            CorpusName::EspeakEn => &["espeak-ng", "fortunes-min"],
+            CorpusName::Dir => &["sox", "libsox-fmt-base"],
+        }
+    }
+
+    fn marker(self) -> &'static str {
+        match self {
+            CorpusName::FilletsCs => sources::FILLETS_ROOT,
+            CorpusName::AsteriskEn => sources::ASTERISK_TEXT,
+            CorpusName::Librivox => sources::POCKETSPHINX,
+            CorpusName::EspeakEn => "/usr/bin/espeak-ng",
+            CorpusName::Dir => "/usr/bin/sox",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CorpusName::FilletsCs => "fillets-cs",
+            CorpusName::AsteriskEn => "asterisk-en",
+            CorpusName::Librivox => "librivox",
+            CorpusName::EspeakEn => "espeak-en",
+            CorpusName::Dir => "dir",
+        }
+    }
+}
+
+/// Options of `data prepare`.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// Which corpus.
+    pub corpus: CorpusName,
+    /// Output dataset directory.
+    pub out: PathBuf,
+    /// Utterances to synthesise (`espeak-en`).
+    pub count: usize,
+    /// Source folder or list (`dir`).
+    pub src: Option<PathBuf>,
+    /// Seed of synthesis choices.
+    pub seed: u64,
+    /// Rebuild even if a complete dataset is already there.
+    pub force: bool,
+    /// Install missing Debian packages with apt-get (else say which command to run).
+    pub install: bool,
+    /// Refuse when more than this fraction of recordings cannot be converted.
+    pub max_bad_fraction: f64,
+}
+
+/// An utterance as found in a corpus, before conversion.
+#[derive(Debug, Clone)]
+pub(crate) struct RawUtterance {
+    pub(crate) key: String,
+    pub(crate) audio: PathBuf,
+    pub(crate) text: String,
+    pub(crate) speaker: String,
+    /// Utterances of one group always land in the same split.
+    pub(crate) group: String,
+    /// A split the source already fixed.
+    pub(crate) split: Option<&'static str>,
+}
+
+/// Statistics of one split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SplitStats {
+    /// Utterances.
+    pub utterances: usize,
+    /// Hours of audio.
+    pub hours: f64,
+    /// Distinct speakers.
+    pub speakers: usize,
+    /// Characters of the normalised transcripts (spaces included).
+    pub characters: usize,
+    /// Distinct groups (levels, sentences) in the split.
+    pub groups: usize,
+    /// Utterances with characters outside the units (dev/test only; scored as `<unk>`).
+    pub with_unknown_characters: usize,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The corpus.
+    pub corpus: CorpusName,
+    /// Per split: train, dev, test.
+    pub splits: BTreeMap<String, SplitStats>,
+    /// Size of the units file.
+    pub units: usize,
+    /// Recordings that could not be used, by reason.
+    pub skipped: BTreeMap<String, usize>,
+    /// Training utterances removed because their text occurs in dev or test.
+    pub removed_overlap: usize,
+    /// Frames in the CMVN statistics.
+    pub cmvn_frames: u64,
+}
+
+impl Summary {
+    /// A table for the terminal.
+    pub fn table(&self) -> String {
+        let mut s = format!("corpus {}  ({} units)\n", self.corpus.label(), self.units);
+        s.push_str("split   utterances    hours  speakers  characters  groups\n");
+        for name in ["train", "dev", "test"] {
+            if let Some(st) = self.splits.get(name) {
+                s.push_str(&format!(
+                    "{name:<6} {:>11} {:>8.3} {:>9} {:>11} {:>7}\n",
+                    st.utterances, st.hours, st.speakers, st.characters, st.groups
+                ));
+            }
+        }
+        let total: usize = self.splits.values().map(|s| s.utterances).sum();
+        let hours: f64 = self.splits.values().map(|s| s.hours).sum();
+        s.push_str(&format!("total  {total:>11} {hours:>8.3}\n"));
+        if self.removed_overlap > 0 {
+            s.push_str(&format!(
+                "removed from train: {} utterances whose sentence is in dev/test\n",
+                self.removed_overlap
+            ));
+        }
+        for (why, n) in &self.skipped {
+            s.push_str(&format!("skipped: {n} ({why})\n"));
+        }
+        s
+    }
+}
+
+/// Runs `f` over `items` on all cores, keeping order.
+pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(items.len().max(1));
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    let slots: Vec<std::sync::Mutex<&mut Option<R>>> = results.iter_mut().map(std::sync::Mutex::new).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = f(&items[i]);
+                **slots[i].lock().expect("no panics while holding") = Some(r);
+            });
+        }
+    });
+    drop(slots);
+    results.into_iter().map(|r| r.expect("every item mapped")).collect()
+}
+
+/// Makes sure the corpus's Debian packages are present: installs them with apt-get
+/// when allowed, else fails with the exact command to run.
+fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
+    if Path::new(corpus.marker()).exists() {
+        return Ok(());
+    }
+    let pkgs = corpus.packages().join(" ");
+    let cmd = format!("apt-get install -y --no-install-recommends {pkgs}");
+    if !install {
+        bail!("corpus {} needs Debian packages that are not installed; run: {cmd}", corpus.label());
+    }
+    tracing::info!("installing {pkgs}");
+    let ok = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive {cmd} -qq"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok || !Path::new(corpus.marker()).exists() {
+        bail!("installing the packages of corpus {} failed; run as root: {cmd}", corpus.label());
+    }
+    Ok(())
+}
+
+/// Deterministic split by group: groups are ordered by a hash of their name and dealt
+/// out to test, then dev, until each holds about 10% of the utterances.
+fn assign_splits(utts: &[RawUtterance]) -> HashMap<String, &'static str> {
+    let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+    for u in utts.iter().filter(|u| u.split.is_none()) {
+        *sizes.entry(u.group.as_str()).or_default() += 1;
+    }
+    let total: usize = sizes.values().sum();
+    let fnv = |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut groups: Vec<(&str, usize)> = sizes.into_iter().collect();
+    groups.sort_by_key(|(g, _)| (fnv(g), *g));
+    let target = (total as f64 * 0.1).round().max(1.0) as usize;
+    let (mut test, mut dev) = (0, 0);
+    let mut out = HashMap::new();
+    for (g, n) in groups {
+        let split = if test < target && total >= 3 {
+            test += n;
+            "test"
+        } else if dev < target && total >= 3 {
+            dev += n;
+            "dev"
+        } else {
+            "train"
+        };
+        out.insert(g.to_string(), split);
+    }
+    out
+}
+
+/// Converts one recording to a 16 kHz mono 16-bit WAV: WAV is read and resampled in
+/// Rust; other formats are decoded by sox first. Returns the duration in seconds.
+fn convert(src: &Path, dst: &Path, tmp: &Path) -> Result<f64, String> {
+    let is_wav = src.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+    let decoded;
+    let wav_path = if is_wav {
+        src
+    } else {
+        if !src.exists() {
+            return Err("missing file".into());
+        }
+        decoded = tmp.join(format!("{}.wav", dst.file_stem().unwrap().to_string_lossy()));
+        let st = std::process::Command::new("sox")
+            .arg(src)
+            .args(["-b", "16", "-e", "signed-integer"])
+            .arg(&decoded)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run sox ({e}); apt-get install sox libsox-fmt-base"))?;
+        if !st.success() {
+            return Err("not audio".into());
+        }
+        &decoded
+    };
+    let a = audio::read_wav(wav_path).map_err(|e| e.kind().to_string())?;
+    let rate = a.sample_rate;
+    let samples = audio::resample(&a.into_mono(), rate, SAMPLE_RATE);
+    if !is_wav {
+        let _ = std::fs::remove_file(wav_path);
+    }
+    if samples.len() < 400 {
+        return Err("shorter than one frame".into());
+    }
+    audio::write_wav_i16(dst, &samples, SAMPLE_RATE).map_err(|e| format!("cannot write: {e}"))?;
+    Ok(samples.len() as f64 / SAMPLE_RATE as f64)
+}
+
+/// Prepares a dataset directory; returns its summary (also printed by the CLI).
+pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
+    let summary_path = opts.out.join("summary.json");
+    if summary_path.exists() && !opts.force {
+        let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
+            .with_context(|| format!("{} is not a dataset summary; use --force to rebuild", summary_path.display()))?;
+        if s.corpus != opts.corpus {
+            bail!(
+                "{} already holds corpus {}; choose another --out or pass --force to replace it",
+                opts.out.display(),
+                s.corpus.label()
+            );
+        }
+        tracing::info!("{} is complete; pass --force to rebuild", opts.out.display());
+        return Ok(s);
+    }
+    ensure_packages(opts.corpus, opts.install)?;
+
+    let out_name = opts.out.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
+    let parent = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let work = parent.join(format!(".{out_name}.partial-{}", std::process::id()));
+    std::fs::create_dir_all(work.join("wav"))?;
+    let result = build(opts, &work);
+    match result {
+        Ok(summary) => {
+            if opts.out.exists() {
+                let old = parent.join(format!(".{out_name}.old-{}", std::process::id()));
+                std::fs::rename(&opts.out, &old)?;
+                std::fs::rename(&work, &opts.out)?;
+                std::fs::remove_dir_all(&old)?;
+            } else {
+                std::fs::rename(&work, &opts.out)?;
+            }
+            // The lists point into wav/ by relative path, so the rename keeps them valid.
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
+    let mut utts = match opts.corpus {
+        CorpusName::FilletsCs => sources::fillets_cs()?,
+        CorpusName::AsteriskEn => sources::asterisk_en()?,
+        CorpusName::Librivox => sources::librivox()?,
+        CorpusName::EspeakEn => sources::espeak_en(opts.count, opts.seed, &work.join("synth"))?,
+        CorpusName::Dir => {
+            let src = opts.src.as_deref().context("--corpus dir needs --src FOLDER_OR_LIST")?;
+            sources::user_dir(src)?
+        }
+    };
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen_keys = HashSet::new();
+    utts.retain(|u| {
+        let fresh = seen_keys.insert(u.key.clone());
+        if !fresh {
+            *skipped.entry("duplicate key".into()).or_default() += 1;
+        }
+        fresh
+    });
+    utts.retain(|u| {
+        let ok = !text::normalize(&u.text).is_empty();
+        if !ok {
+            *skipped.entry("empty transcript".into()).or_default() += 1;
+        }
+        ok
+    });
+    if utts.is_empty() {
+        bail!("corpus {} has no utterances with a transcript", opts.corpus.label());
+    }
+    tracing::info!("converting {} recordings to 16 kHz mono", utts.len());
+    let tmp = work.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let converted = parallel_map(&utts, |u| {
+        let safe: String = u.key.chars().map(|c| if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect();
+        let dst = work.join("wav").join(format!("{safe}.wav"));
+        convert(&u.audio, &dst, &tmp).map(|secs| (format!("wav/{safe}.wav"), secs))
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(work.join("synth"));
+    let mut kept = Vec::new();
+    let mut bad = 0;
+    for (u, c) in utts.into_iter().zip(converted) {
+        match c {
+            Ok((wav, secs)) => kept.push((u, wav, secs)),
+            Err(why) => {
+                bad += 1;
+                tracing::debug!(key = %u.key, audio = %u.audio.display(), "skipped: {why}");
+                *skipped.entry(why).or_default() += 1;
+            }
+        }
+    }
+    let total = kept.len() + bad;
+    if bad as f64 > opts.max_bad_fraction * total as f64 {
+        bail!("{bad} of {total} recordings could not be converted ({skipped:?}); see the log with RUST_LOG=debug");
+    }
+    if bad > 0 {
+        tracing::warn!("skipped {bad} of {total} recordings: {skipped:?}");
+    }
+
+    // Split by group, then keep train free of dev/test sentences.
+    let raw: Vec<RawUtterance> = kept.iter().map(|(u, _, _)| u.clone()).collect();
+    let by_group = assign_splits(&raw);
+    let split_of = |u: &RawUtterance| u.split.unwrap_or_else(|| by_group[&u.group]);
+    let held_out: HashSet<String> = kept
+        .iter()
+        .filter(|(u, _, _)| split_of(u) != "train")
+        .map(|(u, _, _)| text::normalize(&u.text))
+        .collect();
+    let mut removed_overlap = 0;
+    let mut splits: BTreeMap<&str, Vec<(ListEntry, String, f64, String)>> = BTreeMap::new();
+    for (u, wav, secs) in &kept {
+        let split = split_of(u);
+        let norm = text::normalize(&u.text);
+        if split == "train" && held_out.contains(&norm) {
+            removed_overlap += 1;
+            continue;
+        }
+        let entry = ListEntry {
+            key: u.key.clone(),
+            wav: format!("../{wav}"),
+            txt: norm,
+        };
+        splits.entry(split).or_default().push((entry, u.speaker.clone(), *secs, u.group.clone()));
+    }
+    let train = splits.get("train").filter(|t| !t.is_empty()).context("no training utterances left after the split")?;
+
+    let units = Units::from_texts(train.iter().map(|(e, ..)| e.txt.as_str()));
+    units.save(&work.join("units.txt"))?;
+
+    tracing::info!("computing global CMVN over {} training utterances", train.len());
+    let fbank = Fbank::new(FbankOptions::default());
+    let partial = parallel_map(train, |(e, ..)| {
+        let mut st = CmvnStats::new(fbank.dim());
+        if let Ok(samples) = audio::read_model_input(&work.join("wav").join(e.wav.trim_start_matches("../wav/"))) {
+            st.accumulate(&fbank.compute(&samples, &mut rand::rng()));
+        }
+        st
+    });
+    let mut cmvn = CmvnStats::new(fbank.dim());
+    partial.iter().for_each(|p| cmvn.merge(p));
+    cmvn.save(&work.join("global_cmvn"))?;
+
+    let mut stats = BTreeMap::new();
+    for name in ["train", "dev", "test"] {
+        let items = splits.remove(name).unwrap_or_default();
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let entries: Vec<ListEntry> = items.iter().map(|(e, ..)| e.clone()).collect();
+        write_list(&dir.join("data.list"), &entries)?;
+        let speakers: BTreeSet<&str> = items.iter().map(|(_, s, ..)| s.as_str()).collect();
+        let groups: BTreeSet<&str> = items.iter().map(|(.., g)| g.as_str()).collect();
+        stats.insert(
+            name.to_string(),
+            SplitStats {
+                utterances: items.len(),
+                hours: items.iter().map(|(_, _, s, _)| s).sum::<f64>() / 3600.0,
+                speakers: speakers.len(),
+                characters: items.iter().map(|(e, ..)| e.txt.chars().count()).sum(),
+                groups: groups.len(),
+                with_unknown_characters: items.iter().filter(|(e, ..)| units.encode(&e.txt).1 > 0).count(),
+            },
+        );
+    }
+    let summary = Summary {
+        corpus: opts.corpus,
+        splits: stats,
+        units: units.len(),
+        skipped,
+        removed_overlap,
+        cmvn_frames: cmvn.frame_num,
+    };
+    std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utt(key: &str, group: &str) -> RawUtterance {
+        RawUtterance {
+            key: key.into(),
+            audio: PathBuf::new(),
+            text: key.into(),
+            speaker: "s".into(),
+            group: group.into(),
+            split: None,
+        }
+    }
+
+    #[test]
+    fn split_is_by_group_deterministic_and_about_80_10_10() {
+        let utts: Vec<RawUtterance> = (0..1000).map(|i| utt(&format!("u{i}"), &format!("g{}", i % 50))).collect();
+        let a = assign_splits(&utts);
+        let b = assign_splits(&utts);
+        assert_eq!(a, b);
+        let count = |s: &str| utts.iter().filter(|u| a[&u.group] == s).count();
+        assert!((80..=140).contains(&count("test")), "{}", count("test"));
+        assert!((80..=140).contains(&count("dev")), "{}", count("dev"));
+        assert_eq!(count("train") + count("dev") + count("test"), 1000);
+    }
+}

@@ -1,0 +1,383 @@
+//! Where each corpus's recordings and transcripts are, and how to read them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::RawUtterance;
+use crate::data::list::{read_kaldi_dir, ListReader};
+use crate::data::text;
+
+/// Fish Fillets NG, Czech dialogue.
+pub(crate) const FILLETS_ROOT: &str = "/usr/share/games/fillets-ng";
+/// Asterisk core prompts, English, 8 kHz.
+pub(crate) const ASTERISK_SOUNDS: &str = "/usr/share/asterisk/sounds/en_US_f_Allison";
+pub(crate) const ASTERISK_TEXT: &str = "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz";
+/// pocketsphinx test clips.
+pub(crate) const POCKETSPHINX: &str = "/usr/share/pocketsphinx/test/data";
+/// Text for synthetic speech.
+pub(crate) const FORTUNES: &str = "/usr/share/games/fortunes";
+
+/// Tokens of a Lua file as far as the dialogue scripts need them.
+#[derive(Debug, PartialEq)]
+enum LuaToken {
+    Ident(String),
+    Str(String),
+    Punct(char),
+}
+
+fn lua_tokens(src: &str) -> Vec<LuaToken> {
+    let mut out = Vec::new();
+    let mut it = src.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '-' if it.peek() == Some(&'-') => {
+                for c in it.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' => {
+                let mut s = String::new();
+                while let Some(d) = it.next() {
+                    match d {
+                        '\\' => match it.next() {
+                            Some('n') => s.push(' '),
+                            Some('t') => s.push(' '),
+                            Some(e) => s.push(e),
+                            None => {}
+                        },
+                        d if d == c => break,
+                        d => s.push(d),
+                    }
+                }
+                out.push(LuaToken::Str(s));
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let mut s = c.to_string();
+                while let Some(&d) = it.peek() {
+                    if d.is_alphanumeric() || d == '_' {
+                        s.push(d);
+                        it.next();
+                    } else {
+                        break;
+                    }
+                }
+                out.push(LuaToken::Ident(s));
+            }
+            c if c.is_whitespace() => {}
+            c => out.push(LuaToken::Punct(c)),
+        }
+    }
+    out
+}
+
+/// `(id, font, czech text)` of every `dialogId("id", "font", "en") dialogStr("cs")`.
+fn parse_dialogs(src: &str) -> Vec<(String, String, String)> {
+    let toks = lua_tokens(src);
+    let mut out = Vec::new();
+    let mut i = 0;
+    // Collects the string arguments of a call starting at toks[i] = Ident(name).
+    let args = |i: usize| -> Option<(Vec<String>, usize)> {
+        if toks.get(i + 1) != Some(&LuaToken::Punct('(')) {
+            return None;
+        }
+        let mut strs = Vec::new();
+        let mut j = i + 2;
+        loop {
+            match toks.get(j)? {
+                LuaToken::Str(s) => strs.push(s.clone()),
+                LuaToken::Punct(',') | LuaToken::Punct('.') => {}
+                LuaToken::Punct(')') => return Some((strs, j + 1)),
+                _ => return None,
+            }
+            j += 1;
+        }
+    };
+    while i < toks.len() {
+        if toks[i] == LuaToken::Ident("dialogId".into()) {
+            if let Some((id_args, next)) = args(i) {
+                if toks.get(next) == Some(&LuaToken::Ident("dialogStr".into())) {
+                    if let Some((cs, after)) = args(next) {
+                        if let (Some(id), Some(text)) = (id_args.first(), cs.first()) {
+                            let font = id_args.get(1).cloned().unwrap_or_default();
+                            out.push((id.clone(), font, text.clone()));
+                        }
+                        i = after;
+                        continue;
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Fish Fillets NG Czech: utterances grouped by level (the split unit).
+pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
+    let root = Path::new(FILLETS_ROOT);
+    let scripts = root.join("script");
+    let mut levels: Vec<PathBuf> = std::fs::read_dir(&scripts)
+        .with_context(|| format!("reading {}", scripts.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("dialogs_cs.lua").exists())
+        .collect();
+    levels.sort();
+    let mut out = Vec::new();
+    for dir in levels {
+        let level = dir.file_name().unwrap().to_string_lossy().to_string();
+        let src = std::fs::read_to_string(dir.join("dialogs_cs.lua"))?;
+        for (id, font, cs) in parse_dialogs(&src) {
+            let audio = root.join("sound").join(&level).join("cs").join(format!("{id}.ogg"));
+            if !audio.exists() {
+                continue; // a line with no Czech recording
+            }
+            let speaker = font.strip_prefix("font_").unwrap_or(&font).to_string();
+            out.push(RawUtterance {
+                key: format!("fillets-{level}-{id}"),
+                audio,
+                text: cs,
+                speaker: if speaker.is_empty() { "narrator".into() } else { speaker },
+                group: level.clone(),
+                split: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Asterisk English prompts (one speaker): `relpath: Text.` lines; `silence/*` and
+/// bracketed descriptions of tones are dropped.
+pub(crate) fn asterisk_en() -> Result<Vec<RawUtterance>> {
+    let gz = std::process::Command::new("zcat")
+        .arg(ASTERISK_TEXT)
+        .output()
+        .with_context(|| format!("running zcat on {ASTERISK_TEXT}"))?;
+    if !gz.status.success() {
+        bail!("cannot read {ASTERISK_TEXT}");
+    }
+    let text = String::from_utf8_lossy(&gz.stdout);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((rel, t)) = line.split_once(": ") else { continue };
+        if line.starts_with(';') || rel.starts_with("silence/") {
+            continue;
+        }
+        // Drop bracketed parts ("dot [.]" -> "dot"; "[beep tone]" -> nothing).
+        let mut clean = String::new();
+        let mut depth = 0;
+        for c in t.chars() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth = (depth - 1).max(0),
+                c if depth == 0 => clean.push(c),
+                _ => {}
+            }
+        }
+        let audio = Path::new(ASTERISK_SOUNDS).join(format!("{rel}.wav"));
+        if clean.trim().is_empty() || !audio.exists() {
+            continue;
+        }
+        out.push(RawUtterance {
+            key: format!("asterisk-{}", rel.replace('/', "-")),
+            audio,
+            text: clean.trim().to_string(),
+            speaker: "allison".into(),
+            group: text::normalize(&clean),
+            split: None,
+        });
+    }
+    Ok(out)
+}
+
+/// pocketsphinx's LibriVox and "cards" clips with their Sphinx transcriptions.
+pub(crate) fn librivox() -> Result<Vec<RawUtterance>> {
+    let mut out = Vec::new();
+    for (sub, trans, speaker) in [("librivox", "transcription", "librivox"), ("cards", "cards.transcription", "cards")] {
+        let dir = Path::new(POCKETSPHINX).join(sub);
+        let path = dir.join(trans);
+        let t = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        for line in t.lines() {
+            // `<s> text </s> (id)`
+            let Some((body, id)) = line.rsplit_once('(') else { continue };
+            let id = id.trim_end_matches(')').trim();
+            let body = body.replace("<s>", "").replace("</s>", "");
+            out.push(RawUtterance {
+                key: format!("{sub}-{id}"),
+                audio: dir.join(format!("{id}.wav")),
+                text: body.trim().to_string(),
+                speaker: speaker.into(),
+                group: text::normalize(&body),
+                split: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// English voices of espeak-ng and variants that change timbre.
+const ESPEAK_VOICES: [&str; 8] = ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"];
+const ESPEAK_VARIANTS: [&str; 14] = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2"];
+
+/// Sentences of 3 to 16 plain English words from the fortune files, deduplicated.
+fn english_sentences() -> Result<Vec<String>> {
+    let mut sentences = std::collections::BTreeSet::new();
+    for name in ["fortunes", "literature", "riddles"] {
+        let p = Path::new(FORTUNES).join(name);
+        let Ok(t) = std::fs::read_to_string(&p) else { continue };
+        let flat = t.replace('\n', " ");
+        for s in flat.split(['.', '?', '!', '%', ':', ';', '"']) {
+            let s = s.trim();
+            let words = s.split_whitespace().count();
+            let plain = s.chars().all(|c| c.is_ascii_alphabetic() || c == ' ' || c == ',' || c == '\'');
+            if (3..=16).contains(&words) && plain {
+                sentences.insert(s.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+        }
+    }
+    if sentences.is_empty() {
+        bail!("no English text found under {FORTUNES} (apt-get install fortunes-min)");
+    }
+    Ok(sentences.into_iter().collect())
+}
+
+/// Synthesises `count` utterances with varied voices, speeds and pitches into
+/// `work/`; returns them as raw utterances (grouped by sentence).
+pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawUtterance>> {
+    let mut sentences = english_sentences()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    sentences.shuffle(&mut rng);
+    std::fs::create_dir_all(work)?;
+    let jobs: Vec<(RawUtterance, Vec<String>)> = (0..count)
+        .map(|i| {
+            let text = sentences[i % sentences.len()].clone();
+            let voice = ESPEAK_VOICES[rng.random_range(0..ESPEAK_VOICES.len())];
+            let variant = ESPEAK_VARIANTS[rng.random_range(0..ESPEAK_VARIANTS.len())];
+            let speed = rng.random_range(120..=200);
+            let pitch = rng.random_range(25..=75);
+            let audio = work.join(format!("espeak-{i:06}.wav"));
+            let args = vec![
+                "-v".into(),
+                format!("{voice}+{variant}"),
+                "-s".into(),
+                speed.to_string(),
+                "-p".into(),
+                pitch.to_string(),
+                "-w".into(),
+                audio.display().to_string(),
+                text.clone(),
+            ];
+            let u = RawUtterance {
+                key: format!("espeak-{i:06}"),
+                audio,
+                group: text::normalize(&text),
+                text,
+                speaker: format!("{voice}+{variant}"),
+                split: None,
+            };
+            (u, args)
+        })
+        .collect();
+    super::parallel_map(&jobs, |(u, args)| {
+        let st = std::process::Command::new("espeak-ng")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running espeak-ng (apt-get install espeak-ng)")?;
+        if !st.success() {
+            bail!("espeak-ng failed for {}", u.key);
+        }
+        Ok(())
+    })
+    .into_iter()
+    .collect::<Result<Vec<()>>>()?;
+    Ok(jobs.into_iter().map(|(u, _)| u).collect())
+}
+
+/// A user's own data: a folder with Kaldi's `wav.scp` + `text` (and optionally
+/// `utt2spk`), or a `data.list` file (or a folder holding one). A folder with `train/`,
+/// `dev/` and `test/` inside keeps that split.
+pub(crate) fn user_dir(src: &Path) -> Result<Vec<RawUtterance>> {
+    let splits = ["train", "dev", "test"];
+    if splits.iter().all(|s| src.join(s).is_dir()) {
+        let mut out = Vec::new();
+        for s in splits {
+            let mut part = user_dir(&src.join(s))?;
+            part.iter_mut().for_each(|u| u.split = Some(s));
+            out.extend(part);
+        }
+        return Ok(out);
+    }
+    let entries = if src.is_file() {
+        read_list_entries(src)?
+    } else if src.join("data.list").is_file() {
+        read_list_entries(&src.join("data.list"))?
+    } else if src.join("wav.scp").is_file() {
+        read_kaldi_dir(src)?
+    } else {
+        bail!(
+            "{} holds neither wav.scp + text nor data.list (nor train/ dev/ test/ folders of them)",
+            src.display()
+        );
+    };
+    let dir = if src.is_file() { src.parent().unwrap_or(Path::new(".")) } else { src };
+    let utt2spk: BTreeMap<String, String> = std::fs::read_to_string(dir.join("utt2spk"))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| l.split_once(char::is_whitespace))
+                .map(|(u, s)| (u.to_string(), s.trim().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(entries
+        .into_iter()
+        .map(|e| RawUtterance {
+            speaker: utt2spk.get(&e.key).cloned().unwrap_or_else(|| "unknown".into()),
+            group: text::normalize(&e.txt),
+            audio: PathBuf::from(e.wav),
+            key: e.key,
+            text: e.txt,
+            split: None,
+        })
+        .collect())
+}
+
+fn read_list_entries(path: &Path) -> Result<Vec<crate::data::list::ListEntry>> {
+    let mut reader = ListReader::open(path)?;
+    let mut out = Vec::new();
+    while let Some(item) = reader.next() {
+        let (_, mut e) = item?;
+        e.wav = reader.resolve(&e.wav).display().to_string();
+        out.push(e);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialogue_scripts_parse_including_multiline_calls() {
+        let src = r#"
+-- comment with dialogId("x", "y", "z")
+dialogId("let-m-divna", "font_small", "What kind of strange ship is that?")
+dialogStr("Co je to za divnou loď?")
+
+dialogId("a-b", "font_big",
+ "English")
+dialogStr(
+"Jak si to \"představuješ\"? Pohne ocelí, no a?")
+dialogId("no-cs", "", "only english")
+"#;
+        let d = parse_dialogs(src);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0], ("let-m-divna".into(), "font_small".into(), "Co je to za divnou loď?".into()));
+        assert_eq!(d[1].2, "Jak si to \"představuješ\"? Pohne ocelí, no a?");
+    }
+}

@@ -1,0 +1,217 @@
+//! Data lists: WeNet's `data.list` (one JSON object per line with `key`, `wav`, `txt`),
+//! read as a stream, and Kaldi's `wav.scp` + `text` pair.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// One utterance of a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// Unique utterance id.
+    pub key: String,
+    /// Path of the audio; relative paths are relative to the list's folder.
+    pub wav: String,
+    /// Transcript.
+    pub txt: String,
+}
+
+/// A list that cannot be read. Bad *audio* is not an error here: it is counted by the
+/// loader; a list whose lines do not parse is.
+#[derive(Debug, Error)]
+pub enum ListError {
+    /// I/O failure on the list itself.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The list.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line that is not a JSON object with string fields `key`, `wav`, `txt`.
+    #[error("{path}:{line}: malformed list line ({message}); expected {{\"key\": ..., \"wav\": ..., \"txt\": ...}}")]
+    Malformed {
+        /// The list.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What the parser said.
+        message: String,
+    },
+}
+
+/// Streams the entries of a `data.list`, with their 0-based line index (blank lines are
+/// skipped but still counted, so indices are stable).
+pub struct ListReader {
+    path: PathBuf,
+    base: PathBuf,
+    lines: std::io::Lines<BufReader<File>>,
+    index: usize,
+}
+
+impl ListReader {
+    /// Opens a list.
+    pub fn open(path: &Path) -> Result<Self, ListError> {
+        let file = File::open(path).map_err(|source| ListError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            lines: BufReader::new(file).lines(),
+            index: 0,
+        })
+    }
+
+    /// Resolves an entry's audio path against the list's folder.
+    pub fn resolve(&self, wav: &str) -> PathBuf {
+        resolve(&self.base, wav)
+    }
+}
+
+/// Resolves `wav` against `base` unless it is absolute.
+pub fn resolve(base: &Path, wav: &str) -> PathBuf {
+    let p = Path::new(wav);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl Iterator for ListReader {
+    type Item = Result<(usize, ListEntry), ListError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let line = match self.lines.next()? {
+                Ok(l) => l,
+                Err(source) => {
+                    return Some(Err(ListError::Io {
+                        path: self.path.clone(),
+                        source,
+                    }))
+                }
+            };
+            let index = self.index;
+            self.index += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            return Some(
+                serde_json::from_str::<ListEntry>(&line)
+                    .map(|e| (index, e))
+                    .map_err(|e| ListError::Malformed {
+                        path: self.path.clone(),
+                        line: index + 1,
+                        message: e.to_string(),
+                    }),
+            );
+        }
+    }
+}
+
+/// Writes entries as a `data.list`.
+pub fn write_list(path: &Path, entries: &[ListEntry]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(File::create(path)?);
+    for e in entries {
+        serde_json::to_writer(&mut out, e)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Reads Kaldi's `wav.scp` (`<key> <path>`) and `text` (`<key> <transcript>`) from a
+/// folder and joins them by key, in `wav.scp` order. Keys without a transcript are
+/// errors naming the key; pipes (`cmd |`) in `wav.scp` are refused with the fix.
+pub fn read_kaldi_dir(dir: &Path) -> Result<Vec<ListEntry>, ListError> {
+    fn read_pairs(path: &Path) -> Result<Vec<(usize, String, String)>, ListError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ListError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (k, v) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+            out.push((i + 1, k.to_string(), v.trim().to_string()));
+        }
+        Ok(out)
+    }
+    let scp_path = dir.join("wav.scp");
+    let text_path = dir.join("text");
+    let texts: HashMap<String, String> = read_pairs(&text_path)?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    let mut entries = Vec::new();
+    for (line, key, wav) in read_pairs(&scp_path)? {
+        let malformed = |message: String| ListError::Malformed {
+            path: scp_path.clone(),
+            line,
+            message,
+        };
+        if wav.is_empty() {
+            return Err(malformed(format!("no path for key {key:?}")));
+        }
+        if wav.ends_with('|') {
+            return Err(malformed(format!(
+                "{key:?} is a command pipe; convert the audio to files first"
+            )));
+        }
+        let txt = texts
+            .get(&key)
+            .ok_or_else(|| malformed(format!("key {key:?} has no line in {}", text_path.display())))?;
+        entries.push(ListEntry {
+            key,
+            wav: resolve(dir, &wav).display().to_string(),
+            txt: txt.clone(),
+        });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_entries_and_names_malformed_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data.list");
+        std::fs::write(
+            &p,
+            "{\"key\":\"a\",\"wav\":\"a.wav\",\"txt\":\"x\"}\n\n{\"key\":\"b\",\"wav\":\"/b.wav\"}\n",
+        )
+        .unwrap();
+        let mut r = ListReader::open(&p).unwrap();
+        let (i, e) = r.next().unwrap().unwrap();
+        assert_eq!((i, e.key.as_str()), (0, "a"));
+        assert_eq!(r.resolve(&e.wav), dir.path().join("a.wav"));
+        let err = r.next().unwrap().unwrap_err().to_string();
+        assert!(err.contains("data.list:3:") && err.contains("txt"), "{err}");
+        assert!(r.next().is_none());
+    }
+
+    #[test]
+    fn kaldi_dir_joins_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("wav.scp"), "u1 a.wav\nu2 /x/b.wav\n").unwrap();
+        std::fs::write(dir.path().join("text"), "u2 hello there\nu1 hi\n").unwrap();
+        let e = read_kaldi_dir(dir.path()).unwrap();
+        assert_eq!(e[0].txt, "hi");
+        assert_eq!(e[1].wav, "/x/b.wav");
+        assert_eq!(e[1].txt, "hello there");
+        std::fs::write(dir.path().join("wav.scp"), "u1 a.wav\nu3 c.wav\n").unwrap();
+        let err = read_kaldi_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("wav.scp:2") && err.contains("u3"), "{err}");
+    }
+}

@@ -1,0 +1,919 @@
+//! The training data loader: a streamed `data.list` is checked, sharded over ranks,
+//! shuffled and sorted within windows, grouped into batches, and turned into padded
+//! feature tensors by background threads.
+//!
+//! Two promises hold for every epoch:
+//! - each rank reads a disjoint shard of the list (line `i` belongs to rank
+//!   `i % world`), and
+//! - **every rank yields the same number of batches**, so no collective ever waits on a
+//!   rank that ran out. Before an epoch each rank plans all ranks' batching from the
+//!   list alone (headers and transcripts, no audio decoding), which is deterministic, so
+//!   all ranks agree without communicating; ranks with fewer batches repeat their own
+//!   first batches (flagged [`Batch::repeated`]).
+//!
+//! Memory does not grow with the corpus: the list is streamed and only the shuffle and
+//! sort windows are held (per simulated rank while planning).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::Tensor;
+use thiserror::Error;
+
+use super::audio;
+use super::augment;
+use super::config::{BatchType, DatasetConf};
+use super::fbank::{Fbank, FbankOptions};
+use super::list::{ListError, ListReader};
+use super::text::{self, Units};
+
+/// Errors that stop the loader (bad *utterances* are counted, not errors).
+#[derive(Debug, Error)]
+pub enum DataError {
+    /// The list cannot be read or has a malformed line.
+    #[error(transparent)]
+    List(#[from] ListError),
+    /// A configuration value that cannot work.
+    #[error("invalid data configuration: {0}")]
+    Config(String),
+    /// Too much of the list is unusable.
+    #[error("{list}: {bad} of {lines} utterances are bad input ({fraction:.1}%, above dataset_conf.max_bad_fraction = {max:.1}%): {summary}")]
+    TooManyBad {
+        /// The list.
+        list: PathBuf,
+        /// Bad utterances.
+        bad: usize,
+        /// Lines read.
+        lines: usize,
+        /// Percentage bad.
+        fraction: f64,
+        /// The allowed percentage.
+        max: f64,
+        /// Counts by kind, with examples.
+        summary: String,
+    },
+    /// Nothing is left to train on.
+    #[error("{list}: no usable utterance ({summary})")]
+    NoUsable {
+        /// The list.
+        list: PathBuf,
+        /// What happened to the lines.
+        summary: String,
+    },
+}
+
+/// Training applies dither, speed perturbation, SpecAugment and shuffling (as
+/// configured); evaluation applies none of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Training.
+    Train,
+    /// Evaluation and dev-set loss.
+    Eval,
+}
+
+/// This process's place among the data-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole list in one process.
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// An utterance that passed every check, ready to be batched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Utterance {
+    /// Utterance id.
+    pub key: String,
+    /// Audio file.
+    pub wav: PathBuf,
+    /// Samples at 16 kHz.
+    pub num_samples: usize,
+    /// Feature frames (before speed perturbation).
+    pub frames: usize,
+    /// Token ids of the normalised transcript.
+    pub tokens: Vec<i64>,
+}
+
+/// What happened to the lines of a list: counted, with a few examples of each problem.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InputReport {
+    /// Lines read.
+    pub lines: usize,
+    /// Utterances that passed.
+    pub usable: usize,
+    /// Utterances outside the length filters (not bad input).
+    pub filtered: usize,
+    /// Bad inputs by kind.
+    pub bad: BTreeMap<&'static str, usize>,
+    /// Up to a few `line N (key): reason` examples.
+    pub examples: Vec<String>,
+}
+
+const MAX_EXAMPLES: usize = 5;
+
+impl InputReport {
+    /// Bad utterances of all kinds.
+    pub fn bad_total(&self) -> usize {
+        self.bad.values().sum()
+    }
+
+    fn add_bad(&mut self, kind: &'static str, example: impl FnOnce() -> String) {
+        *self.bad.entry(kind).or_default() += 1;
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(example());
+        }
+    }
+
+    /// One line: counts by kind, then examples.
+    pub fn summary(&self) -> String {
+        let kinds: Vec<String> = self.bad.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let mut s = format!(
+            "{} lines: {} usable, {} outside length filters, {} bad",
+            self.lines,
+            self.usable,
+            self.filtered,
+            self.bad_total()
+        );
+        if !kinds.is_empty() {
+            s.push_str(&format!(" ({}); e.g. {}", kinds.join(", "), self.examples.join("; ")));
+        }
+        s
+    }
+}
+
+/// The verdict on one list line.
+enum Verdict {
+    Use(Utterance),
+    Filtered,
+    Bad(&'static str, String),
+}
+
+/// Checks one entry against the audio header, the units and the filters.
+fn inspect(reader: &ListReader, entry: super::list::ListEntry, units: &Units, conf: &DatasetConf, fbank: &Fbank) -> Verdict {
+    let wav = reader.resolve(&entry.wav);
+    let info = match audio::probe(&wav).and_then(|i| audio::check_model_input(&i).map(|_| i)) {
+        Ok(i) => i,
+        Err(e) => return Verdict::Bad(e.kind(), format!("{}: {e}", wav.display())),
+    };
+    let normalized = text::normalize(&entry.txt);
+    if normalized.is_empty() {
+        return Verdict::Bad("empty transcript", format!("transcript {:?} is empty after normalisation", entry.txt));
+    }
+    let (tokens, unknown) = units.encode(&normalized);
+    if unknown > 0 {
+        return Verdict::Bad(
+            "characters outside the units",
+            format!("{unknown} character(s) of {normalized:?} are not in the units file"),
+        );
+    }
+    let f = &conf.filter_conf;
+    let centiseconds = info.num_samples as f64 / info.sample_rate as f64 * 100.0;
+    let ratio = tokens.len() as f64 / centiseconds.max(1e-9);
+    if centiseconds < f.min_length
+        || centiseconds > f.max_length
+        || tokens.len() < f.token_min_length
+        || tokens.len() > f.token_max_length
+        || ratio < f.min_output_input_ratio
+        || ratio > f.max_output_input_ratio
+    {
+        return Verdict::Filtered;
+    }
+    let frames = fbank.num_frames(info.num_samples);
+    if frames == 0 {
+        return Verdict::Filtered;
+    }
+    Verdict::Use(Utterance {
+        key: entry.key,
+        wav,
+        num_samples: info.num_samples,
+        frames,
+        tokens,
+    })
+}
+
+/// Deterministic seeds for independent streams (splitmix64 over the inputs).
+fn stream_seed(parts: &[u64]) -> u64 {
+    let mut z = 0x9E37_79B9_7F4A_7C15u64;
+    for &p in parts {
+        z = z.wrapping_add(p).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    z
+}
+
+const STREAM_SHUFFLE: u64 = 1;
+const STREAM_AUGMENT: u64 = 2;
+
+/// Shuffle window -> sort window -> batches, as WeNet's pipeline stages, for one rank.
+struct Batcher {
+    shuffle: Option<(usize, ChaCha8Rng)>,
+    sort: Option<usize>,
+    batch: BatchRule,
+    shuffle_buf: Vec<Utterance>,
+    sort_buf: Vec<Utterance>,
+    current: Vec<Utterance>,
+    longest: usize,
+    ready: VecDeque<Vec<Utterance>>,
+}
+
+#[derive(Clone, Copy)]
+enum BatchRule {
+    Count(usize),
+    Frames(usize),
+}
+
+impl Batcher {
+    fn new(conf: &DatasetConf, mode: Mode, seed: u64, epoch: u64, rank: usize) -> Self {
+        let shuffle = (mode == Mode::Train && conf.shuffle).then(|| {
+            let rng = ChaCha8Rng::seed_from_u64(stream_seed(&[seed, STREAM_SHUFFLE, epoch, rank as u64]));
+            (conf.shuffle_conf.shuffle_size.max(1), rng)
+        });
+        let batch = match conf.batch_conf.batch_type {
+            BatchType::Static => BatchRule::Count(conf.batch_conf.batch_size),
+            BatchType::Dynamic => BatchRule::Frames(conf.batch_conf.max_frames_in_batch),
+        };
+        Self {
+            shuffle,
+            sort: conf.sort.then_some(conf.sort_conf.sort_size.max(1)),
+            batch,
+            shuffle_buf: Vec::new(),
+            sort_buf: Vec::new(),
+            current: Vec::new(),
+            longest: 0,
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, u: Utterance) {
+        match &self.shuffle {
+            Some((size, _)) => {
+                self.shuffle_buf.push(u);
+                if self.shuffle_buf.len() >= *size {
+                    self.flush_shuffle();
+                }
+            }
+            None => self.push_sort(u),
+        }
+    }
+
+    fn flush_shuffle(&mut self) {
+        let mut buf = std::mem::take(&mut self.shuffle_buf);
+        if let Some((_, rng)) = &mut self.shuffle {
+            buf.shuffle(rng);
+        }
+        for u in buf {
+            self.push_sort(u);
+        }
+    }
+
+    fn push_sort(&mut self, u: Utterance) {
+        match self.sort {
+            Some(size) => {
+                self.sort_buf.push(u);
+                if self.sort_buf.len() >= size {
+                    self.flush_sort();
+                }
+            }
+            None => self.push_batch(u),
+        }
+    }
+
+    fn flush_sort(&mut self) {
+        let mut buf = std::mem::take(&mut self.sort_buf);
+        buf.sort_by_key(|u| u.frames);
+        for u in buf {
+            self.push_batch(u);
+        }
+    }
+
+    fn push_batch(&mut self, u: Utterance) {
+        match self.batch {
+            BatchRule::Count(n) => {
+                self.current.push(u);
+                if self.current.len() >= n {
+                    self.ready.push_back(std::mem::take(&mut self.current));
+                }
+            }
+            // WeNet's dynamic batching: close the batch when the padded size would
+            // exceed the budget (an utterance longer than the budget goes alone).
+            BatchRule::Frames(max) => {
+                let longest = self.longest.max(u.frames);
+                if !self.current.is_empty() && longest * (self.current.len() + 1) > max {
+                    self.ready.push_back(std::mem::take(&mut self.current));
+                    self.longest = u.frames;
+                } else {
+                    self.longest = longest;
+                }
+                self.current.push(u);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.flush_shuffle();
+        self.flush_sort();
+        if !self.current.is_empty() {
+            self.ready.push_back(std::mem::take(&mut self.current));
+        }
+        self.longest = 0;
+    }
+
+    fn pop(&mut self) -> Option<Vec<Utterance>> {
+        self.ready.pop_front()
+    }
+}
+
+/// The batch counts of one epoch, identical on every rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochPlan {
+    /// Batches each rank's own shard gives, by rank.
+    pub own_batches: Vec<usize>,
+    /// Batches every rank yields (the largest of `own_batches`).
+    pub batches_per_rank: usize,
+    /// What happened to the list's lines.
+    pub report: InputReport,
+}
+
+/// A padded batch of features and targets.
+#[derive(Debug)]
+pub struct Batch {
+    /// Position in the epoch, from 0.
+    pub index: usize,
+    /// Utterance ids.
+    pub keys: Vec<String>,
+    /// Features, `[B, T, mel]` float32, zero-padded.
+    pub feats: Tensor,
+    /// Frames per utterance, `[B]` int64.
+    pub feats_lengths: Tensor,
+    /// Token ids, `[B, L]` int64, padded with -1 (WeNet's `IGNORE_ID`).
+    pub target: Tensor,
+    /// Tokens per utterance, `[B]` int64.
+    pub target_lengths: Tensor,
+    /// Frames before padding, summed over the batch.
+    pub num_frames: usize,
+    /// A repeat that keeps this rank in step with ranks that have more batches.
+    pub repeated: bool,
+}
+
+impl Batch {
+    fn repeat_as(&self, index: usize) -> Batch {
+        Batch {
+            index,
+            keys: self.keys.clone(),
+            feats: self.feats.shallow_clone(),
+            feats_lengths: self.feats_lengths.shallow_clone(),
+            target: self.target.shallow_clone(),
+            target_lengths: self.target_lengths.shallow_clone(),
+            num_frames: self.num_frames,
+            repeated: true,
+        }
+    }
+
+    /// Number of utterances.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Never true for a yielded batch.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The loader of one list for one rank.
+#[derive(Debug, Clone)]
+pub struct DataLoader {
+    list: PathBuf,
+    units: Arc<Units>,
+    conf: DatasetConf,
+    mode: Mode,
+    shard: Shard,
+    seed: u64,
+    fbank: Fbank,
+}
+
+impl DataLoader {
+    /// Builds a loader; the configuration is checked here.
+    pub fn new(list: &Path, units: Arc<Units>, conf: DatasetConf, mode: Mode, shard: Shard, seed: u64) -> Result<Self, DataError> {
+        conf.validate().map_err(DataError::Config)?;
+        if shard.world == 0 || shard.rank >= shard.world {
+            return Err(DataError::Config(format!("rank {} is not in a world of {}", shard.rank, shard.world)));
+        }
+        let mut fbank_opts: FbankOptions = conf.fbank_conf.clone();
+        if mode == Mode::Eval {
+            fbank_opts.dither = 0.0;
+        }
+        Ok(Self {
+            list: list.to_path_buf(),
+            units,
+            conf,
+            mode,
+            shard,
+            seed,
+            fbank: Fbank::new(fbank_opts),
+        })
+    }
+
+    /// The list this loader reads.
+    pub fn list(&self) -> &Path {
+        &self.list
+    }
+
+    /// Streams the list once and simulates every rank's batching: the batch counts
+    /// and the input report, the same on every rank. Refuses lists with too much bad
+    /// input or none usable.
+    pub fn plan(&self, epoch: u64) -> Result<EpochPlan, DataError> {
+        let world = self.shard.world;
+        let mut batchers: Vec<Batcher> = (0..world)
+            .map(|r| Batcher::new(&self.conf, self.mode, self.seed, epoch, r))
+            .collect();
+        let mut counts = vec![0usize; world];
+        let mut report = InputReport::default();
+        let mut reader = ListReader::open(&self.list)?;
+        while let Some(item) = reader.next() {
+            let (line, entry) = item?;
+            report.lines += 1;
+            let key = entry.key.clone();
+            match inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
+                Verdict::Use(u) => {
+                    report.usable += 1;
+                    let r = line % world;
+                    batchers[r].push(u);
+                    while batchers[r].pop().is_some() {
+                        counts[r] += 1;
+                    }
+                }
+                Verdict::Filtered => report.filtered += 1,
+                Verdict::Bad(kind, why) => report.add_bad(kind, || format!("line {} ({key}): {why}", line + 1)),
+            }
+        }
+        for (b, c) in batchers.iter_mut().zip(&mut counts) {
+            b.finish();
+            while b.pop().is_some() {
+                *c += 1;
+            }
+        }
+        let bad = report.bad_total();
+        if report.lines > 0 && bad as f64 > self.conf.max_bad_fraction * report.lines as f64 {
+            return Err(DataError::TooManyBad {
+                list: self.list.clone(),
+                bad,
+                lines: report.lines,
+                fraction: 100.0 * bad as f64 / report.lines as f64,
+                max: 100.0 * self.conf.max_bad_fraction,
+                summary: report.summary(),
+            });
+        }
+        if report.usable == 0 {
+            return Err(DataError::NoUsable {
+                list: self.list.clone(),
+                summary: report.summary(),
+            });
+        }
+        if bad > 0 && self.shard.rank == 0 {
+            tracing::warn!(list = %self.list.display(), "skipping bad input: {}", report.summary());
+        }
+        let batches_per_rank = counts.iter().copied().max().unwrap_or(0);
+        Ok(EpochPlan {
+            own_batches: counts,
+            batches_per_rank,
+            report,
+        })
+    }
+
+    /// Starts an epoch: plans it, then prepares batches in background threads.
+    pub fn epoch(&self, epoch: u64) -> Result<EpochIter, DataError> {
+        let plan = self.plan(epoch)?;
+        Ok(EpochIter::start(self.clone(), epoch, plan))
+    }
+
+    /// Streams one rank's batches of utterances (metadata only), exactly
+    /// `plan.batches_per_rank` of them, repeats flagged.
+    fn produce(&self, epoch: u64, plan: &EpochPlan, mut emit: impl FnMut(usize, Vec<Utterance>, bool) -> bool) -> Result<(), DataError> {
+        let total = plan.batches_per_rank;
+        // A rank whose shard gives no batch borrows another rank's (all repeats).
+        let source = if plan.own_batches[self.shard.rank] > 0 {
+            self.shard.rank
+        } else {
+            plan.own_batches.iter().position(|&c| c > 0).expect("plan has batches")
+        };
+        let borrowed = source != self.shard.rank;
+        let keep = total - plan.own_batches[source].min(total);
+        let mut kept: Vec<Vec<Utterance>> = Vec::new();
+        let mut batcher = Batcher::new(&self.conf, self.mode, self.seed, epoch, source);
+        let mut index = 0;
+        let mut send = |batch: Vec<Utterance>, kept: &mut Vec<Vec<Utterance>>, index: &mut usize| -> bool {
+            if *index >= total {
+                return true;
+            }
+            if kept.len() < keep {
+                kept.push(batch.clone());
+            }
+            let ok = emit(*index, batch, borrowed);
+            *index += 1;
+            ok
+        };
+        let mut reader = ListReader::open(&self.list)?;
+        while let Some(item) = reader.next() {
+            let (line, entry) = item?;
+            if line % self.shard.world != source {
+                continue;
+            }
+            if let Verdict::Use(u) = inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
+                batcher.push(u);
+                while let Some(b) = batcher.pop() {
+                    if !send(b, &mut kept, &mut index) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        batcher.finish();
+        while let Some(b) = batcher.pop() {
+            if !send(b, &mut kept, &mut index) {
+                return Ok(());
+            }
+        }
+        // Fill up with this rank's first batches, cyclically.
+        let mut i = 0;
+        while index < total && !kept.is_empty() {
+            if !emit(index, kept[i % kept.len()].clone(), true) {
+                return Ok(());
+            }
+            index += 1;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Features and targets of one batch; utterances whose audio fails to decode now
+    /// (changed since planning) are dropped and counted in `dropped`.
+    fn make_batch(&self, epoch: u64, index: usize, utts: Vec<Utterance>, repeated: bool, dropped: &AtomicUsize) -> Option<Batch> {
+        let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(&[
+            self.seed,
+            STREAM_AUGMENT,
+            epoch,
+            self.shard.rank as u64,
+            index as u64,
+        ]));
+        let train = self.mode == Mode::Train;
+        let dim = self.fbank.dim();
+        let mut feats = Vec::with_capacity(utts.len());
+        let mut keys = Vec::with_capacity(utts.len());
+        let mut targets = Vec::with_capacity(utts.len());
+        for u in utts {
+            let samples = match audio::read_model_input(&u.wav) {
+                Ok(s) => s,
+                Err(e) => {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %u.key, "dropping utterance whose audio broke after planning: {e}");
+                    continue;
+                }
+            };
+            let samples = if train && self.conf.speed_perturb {
+                audio::change_speed(&samples, augment::draw_speed(&mut rng))
+            } else {
+                samples
+            };
+            let mut f = self.fbank.compute(&samples, &mut rng);
+            if f.is_empty() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if train && self.conf.spec_aug {
+                augment::spec_augment(&mut f, dim, &self.conf.spec_aug_conf, &mut rng);
+            }
+            feats.push(f);
+            keys.push(u.key);
+            targets.push(u.tokens);
+        }
+        if keys.is_empty() {
+            return None;
+        }
+        let b = keys.len();
+        let lens: Vec<i64> = feats.iter().map(|f| (f.len() / dim) as i64).collect();
+        let t_max = *lens.iter().max().expect("non-empty") as usize;
+        let mut padded = vec![0f32; b * t_max * dim];
+        for (i, f) in feats.iter().enumerate() {
+            padded[i * t_max * dim..i * t_max * dim + f.len()].copy_from_slice(f);
+        }
+        let tlens: Vec<i64> = targets.iter().map(|t| t.len() as i64).collect();
+        let l_max = *tlens.iter().max().expect("non-empty") as usize;
+        let mut tpad = vec![-1i64; b * l_max];
+        for (i, t) in targets.iter().enumerate() {
+            tpad[i * l_max..i * l_max + t.len()].copy_from_slice(t);
+        }
+        Some(Batch {
+            index,
+            keys,
+            feats: Tensor::from_slice(&padded).view([b as i64, t_max as i64, dim as i64]),
+            feats_lengths: Tensor::from_slice(&lens),
+            target: Tensor::from_slice(&tpad).view([b as i64, l_max as i64]),
+            target_lengths: Tensor::from_slice(&tlens),
+            num_frames: lens.iter().sum::<i64>() as usize,
+            repeated,
+        })
+    }
+}
+
+struct Job {
+    index: usize,
+    utts: Vec<Utterance>,
+    repeated: bool,
+}
+
+/// The batches of one epoch, in order, prepared ahead by background threads.
+pub struct EpochIter {
+    plan: EpochPlan,
+    next: usize,
+    pending: BTreeMap<usize, Option<Batch>>,
+    results: Option<Receiver<(usize, Option<Batch>)>>,
+    producer_error: Receiver<DataError>,
+    last: Option<Batch>,
+    dropped: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EpochIter {
+    fn start(loader: DataLoader, epoch: u64, plan: EpochPlan) -> Self {
+        let workers = loader.conf.num_workers;
+        let (job_tx, job_rx) = bounded::<Job>(loader.conf.prefetch);
+        let (res_tx, res_rx) = bounded(loader.conf.prefetch);
+        let (err_tx, err_rx) = bounded(1);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let loader = Arc::new(loader);
+        let mut threads = Vec::new();
+        {
+            let (loader, plan) = (loader.clone(), plan.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("data-producer".into())
+                    .spawn(move || {
+                        let emit = |index, utts, repeated| job_tx.send(Job { index, utts, repeated }).is_ok();
+                        if let Err(e) = loader.produce(epoch, &plan, emit) {
+                            let _ = err_tx.send(e);
+                        }
+                    })
+                    .expect("spawn data producer"),
+            );
+        }
+        for w in 0..workers {
+            let (loader, job_rx, res_tx, dropped): (_, Receiver<Job>, Sender<_>, _) =
+                (loader.clone(), job_rx.clone(), res_tx.clone(), dropped.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("data-worker-{w}"))
+                    .spawn(move || {
+                        // Features are computed one utterance at a time per thread;
+                        // libtorch's own thread pool stays for the training step.
+                        for job in job_rx {
+                            let batch = loader.make_batch(epoch, job.index, job.utts, job.repeated, &dropped);
+                            if res_tx.send((job.index, batch)).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawn data worker"),
+            );
+        }
+        Self {
+            plan,
+            next: 0,
+            pending: BTreeMap::new(),
+            results: Some(res_rx),
+            producer_error: err_rx,
+            last: None,
+            dropped,
+            threads,
+        }
+    }
+
+    /// The plan this epoch follows.
+    pub fn plan(&self) -> &EpochPlan {
+        &self.plan
+    }
+
+    /// Utterances dropped so far because their audio failed to decode.
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.plan.batches_per_rank {
+            return None;
+        }
+        let results = self.results.as_ref()?;
+        while !self.pending.contains_key(&self.next) {
+            match results.recv() {
+                Ok((i, b)) => {
+                    self.pending.insert(i, b);
+                }
+                Err(_) => {
+                    return Some(Err(self.producer_error.try_recv().unwrap_or_else(|_| {
+                        DataError::Config("data threads stopped before the epoch ended".into())
+                    })));
+                }
+            }
+        }
+        let index = self.next;
+        self.next += 1;
+        let batch = match self.pending.remove(&index).expect("present") {
+            Some(b) => b,
+            // Every utterance of the batch broke after planning: repeat the last batch
+            // so that this rank still takes the planned number of steps.
+            None => match &self.last {
+                Some(last) => last.repeat_as(index),
+                None => {
+                    return Some(Err(DataError::NoUsable {
+                        list: PathBuf::new(),
+                        summary: format!("every utterance of batch {index} failed to decode"),
+                    }))
+                }
+            },
+        };
+        self.last = Some(batch.repeat_as(batch.index));
+        Some(Ok(batch))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        // Closing the result channel stops the workers, which stops the producer.
+        self.results = None;
+        self.pending.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::list::{write_list, ListEntry};
+    use std::collections::HashSet;
+
+    /// A list of `n` tiny WAVs of varied length (synthetic: this tests bookkeeping,
+    /// not acoustics) with transcripts over "abc ".
+    fn make_list(dir: &Path, n: usize) -> (PathBuf, Arc<Units>) {
+        let mut entries = Vec::new();
+        for i in 0..n {
+            let samples: Vec<f32> = (0..1600 + 97 * (i * 37 % 50)).map(|j| ((j * (i + 3)) % 200) as f32 - 100.0).collect();
+            let wav = dir.join(format!("u{i}.wav"));
+            audio::write_wav_i16(&wav, &samples, 16000).unwrap();
+            let txt = ["ab", "ba c", "cab", "a b c"][i % 4];
+            entries.push(ListEntry {
+                key: format!("u{i}"),
+                wav: format!("u{i}.wav"),
+                txt: txt.into(),
+            });
+        }
+        let list = dir.join("data.list");
+        write_list(&list, &entries).unwrap();
+        (list, Arc::new(Units::from_texts(["abc ab"])))
+    }
+
+    fn conf(batch: BatchConf) -> DatasetConf {
+        DatasetConf {
+            batch_conf: batch,
+            shuffle_conf: super::super::config::ShuffleConf { shuffle_size: 7 },
+            sort_conf: super::super::config::SortConf { sort_size: 5 },
+            filter_conf: super::super::config::FilterConf {
+                min_length: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+    use super::super::config::BatchConf;
+
+    #[test]
+    fn every_rank_yields_the_same_number_of_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        // 23 utterances: no world size from 2 to 8 divides it.
+        let (list, units) = make_list(dir.path(), 23);
+        let batchings = [
+            BatchConf { batch_type: BatchType::Static, batch_size: 3, max_frames_in_batch: 0 },
+            BatchConf { batch_type: BatchType::Dynamic, batch_size: 0, max_frames_in_batch: 120 },
+        ];
+        for batch in batchings {
+            for world in 1..=8 {
+                let mut counts = Vec::new();
+                let mut seen = Vec::new();
+                for rank in 0..world {
+                    let l = DataLoader::new(&list, units.clone(), conf(batch.clone()), Mode::Train, Shard { rank, world }, 5).unwrap();
+                    let batches: Vec<Batch> = l.epoch(0).unwrap().map(|b| b.unwrap()).collect();
+                    counts.push(batches.len());
+                    for b in batches.iter().filter(|b| !b.repeated) {
+                        seen.extend(b.keys.iter().cloned());
+                    }
+                    assert!(batches.iter().enumerate().all(|(i, b)| b.index == i && !b.is_empty()));
+                }
+                assert!(counts.iter().all(|&c| c == counts[0]), "world {world}: {counts:?}");
+                // Shards are disjoint and together cover the list.
+                let unique: HashSet<_> = seen.iter().collect();
+                assert_eq!(unique.len(), seen.len(), "world {world}: a key was read by two ranks");
+                assert_eq!(seen.len(), 23, "world {world}");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_are_padded_and_reproducible() {
+        let dir = tempfile::tempdir().unwrap();
+        let (list, units) = make_list(dir.path(), 10);
+        let mut c = conf(BatchConf { batch_type: BatchType::Static, batch_size: 4, max_frames_in_batch: 0 });
+        c.spec_aug = true;
+        c.speed_perturb = true;
+        c.fbank_conf.dither = 1.0;
+        let l = DataLoader::new(&list, units, c, Mode::Train, Shard::SINGLE, 1).unwrap();
+        let a: Vec<Batch> = l.epoch(3).unwrap().map(|b| b.unwrap()).collect();
+        let b: Vec<Batch> = l.epoch(3).unwrap().map(|b| b.unwrap()).collect();
+        let other: Vec<Batch> = l.epoch(4).unwrap().map(|b| b.unwrap()).collect();
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.keys, y.keys);
+            assert!(x.feats.equal(&y.feats));
+        }
+        assert_ne!(a.iter().map(|x| x.keys.clone()).collect::<Vec<_>>(), other.iter().map(|x| x.keys.clone()).collect::<Vec<_>>());
+        let first = &a[0];
+        let lens = Vec::<i64>::try_from(&first.feats_lengths).unwrap();
+        assert_eq!(first.feats.size()[1], *lens.iter().max().unwrap());
+        assert_eq!(first.feats.size()[2], 80);
+        let t = Vec::<i64>::try_from(first.target.flatten(0, -1)).unwrap();
+        let tl = Vec::<i64>::try_from(&first.target_lengths).unwrap();
+        assert_eq!(t.iter().filter(|&&v| v == -1).count() as i64, first.target.size()[1] * 4 - tl.iter().sum::<i64>());
+    }
+
+    #[test]
+    fn bad_inputs_are_counted_and_skipped_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (list, units) = make_list(d, 40);
+        let mut lines = std::fs::read_to_string(&list).unwrap();
+        // One of each kind of bad input.
+        std::fs::write(d.join("empty.wav"), b"").unwrap();
+        std::fs::write(d.join("text.wav"), b"hello, I am not a wav file").unwrap();
+        let full = std::fs::read(d.join("u1.wav")).unwrap();
+        std::fs::write(d.join("trunc.wav"), &full[..full.len() / 2]).unwrap();
+        audio::write_wav_i16(&d.join("8k.wav"), &vec![1.0; 8000], 8000).unwrap();
+        for (k, wav, txt) in [
+            ("missing", "nowhere.wav", "ab"),
+            ("empty", "empty.wav", "ab"),
+            ("text", "text.wav", "ab"),
+            ("trunc", "trunc.wav", "ab"),
+            ("rate", "8k.wav", "ab"),
+            ("notext", "u2.wav", " ?! "),
+            ("oov", "u3.wav", "abz"),
+        ] {
+            lines.push_str(&serde_json::to_string(&ListEntry { key: k.into(), wav: wav.into(), txt: txt.into() }).unwrap());
+            lines.push('\n');
+        }
+        std::fs::write(&list, &lines).unwrap();
+        let mut c = conf(BatchConf::default());
+        c.max_bad_fraction = 0.2;
+        let l = DataLoader::new(&list, units.clone(), c.clone(), Mode::Eval, Shard::SINGLE, 0).unwrap();
+        let plan = l.plan(0).unwrap();
+        let kinds: Vec<&str> = plan.report.bad.keys().copied().collect();
+        assert_eq!(
+            kinds,
+            ["characters outside the units", "empty file", "empty transcript", "missing file", "not audio", "truncated audio", "wrong sample rate"]
+        );
+        assert_eq!(plan.report.usable, 40);
+        let keys: usize = l.epoch(0).unwrap().map(|b| b.unwrap().len()).sum();
+        assert_eq!(keys, 40);
+
+        // Above the allowed fraction: refused with the counts.
+        c.max_bad_fraction = 0.1;
+        let l = DataLoader::new(&list, units.clone(), c, Mode::Eval, Shard::SINGLE, 0).unwrap();
+        let e = l.plan(0).unwrap_err().to_string();
+        assert!(e.contains("7 of 47") && e.contains("max_bad_fraction") && e.contains("line 41 (missing)"), "{e}");
+
+        // A malformed line names file and line.
+        lines.push_str("{not json\n");
+        std::fs::write(&list, &lines).unwrap();
+        let l = DataLoader::new(&list, units, conf(BatchConf::default()), Mode::Eval, Shard::SINGLE, 0).unwrap();
+        let e = l.plan(0).unwrap_err().to_string();
+        assert!(e.contains("data.list:48:") && e.contains("malformed"), "{e}");
+    }
+}

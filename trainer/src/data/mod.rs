@@ -1,0 +1,24 @@
+//! The speech data pipeline: audio, features, text, lists, corpora and the loader.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`audio`] | WAV reading/writing, header checks, resampling, speed change |
+//! | [`fbank`] | Kaldi-compatible 80-bin log-mel filterbank |
+//! | [`cmvn`] | global CMVN statistics (WeNet's JSON) |
+//! | [`augment`] | SpecAugment and speed perturbation choices |
+//! | [`text`] | normaliser, units file, character tokenizer |
+//! | [`list`] | `data.list` and Kaldi `wav.scp` + `text` |
+//! | [`config`] | WeNet's `dataset_conf` |
+//! | [`loader`] | sharded, batched, background feature extraction |
+//! | [`corpus`] | `data prepare` for the corpora of DATA.md |
+
+pub mod audio;
+pub mod augment;
+pub mod cmvn;
+pub mod config;
+pub mod corpus;
+pub mod fbank;
+pub mod list;
+pub mod loader;
+pub mod npy;
+pub mod text;
