@@ -262,7 +262,9 @@ fn convert(src: &Path, dst: &Path, tmp: &Path) -> Result<f64, String> {
             return Err("missing file".into());
         }
         decoded = tmp.join(format!("{}.wav", dst.file_stem().unwrap().to_string_lossy()));
+        // -D: no dither, -R: repeatable; the same input always gives the same WAV.
         let st = std::process::Command::new("sox")
+            .args(["-D", "-R"])
             .arg(src)
             .args(["-b", "16", "-e", "signed-integer"])
             .arg(&decoded)
