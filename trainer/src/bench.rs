@@ -31,7 +31,8 @@ pub fn fbank(files: &[PathBuf], repeat: usize) -> Result<FbankTiming> {
         .collect::<Result<_>>()?;
     let fb = Fbank::new(FbankOptions::default());
     let frames: usize = audio.iter().map(|a| fb.num_frames(a.len())).sum();
-    let audio_seconds = audio.iter().map(|a| a.len()).sum::<usize>() as f64 / audio::SAMPLE_RATE as f64;
+    let audio_seconds =
+        audio.iter().map(|a| a.len()).sum::<usize>() as f64 / audio::SAMPLE_RATE as f64;
     let mut rng = rand::rng();
     let mut seconds = Vec::with_capacity(repeat);
     for _ in 0..repeat.max(1) {

@@ -104,7 +104,9 @@ enum BenchCommand {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -129,16 +131,22 @@ fn run(cli: Cli) -> Result<()> {
                 max_bad_fraction: a.max_bad_fraction,
             })?;
             print!("{}", summary.table());
-            println!("dataset: {}  ({:.1} s)", a.out.display(), t.elapsed().as_secs_f64());
+            println!(
+                "dataset: {}  ({:.1} s)",
+                a.out.display(),
+                t.elapsed().as_secs_f64()
+            );
         }
         Command::Data(DataCommand::Fbank { input, out }) => {
-            let a = audio::read_wav(&input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let a =
+                audio::read_wav(&input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let rate = a.sample_rate;
             let samples = audio::resample(&a.into_mono(), rate, audio::SAMPLE_RATE);
             let fb = fbank::Fbank::new(fbank::FbankOptions::default());
             let feats = fb.compute(&samples, &mut rand::rng());
             let frames = feats.len() / fb.dim();
-            npy::write_f32_2d(&out, &feats, frames, fb.dim()).with_context(|| format!("writing {}", out.display()))?;
+            npy::write_f32_2d(&out, &feats, frames, fb.dim())
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("{frames} x {} -> {}", fb.dim(), out.display());
         }
         Command::Data(DataCommand::Check(a)) => check(a)?,
@@ -151,15 +159,25 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn check(a: CheckArgs) -> Result<()> {
-    let list = if a.data.is_dir() { a.data.join("data.list") } else { a.data.clone() };
+    let list = if a.data.is_dir() {
+        a.data.join("data.list")
+    } else {
+        a.data.clone()
+    };
     let split_dir = list.parent().unwrap_or(Path::new("."));
-    let units_path = a.units.unwrap_or_else(|| split_dir.join("..").join("units.txt"));
+    let units_path = a
+        .units
+        .unwrap_or_else(|| split_dir.join("..").join("units.txt"));
     let units = Arc::new(Units::load(&units_path)?);
     let conf: DatasetConf = match &a.config {
-        Some(p) => serde_yaml::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: dataset_conf", p.display()))?,
+        Some(p) => serde_yaml::from_str(&std::fs::read_to_string(p)?)
+            .with_context(|| format!("{}: dataset_conf", p.display()))?,
         None => DatasetConf::default(),
     };
-    let shard = loader::Shard { rank: 0, world: a.world };
+    let shard = loader::Shard {
+        rank: 0,
+        world: a.world,
+    };
     let l = loader::DataLoader::new(&list, units, conf, loader::Mode::Train, shard, 0)?;
     let plan = l.plan(0)?;
     println!("{}", plan.report.summary());
@@ -176,7 +194,10 @@ fn check(a: CheckArgs) -> Result<()> {
             n += 1;
         }
         let s = t.elapsed().as_secs_f64();
-        println!("rank 0: {n} batches, {frames} frames in {s:.2} s ({:.0} frames/s)", frames as f64 / s);
+        println!(
+            "rank 0: {n} batches, {frames} frames in {s:.2} s ({:.0} frames/s)",
+            frames as f64 / s
+        );
     }
     Ok(())
 }

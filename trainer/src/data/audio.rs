@@ -348,7 +348,10 @@ mod tests {
         let e = dir.path().join("e.wav");
         std::fs::write(&e, b"").unwrap();
         assert_eq!(probe(&e), Err(AudioError::Empty));
-        assert!(matches!(probe(&dir.path().join("nope.wav")), Err(AudioError::Missing(_))));
+        assert!(matches!(
+            probe(&dir.path().join("nope.wav")),
+            Err(AudioError::Missing(_))
+        ));
         let n = dir.path().join("n.wav");
         std::fs::write(&n, b"this is a text file, not a RIFF header at all").unwrap();
         assert!(matches!(probe(&n), Err(AudioError::NotAudio(_))));

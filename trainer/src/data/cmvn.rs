@@ -73,8 +73,12 @@ impl CmvnStats {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read CMVN file {}: {e}", path.display()))?;
-        let s: CmvnStats = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a WeNet global_cmvn JSON file: {e}", path.display()))?;
+        let s: CmvnStats = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a WeNet global_cmvn JSON file: {e}",
+                path.display()
+            )
+        })?;
         anyhow::ensure!(
             s.mean_stat.len() == s.var_stat.len() && !s.mean_stat.is_empty(),
             "{}: mean_stat and var_stat must be non-empty and of equal length",
@@ -99,7 +103,9 @@ mod tests {
 
     #[test]
     fn normalized_features_have_zero_mean_unit_variance() {
-        let feats: Vec<f32> = (0..300).map(|i| (i % 7) as f32 * 1.5 + (i % 3) as f32).collect();
+        let feats: Vec<f32> = (0..300)
+            .map(|i| (i % 7) as f32 * 1.5 + (i % 3) as f32)
+            .collect();
         let mut half = CmvnStats::new(3);
         half.accumulate(&feats[..150]);
         let mut other = CmvnStats::new(3);

@@ -82,7 +82,9 @@ impl DatasetConf {
             return Err("dataset_conf.filter_conf: min_length is above max_length".into());
         }
         if f.token_min_length > f.token_max_length {
-            return Err("dataset_conf.filter_conf: token_min_length is above token_max_length".into());
+            return Err(
+                "dataset_conf.filter_conf: token_min_length is above token_max_length".into(),
+            );
         }
         if self.resample_conf.resample_rate != super::audio::SAMPLE_RATE {
             return Err(format!(
@@ -90,7 +92,10 @@ impl DatasetConf {
                 super::audio::SAMPLE_RATE
             ));
         }
-        if self.fbank_conf.num_mel_bins == 0 || self.fbank_conf.frame_shift <= 0.0 || self.fbank_conf.frame_length <= 0.0 {
+        if self.fbank_conf.num_mel_bins == 0
+            || self.fbank_conf.frame_shift <= 0.0
+            || self.fbank_conf.frame_length <= 0.0
+        {
             return Err("dataset_conf.fbank_conf: num_mel_bins, frame_length and frame_shift must be positive".into());
         }
         match self.batch_conf.batch_type {
@@ -106,7 +111,9 @@ impl DatasetConf {
             return Err("dataset_conf.max_bad_fraction must be between 0 and 1".into());
         }
         if self.num_workers == 0 || self.prefetch == 0 {
-            return Err("dataset_conf.num_workers and dataset_conf.prefetch must be at least 1".into());
+            return Err(
+                "dataset_conf.num_workers and dataset_conf.prefetch must be at least 1".into(),
+            );
         }
         Ok(())
     }
@@ -293,11 +300,16 @@ batch_conf: {batch_type: dynamic, max_frames_in_batch: 12000}
         assert_eq!(c.fbank_conf.dither, 1.0);
         c.validate().unwrap();
 
-        let e = serde_yaml::from_str::<DatasetConf>("spec_sub: true").unwrap_err().to_string();
+        let e = serde_yaml::from_str::<DatasetConf>("spec_sub: true")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("spec_sub"), "{e}");
-        let e = serde_yaml::from_str::<DatasetConf>("fbank_conf: {num_mel_bin: 80}").unwrap_err().to_string();
+        let e = serde_yaml::from_str::<DatasetConf>("fbank_conf: {num_mel_bin: 80}")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_mel_bin"), "{e}");
-        let bad: DatasetConf = serde_yaml::from_str("resample_conf: {resample_rate: 8000}").unwrap();
+        let bad: DatasetConf =
+            serde_yaml::from_str("resample_conf: {resample_rate: 8000}").unwrap();
         assert!(bad.validate().unwrap_err().contains("resample_rate"));
     }
 }

@@ -85,7 +85,9 @@ pub struct Fbank {
     padded_size: usize,
     window: Vec<f32>,
     mel_bins: Vec<MelBin>,
-    fft: Arc<dyn RealToComplex<f32>>,
+    // Double precision like kaldi-native-fbank's FFT: log-mel of quiet bands
+    // (e.g. above 4 kHz in upsampled telephone audio) is sensitive to rounding.
+    fft: Arc<dyn RealToComplex<f64>>,
 }
 
 impl std::fmt::Debug for Fbank {
@@ -114,7 +116,7 @@ impl Fbank {
             .collect();
 
         let mel_bins = Self::mel_bins(opts.num_mel_bins, padded_size, sr);
-        let fft = RealFftPlanner::<f32>::new().plan_fft_forward(padded_size);
+        let fft = RealFftPlanner::<f64>::new().plan_fft_forward(padded_size);
         Self {
             opts,
             window_size,
@@ -187,13 +189,14 @@ impl Fbank {
         let frames = self.num_frames(samples.len());
         let dim = self.dim();
         let mut out = vec![0f32; frames * dim];
+        let mut window = vec![0f32; self.window_size];
         let mut frame = self.fft.make_input_vec();
         let mut spectrum = self.fft.make_output_vec();
         let mut scratch = self.fft.make_scratch_vec();
         let mut power = vec![0f32; self.padded_size / 2 + 1];
         for (f, row) in out.chunks_exact_mut(dim).enumerate() {
             let start = f * self.window_shift;
-            let w = &mut frame[..self.window_size];
+            let w = &mut window[..];
             w.copy_from_slice(&samples[start..start + self.window_size]);
             if self.opts.dither != 0.0 {
                 for x in w.iter_mut() {
@@ -207,14 +210,16 @@ impl Fbank {
                 w[i] -= PREEMPH_COEFF * w[i - 1];
             }
             w[0] -= PREEMPH_COEFF * w[0];
-            w.iter_mut().zip(&self.window).for_each(|(x, c)| *x *= c);
+            for ((y, x), c) in frame.iter_mut().zip(w.iter()).zip(&self.window) {
+                *y = (x * c) as f64;
+            }
             frame[self.window_size..].fill(0.0);
 
             self.fft
                 .process_with_scratch(&mut frame, &mut spectrum, &mut scratch)
                 .expect("FFT buffers are sized by the plan");
             for (p, c) in power.iter_mut().zip(&spectrum) {
-                *p = c.re * c.re + c.im * c.im;
+                *p = (c.re * c.re + c.im * c.im) as f32;
             }
             for (y, bin) in row.iter_mut().zip(&self.mel_bins) {
                 let energy: f32 = bin
@@ -274,13 +279,14 @@ mod tests {
             .collect();
         let feats = fb.compute(&tone, &mut no_rng());
         let row = &feats[40 * 80..41 * 80];
-        let argmax = (0..80)
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-            .unwrap();
+        let argmax = (0..80).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
         // 1 kHz on Kaldi's mel scale between 20 Hz and 8 kHz lies at about bin 23.
         let mel = |f: f32| 1127.0 * (1.0 + f / 700.0).ln();
         let expected = (mel(1000.0) - mel(20.0)) / ((mel(8000.0) - mel(20.0)) / 81.0) - 1.0;
-        assert!((argmax as f32 - expected).abs() <= 1.0, "{argmax} vs {expected}");
+        assert!(
+            (argmax as f32 - expected).abs() <= 1.0,
+            "{argmax} vs {expected}"
+        );
     }
 
     #[test]

@@ -167,9 +167,12 @@ pub fn read_kaldi_dir(dir: &Path) -> Result<Vec<ListEntry>, ListError> {
                 "{key:?} is a command pipe; convert the audio to files first"
             )));
         }
-        let txt = texts
-            .get(&key)
-            .ok_or_else(|| malformed(format!("key {key:?} has no line in {}", text_path.display())))?;
+        let txt = texts.get(&key).ok_or_else(|| {
+            malformed(format!(
+                "key {key:?} has no line in {}",
+                text_path.display()
+            ))
+        })?;
         entries.push(ListEntry {
             key,
             wav: resolve(dir, &wav).display().to_string(),

@@ -149,7 +149,11 @@ impl InputReport {
             self.bad_total()
         );
         if !kinds.is_empty() {
-            s.push_str(&format!(" ({}); e.g. {}", kinds.join(", "), self.examples.join("; ")));
+            s.push_str(&format!(
+                " ({}); e.g. {}",
+                kinds.join(", "),
+                self.examples.join("; ")
+            ));
         }
         s
     }
@@ -163,7 +167,13 @@ enum Verdict {
 }
 
 /// Checks one entry against the audio header, the units and the filters.
-fn inspect(reader: &ListReader, entry: super::list::ListEntry, units: &Units, conf: &DatasetConf, fbank: &Fbank) -> Verdict {
+fn inspect(
+    reader: &ListReader,
+    entry: super::list::ListEntry,
+    units: &Units,
+    conf: &DatasetConf,
+    fbank: &Fbank,
+) -> Verdict {
     let wav = reader.resolve(&entry.wav);
     let info = match audio::probe(&wav).and_then(|i| audio::check_model_input(&i).map(|_| i)) {
         Ok(i) => i,
@@ -171,7 +181,10 @@ fn inspect(reader: &ListReader, entry: super::list::ListEntry, units: &Units, co
     };
     let normalized = text::normalize(&entry.txt);
     if normalized.is_empty() {
-        return Verdict::Bad("empty transcript", format!("transcript {:?} is empty after normalisation", entry.txt));
+        return Verdict::Bad(
+            "empty transcript",
+            format!("transcript {:?} is empty after normalisation", entry.txt),
+        );
     }
     let (tokens, unknown) = units.encode(&normalized);
     if unknown > 0 {
@@ -241,7 +254,8 @@ enum BatchRule {
 impl Batcher {
     fn new(conf: &DatasetConf, mode: Mode, seed: u64, epoch: u64, rank: usize) -> Self {
         let shuffle = (mode == Mode::Train && conf.shuffle).then(|| {
-            let rng = ChaCha8Rng::seed_from_u64(stream_seed(&[seed, STREAM_SHUFFLE, epoch, rank as u64]));
+            let rng =
+                ChaCha8Rng::seed_from_u64(stream_seed(&[seed, STREAM_SHUFFLE, epoch, rank as u64]));
             (conf.shuffle_conf.shuffle_size.max(1), rng)
         });
         let batch = match conf.batch_conf.batch_type {
@@ -410,10 +424,20 @@ pub struct DataLoader {
 
 impl DataLoader {
     /// Builds a loader; the configuration is checked here.
-    pub fn new(list: &Path, units: Arc<Units>, conf: DatasetConf, mode: Mode, shard: Shard, seed: u64) -> Result<Self, DataError> {
+    pub fn new(
+        list: &Path,
+        units: Arc<Units>,
+        conf: DatasetConf,
+        mode: Mode,
+        shard: Shard,
+        seed: u64,
+    ) -> Result<Self, DataError> {
         conf.validate().map_err(DataError::Config)?;
         if shard.world == 0 || shard.rank >= shard.world {
-            return Err(DataError::Config(format!("rank {} is not in a world of {}", shard.rank, shard.world)));
+            return Err(DataError::Config(format!(
+                "rank {} is not in a world of {}",
+                shard.rank, shard.world
+            )));
         }
         let mut fbank_opts: FbankOptions = conf.fbank_conf.clone();
         if mode == Mode::Eval {
@@ -460,7 +484,9 @@ impl DataLoader {
                     }
                 }
                 Verdict::Filtered => report.filtered += 1,
-                Verdict::Bad(kind, why) => report.add_bad(kind, || format!("line {} ({key}): {why}", line + 1)),
+                Verdict::Bad(kind, why) => {
+                    report.add_bad(kind, || format!("line {} ({key}): {why}", line + 1))
+                }
             }
         }
         for (b, c) in batchers.iter_mut().zip(&mut counts) {
@@ -505,30 +531,39 @@ impl DataLoader {
 
     /// Streams one rank's batches of utterances (metadata only), exactly
     /// `plan.batches_per_rank` of them, repeats flagged.
-    fn produce(&self, epoch: u64, plan: &EpochPlan, mut emit: impl FnMut(usize, Vec<Utterance>, bool) -> bool) -> Result<(), DataError> {
+    fn produce(
+        &self,
+        epoch: u64,
+        plan: &EpochPlan,
+        mut emit: impl FnMut(usize, Vec<Utterance>, bool) -> bool,
+    ) -> Result<(), DataError> {
         let total = plan.batches_per_rank;
         // A rank whose shard gives no batch borrows another rank's (all repeats).
         let source = if plan.own_batches[self.shard.rank] > 0 {
             self.shard.rank
         } else {
-            plan.own_batches.iter().position(|&c| c > 0).expect("plan has batches")
+            plan.own_batches
+                .iter()
+                .position(|&c| c > 0)
+                .expect("plan has batches")
         };
         let borrowed = source != self.shard.rank;
         let keep = total - plan.own_batches[source].min(total);
         let mut kept: Vec<Vec<Utterance>> = Vec::new();
         let mut batcher = Batcher::new(&self.conf, self.mode, self.seed, epoch, source);
         let mut index = 0;
-        let mut send = |batch: Vec<Utterance>, kept: &mut Vec<Vec<Utterance>>, index: &mut usize| -> bool {
-            if *index >= total {
-                return true;
-            }
-            if kept.len() < keep {
-                kept.push(batch.clone());
-            }
-            let ok = emit(*index, batch, borrowed);
-            *index += 1;
-            ok
-        };
+        let mut send =
+            |batch: Vec<Utterance>, kept: &mut Vec<Vec<Utterance>>, index: &mut usize| -> bool {
+                if *index >= total {
+                    return true;
+                }
+                if kept.len() < keep {
+                    kept.push(batch.clone());
+                }
+                let ok = emit(*index, batch, borrowed);
+                *index += 1;
+                ok
+            };
         let mut reader = ListReader::open(&self.list)?;
         while let Some(item) = reader.next() {
             let (line, entry) = item?;
@@ -564,7 +599,14 @@ impl DataLoader {
 
     /// Features and targets of one batch; utterances whose audio fails to decode now
     /// (changed since planning) are dropped and counted in `dropped`.
-    fn make_batch(&self, epoch: u64, index: usize, utts: Vec<Utterance>, repeated: bool, dropped: &AtomicUsize) -> Option<Batch> {
+    fn make_batch(
+        &self,
+        epoch: u64,
+        index: usize,
+        utts: Vec<Utterance>,
+        repeated: bool,
+        dropped: &AtomicUsize,
+    ) -> Option<Batch> {
         let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(&[
             self.seed,
             STREAM_AUGMENT,
@@ -665,7 +707,15 @@ impl EpochIter {
                 std::thread::Builder::new()
                     .name("data-producer".into())
                     .spawn(move || {
-                        let emit = |index, utts, repeated| job_tx.send(Job { index, utts, repeated }).is_ok();
+                        let emit = |index, utts, repeated| {
+                            job_tx
+                                .send(Job {
+                                    index,
+                                    utts,
+                                    repeated,
+                                })
+                                .is_ok()
+                        };
                         if let Err(e) = loader.produce(epoch, &plan, emit) {
                             let _ = err_tx.send(e);
                         }
@@ -674,8 +724,12 @@ impl EpochIter {
             );
         }
         for w in 0..workers {
-            let (loader, job_rx, res_tx, dropped): (_, Receiver<Job>, Sender<_>, _) =
-                (loader.clone(), job_rx.clone(), res_tx.clone(), dropped.clone());
+            let (loader, job_rx, res_tx, dropped): (_, Receiver<Job>, Sender<_>, _) = (
+                loader.clone(),
+                job_rx.clone(),
+                res_tx.clone(),
+                dropped.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("data-worker-{w}"))
@@ -683,7 +737,13 @@ impl EpochIter {
                         // Features are computed one utterance at a time per thread;
                         // libtorch's own thread pool stays for the training step.
                         for job in job_rx {
-                            let batch = loader.make_batch(epoch, job.index, job.utts, job.repeated, &dropped);
+                            let batch = loader.make_batch(
+                                epoch,
+                                job.index,
+                                job.utts,
+                                job.repeated,
+                                &dropped,
+                            );
                             if res_tx.send((job.index, batch)).is_err() {
                                 return;
                             }
@@ -778,7 +838,9 @@ mod tests {
     fn make_list(dir: &Path, n: usize) -> (PathBuf, Arc<Units>) {
         let mut entries = Vec::new();
         for i in 0..n {
-            let samples: Vec<f32> = (0..1600 + 97 * (i * 37 % 50)).map(|j| ((j * (i + 3)) % 200) as f32 - 100.0).collect();
+            let samples: Vec<f32> = (0..1600 + 97 * (i * 37 % 50))
+                .map(|j| ((j * (i + 3)) % 200) as f32 - 100.0)
+                .collect();
             let wav = dir.join(format!("u{i}.wav"));
             audio::write_wav_i16(&wav, &samples, 16000).unwrap();
             let txt = ["ab", "ba c", "cab", "a b c"][i % 4];
@@ -813,26 +875,52 @@ mod tests {
         // 23 utterances: no world size from 2 to 8 divides it.
         let (list, units) = make_list(dir.path(), 23);
         let batchings = [
-            BatchConf { batch_type: BatchType::Static, batch_size: 3, max_frames_in_batch: 0 },
-            BatchConf { batch_type: BatchType::Dynamic, batch_size: 0, max_frames_in_batch: 120 },
+            BatchConf {
+                batch_type: BatchType::Static,
+                batch_size: 3,
+                max_frames_in_batch: 0,
+            },
+            BatchConf {
+                batch_type: BatchType::Dynamic,
+                batch_size: 0,
+                max_frames_in_batch: 120,
+            },
         ];
         for batch in batchings {
             for world in 1..=8 {
                 let mut counts = Vec::new();
                 let mut seen = Vec::new();
                 for rank in 0..world {
-                    let l = DataLoader::new(&list, units.clone(), conf(batch.clone()), Mode::Train, Shard { rank, world }, 5).unwrap();
+                    let l = DataLoader::new(
+                        &list,
+                        units.clone(),
+                        conf(batch.clone()),
+                        Mode::Train,
+                        Shard { rank, world },
+                        5,
+                    )
+                    .unwrap();
                     let batches: Vec<Batch> = l.epoch(0).unwrap().map(|b| b.unwrap()).collect();
                     counts.push(batches.len());
                     for b in batches.iter().filter(|b| !b.repeated) {
                         seen.extend(b.keys.iter().cloned());
                     }
-                    assert!(batches.iter().enumerate().all(|(i, b)| b.index == i && !b.is_empty()));
+                    assert!(batches
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| b.index == i && !b.is_empty()));
                 }
-                assert!(counts.iter().all(|&c| c == counts[0]), "world {world}: {counts:?}");
+                assert!(
+                    counts.iter().all(|&c| c == counts[0]),
+                    "world {world}: {counts:?}"
+                );
                 // Shards are disjoint and together cover the list.
                 let unique: HashSet<_> = seen.iter().collect();
-                assert_eq!(unique.len(), seen.len(), "world {world}: a key was read by two ranks");
+                assert_eq!(
+                    unique.len(),
+                    seen.len(),
+                    "world {world}: a key was read by two ranks"
+                );
                 assert_eq!(seen.len(), 23, "world {world}");
             }
         }
@@ -842,7 +930,11 @@ mod tests {
     fn batches_are_padded_and_reproducible() {
         let dir = tempfile::tempdir().unwrap();
         let (list, units) = make_list(dir.path(), 10);
-        let mut c = conf(BatchConf { batch_type: BatchType::Static, batch_size: 4, max_frames_in_batch: 0 });
+        let mut c = conf(BatchConf {
+            batch_type: BatchType::Static,
+            batch_size: 4,
+            max_frames_in_batch: 0,
+        });
         c.spec_aug = true;
         c.speed_perturb = true;
         c.fbank_conf.dither = 1.0;
@@ -855,14 +947,20 @@ mod tests {
             assert_eq!(x.keys, y.keys);
             assert!(x.feats.equal(&y.feats));
         }
-        assert_ne!(a.iter().map(|x| x.keys.clone()).collect::<Vec<_>>(), other.iter().map(|x| x.keys.clone()).collect::<Vec<_>>());
+        assert_ne!(
+            a.iter().map(|x| x.keys.clone()).collect::<Vec<_>>(),
+            other.iter().map(|x| x.keys.clone()).collect::<Vec<_>>()
+        );
         let first = &a[0];
         let lens = Vec::<i64>::try_from(&first.feats_lengths).unwrap();
         assert_eq!(first.feats.size()[1], *lens.iter().max().unwrap());
         assert_eq!(first.feats.size()[2], 80);
         let t = Vec::<i64>::try_from(first.target.flatten(0, -1)).unwrap();
         let tl = Vec::<i64>::try_from(&first.target_lengths).unwrap();
-        assert_eq!(t.iter().filter(|&&v| v == -1).count() as i64, first.target.size()[1] * 4 - tl.iter().sum::<i64>());
+        assert_eq!(
+            t.iter().filter(|&&v| v == -1).count() as i64,
+            first.target.size()[1] * 4 - tl.iter().sum::<i64>()
+        );
     }
 
     #[test]
@@ -886,18 +984,41 @@ mod tests {
             ("notext", "u2.wav", " ?! "),
             ("oov", "u3.wav", "abz"),
         ] {
-            lines.push_str(&serde_json::to_string(&ListEntry { key: k.into(), wav: wav.into(), txt: txt.into() }).unwrap());
+            lines.push_str(
+                &serde_json::to_string(&ListEntry {
+                    key: k.into(),
+                    wav: wav.into(),
+                    txt: txt.into(),
+                })
+                .unwrap(),
+            );
             lines.push('\n');
         }
         std::fs::write(&list, &lines).unwrap();
         let mut c = conf(BatchConf::default());
         c.max_bad_fraction = 0.2;
-        let l = DataLoader::new(&list, units.clone(), c.clone(), Mode::Eval, Shard::SINGLE, 0).unwrap();
+        let l = DataLoader::new(
+            &list,
+            units.clone(),
+            c.clone(),
+            Mode::Eval,
+            Shard::SINGLE,
+            0,
+        )
+        .unwrap();
         let plan = l.plan(0).unwrap();
         let kinds: Vec<&str> = plan.report.bad.keys().copied().collect();
         assert_eq!(
             kinds,
-            ["characters outside the units", "empty file", "empty transcript", "missing file", "not audio", "truncated audio", "wrong sample rate"]
+            [
+                "characters outside the units",
+                "empty file",
+                "empty transcript",
+                "missing file",
+                "not audio",
+                "truncated audio",
+                "wrong sample rate"
+            ]
         );
         assert_eq!(plan.report.usable, 40);
         let keys: usize = l.epoch(0).unwrap().map(|b| b.unwrap().len()).sum();
@@ -907,13 +1028,29 @@ mod tests {
         c.max_bad_fraction = 0.1;
         let l = DataLoader::new(&list, units.clone(), c, Mode::Eval, Shard::SINGLE, 0).unwrap();
         let e = l.plan(0).unwrap_err().to_string();
-        assert!(e.contains("7 of 47") && e.contains("max_bad_fraction") && e.contains("line 41 (missing)"), "{e}");
+        assert!(
+            e.contains("7 of 47")
+                && e.contains("max_bad_fraction")
+                && e.contains("line 41 (missing)"),
+            "{e}"
+        );
 
         // A malformed line names file and line.
         lines.push_str("{not json\n");
         std::fs::write(&list, &lines).unwrap();
-        let l = DataLoader::new(&list, units, conf(BatchConf::default()), Mode::Eval, Shard::SINGLE, 0).unwrap();
+        let l = DataLoader::new(
+            &list,
+            units,
+            conf(BatchConf::default()),
+            Mode::Eval,
+            Shard::SINGLE,
+            0,
+        )
+        .unwrap();
         let e = l.plan(0).unwrap_err().to_string();
-        assert!(e.contains("data.list:48:") && e.contains("malformed"), "{e}");
+        assert!(
+            e.contains("data.list:48:") && e.contains("malformed"),
+            "{e}"
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 /// Writes a 2-D float32 array of `rows x cols` (row-major `data`).
 pub fn write_f32_2d(path: &Path, data: &[f32], rows: usize, cols: usize) -> std::io::Result<()> {
     assert_eq!(data.len(), rows * cols, "npy shape does not match the data");
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     // Magic (6) + version (2) + header length (2) + header + '\n' is a multiple of 64.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
@@ -32,7 +33,9 @@ mod tests {
         let b = std::fs::read(&p).unwrap();
         let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
         assert_eq!((10 + hlen) % 64, 0);
-        assert!(std::str::from_utf8(&b[10..10 + hlen]).unwrap().contains("(2, 3)"));
+        assert!(std::str::from_utf8(&b[10..10 + hlen])
+            .unwrap()
+            .contains("(2, 3)"));
         assert_eq!(&b[10 + hlen..10 + hlen + 4], &1f32.to_le_bytes());
         assert_eq!(b.len(), 10 + hlen + 24);
     }

@@ -31,7 +31,8 @@ pub fn normalize(text: &str) -> String {
             if inside {
                 out.push('\'');
             }
-        } else if c.is_whitespace() || c == '-' || c == '/' || c == '_' || c == '–' || c == '—' {
+        } else if c.is_whitespace() || c == '-' || c == '/' || c == '_' || c == '–' || c == '—'
+        {
             out.push(' ');
         }
     }
@@ -212,7 +213,10 @@ mod tests {
 
     #[test]
     fn normalizes_case_punctuation_and_spaces() {
-        assert_eq!(normalize("Vidíš to oko?  Němý svědek..."), "vidíš to oko němý svědek");
+        assert_eq!(
+            normalize("Vidíš to oko?  Němý svědek..."),
+            "vidíš to oko němý svědek"
+        );
         assert_eq!(normalize("Don't press 'one'-two!"), "don't press one two");
         assert_eq!(normalize("LC-10 Lemura."), "lc 10 lemura");
         assert_eq!(normalize(" ?! "), "");
@@ -243,6 +247,9 @@ mod tests {
         let e = Units::load(&p).unwrap_err().to_string();
         assert!(e.contains(":3:") && e.contains("out of order"), "{e}");
         std::fs::write(&p, "<blank> 0\n<unk> 1\na 2\n").unwrap();
-        assert!(Units::load(&p).unwrap_err().to_string().contains("<sos/eos>"));
+        assert!(Units::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("<sos/eos>"));
     }
 }

@@ -49,7 +49,12 @@ impl CorpusName {
     /// Debian packages the corpus needs.
     pub fn packages(self) -> &'static [&'static str] {
         match self {
-            CorpusName::FilletsCs => &["fillets-ng-data", "fillets-ng-data-cs", "sox", "libsox-fmt-base"],
+            CorpusName::FilletsCs => &[
+                "fillets-ng-data",
+                "fillets-ng-data-cs",
+                "sox",
+                "libsox-fmt-base",
+            ],
             CorpusName::AsteriskEn => &["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"],
             CorpusName::Librivox => &["pocketsphinx-testdata"],
             CorpusName::EspeakEn => &["espeak-ng", "fortunes-min"],
@@ -177,10 +182,13 @@ impl Summary {
 
 /// Runs `f` over `items` on all cores, keeping order.
 pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(items.len().max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(items.len().max(1));
     let next = AtomicUsize::new(0);
     let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-    let slots: Vec<std::sync::Mutex<&mut Option<R>>> = results.iter_mut().map(std::sync::Mutex::new).collect();
+    let slots: Vec<std::sync::Mutex<&mut Option<R>>> =
+        results.iter_mut().map(std::sync::Mutex::new).collect();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
@@ -194,7 +202,10 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + 
         }
     });
     drop(slots);
-    results.into_iter().map(|r| r.expect("every item mapped")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every item mapped"))
+        .collect()
 }
 
 /// Makes sure the corpus's Debian packages are present: installs them with apt-get
@@ -206,17 +217,25 @@ fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
     let pkgs = corpus.packages().join(" ");
     let cmd = format!("apt-get install -y --no-install-recommends {pkgs}");
     if !install {
-        bail!("corpus {} needs Debian packages that are not installed; run: {cmd}", corpus.label());
+        bail!(
+            "corpus {} needs Debian packages that are not installed; run: {cmd}",
+            corpus.label()
+        );
     }
     tracing::info!("installing {pkgs}");
     let ok = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive {cmd} -qq"))
+        .arg(format!(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive {cmd} -qq"
+        ))
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok || !Path::new(corpus.marker()).exists() {
-        bail!("installing the packages of corpus {} failed; run as root: {cmd}", corpus.label());
+        bail!(
+            "installing the packages of corpus {} failed; run as root: {cmd}",
+            corpus.label()
+        );
     }
     Ok(())
 }
@@ -229,7 +248,11 @@ fn assign_splits(utts: &[RawUtterance]) -> HashMap<String, &'static str> {
         *sizes.entry(u.group.as_str()).or_default() += 1;
     }
     let total: usize = sizes.values().sum();
-    let fnv = |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let fnv = |s: &str| {
+        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    };
     let mut groups: Vec<(&str, usize)> = sizes.into_iter().collect();
     groups.sort_by_key(|(g, _)| (fnv(g), *g));
     let target = (total as f64 * 0.1).round().max(1.0) as usize;
@@ -253,7 +276,9 @@ fn assign_splits(utts: &[RawUtterance]) -> HashMap<String, &'static str> {
 /// Converts one recording to a 16 kHz mono 16-bit WAV: WAV is read and resampled in
 /// Rust; other formats are decoded by sox first. Returns the duration in seconds.
 fn convert(src: &Path, dst: &Path, tmp: &Path) -> Result<f64, String> {
-    let is_wav = src.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+    let is_wav = src
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("wav"));
     let decoded;
     let wav_path = if is_wav {
         src
@@ -261,7 +286,10 @@ fn convert(src: &Path, dst: &Path, tmp: &Path) -> Result<f64, String> {
         if !src.exists() {
             return Err("missing file".into());
         }
-        decoded = tmp.join(format!("{}.wav", dst.file_stem().unwrap().to_string_lossy()));
+        decoded = tmp.join(format!(
+            "{}.wav",
+            dst.file_stem().unwrap().to_string_lossy()
+        ));
         // -D: no dither, -R: repeatable; the same input always gives the same WAV.
         let st = std::process::Command::new("sox")
             .args(["-D", "-R"])
@@ -294,7 +322,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
     let summary_path = opts.out.join("summary.json");
     if summary_path.exists() && !opts.force {
         let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
-            .with_context(|| format!("{} is not a dataset summary; use --force to rebuild", summary_path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} is not a dataset summary; use --force to rebuild",
+                    summary_path.display()
+                )
+            })?;
         if s.corpus != opts.corpus {
             bail!(
                 "{} already holds corpus {}; choose another --out or pass --force to replace it",
@@ -302,13 +335,25 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
                 s.corpus.label()
             );
         }
-        tracing::info!("{} is complete; pass --force to rebuild", opts.out.display());
+        tracing::info!(
+            "{} is complete; pass --force to rebuild",
+            opts.out.display()
+        );
         return Ok(s);
     }
     ensure_packages(opts.corpus, opts.install)?;
 
-    let out_name = opts.out.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
-    let parent = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out_name = opts
+        .out
+        .file_name()
+        .context("--out needs a folder name")?
+        .to_string_lossy()
+        .to_string();
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     let work = parent.join(format!(".{out_name}.partial-{}", std::process::id()));
     std::fs::create_dir_all(work.join("wav"))?;
@@ -340,7 +385,10 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         CorpusName::Librivox => sources::librivox()?,
         CorpusName::EspeakEn => sources::espeak_en(opts.count, opts.seed, &work.join("synth"))?,
         CorpusName::Dir => {
-            let src = opts.src.as_deref().context("--corpus dir needs --src FOLDER_OR_LIST")?;
+            let src = opts
+                .src
+                .as_deref()
+                .context("--corpus dir needs --src FOLDER_OR_LIST")?;
             sources::user_dir(src)?
         }
     };
@@ -361,13 +409,26 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         ok
     });
     if utts.is_empty() {
-        bail!("corpus {} has no utterances with a transcript", opts.corpus.label());
+        bail!(
+            "corpus {} has no utterances with a transcript",
+            opts.corpus.label()
+        );
     }
     tracing::info!("converting {} recordings to 16 kHz mono", utts.len());
     let tmp = work.join("tmp");
     std::fs::create_dir_all(&tmp)?;
     let converted = parallel_map(&utts, |u| {
-        let safe: String = u.key.chars().map(|c| if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect();
+        let safe: String = u
+            .key
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let dst = work.join("wav").join(format!("{safe}.wav"));
         convert(&u.audio, &dst, &tmp).map(|secs| (format!("wav/{safe}.wav"), secs))
     });
@@ -416,18 +477,29 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
             wav: format!("../{wav}"),
             txt: norm,
         };
-        splits.entry(split).or_default().push((entry, u.speaker.clone(), *secs, u.group.clone()));
+        splits
+            .entry(split)
+            .or_default()
+            .push((entry, u.speaker.clone(), *secs, u.group.clone()));
     }
-    let train = splits.get("train").filter(|t| !t.is_empty()).context("no training utterances left after the split")?;
+    let train = splits
+        .get("train")
+        .filter(|t| !t.is_empty())
+        .context("no training utterances left after the split")?;
 
     let units = Units::from_texts(train.iter().map(|(e, ..)| e.txt.as_str()));
     units.save(&work.join("units.txt"))?;
 
-    tracing::info!("computing global CMVN over {} training utterances", train.len());
+    tracing::info!(
+        "computing global CMVN over {} training utterances",
+        train.len()
+    );
     let fbank = Fbank::new(FbankOptions::default());
     let partial = parallel_map(train, |(e, ..)| {
         let mut st = CmvnStats::new(fbank.dim());
-        if let Ok(samples) = audio::read_model_input(&work.join("wav").join(e.wav.trim_start_matches("../wav/"))) {
+        if let Ok(samples) =
+            audio::read_model_input(&work.join("wav").join(e.wav.trim_start_matches("../wav/")))
+        {
             st.accumulate(&fbank.compute(&samples, &mut rand::rng()));
         }
         st
@@ -453,7 +525,10 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
                 speakers: speakers.len(),
                 characters: items.iter().map(|(e, ..)| e.txt.chars().count()).sum(),
                 groups: groups.len(),
-                with_unknown_characters: items.iter().filter(|(e, ..)| units.encode(&e.txt).1 > 0).count(),
+                with_unknown_characters: items
+                    .iter()
+                    .filter(|(e, ..)| units.encode(&e.txt).1 > 0)
+                    .count(),
             },
         );
     }
@@ -465,7 +540,10 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         removed_overlap,
         cmvn_frames: cmvn.frame_num,
     };
-    std::fs::write(work.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        work.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     Ok(summary)
 }
 
@@ -486,7 +564,9 @@ mod tests {
 
     #[test]
     fn split_is_by_group_deterministic_and_about_80_10_10() {
-        let utts: Vec<RawUtterance> = (0..1000).map(|i| utt(&format!("u{i}"), &format!("g{}", i % 50))).collect();
+        let utts: Vec<RawUtterance> = (0..1000)
+            .map(|i| utt(&format!("u{i}"), &format!("g{}", i % 50)))
+            .collect();
         let a = assign_splits(&utts);
         let b = assign_splits(&utts);
         assert_eq!(a, b);

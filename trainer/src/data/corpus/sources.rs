@@ -15,7 +15,8 @@ use crate::data::text;
 pub(crate) const FILLETS_ROOT: &str = "/usr/share/games/fillets-ng";
 /// Asterisk core prompts, English, 8 kHz.
 pub(crate) const ASTERISK_SOUNDS: &str = "/usr/share/asterisk/sounds/en_US_f_Allison";
-pub(crate) const ASTERISK_TEXT: &str = "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz";
+pub(crate) const ASTERISK_TEXT: &str =
+    "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz";
 /// pocketsphinx test clips.
 pub(crate) const POCKETSPHINX: &str = "/usr/share/pocketsphinx/test/data";
 /// Text for synthetic speech.
@@ -133,7 +134,11 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
         let level = dir.file_name().unwrap().to_string_lossy().to_string();
         let src = std::fs::read_to_string(dir.join("dialogs_cs.lua"))?;
         for (id, font, cs) in parse_dialogs(&src) {
-            let audio = root.join("sound").join(&level).join("cs").join(format!("{id}.ogg"));
+            let audio = root
+                .join("sound")
+                .join(&level)
+                .join("cs")
+                .join(format!("{id}.ogg"));
             if !audio.exists() {
                 continue; // a line with no Czech recording
             }
@@ -142,7 +147,11 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
                 key: format!("fillets-{level}-{id}"),
                 audio,
                 text: cs,
-                speaker: if speaker.is_empty() { "narrator".into() } else { speaker },
+                speaker: if speaker.is_empty() {
+                    "narrator".into()
+                } else {
+                    speaker
+                },
                 group: level.clone(),
                 split: None,
             });
@@ -164,21 +173,27 @@ pub(crate) fn asterisk_en() -> Result<Vec<RawUtterance>> {
     let text = String::from_utf8_lossy(&gz.stdout);
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((rel, t)) = line.split_once(": ") else { continue };
+        let Some((rel, t)) = line.split_once(": ") else {
+            continue;
+        };
         if line.starts_with(';') || rel.starts_with("silence/") {
             continue;
         }
-        // Drop bracketed parts ("dot [.]" -> "dot"; "[beep tone]" -> nothing).
+        // Drop descriptions of sounds ("dot [.]" -> "dot"; "(simple tone sound plays)",
+        // "<beep ascending>" -> nothing) and say what is spoken ("*" -> "star").
         let mut clean = String::new();
         let mut depth = 0;
         for c in t.chars() {
             match c {
-                '[' => depth += 1,
-                ']' => depth = (depth - 1).max(0),
+                '[' | '(' | '<' => depth += 1,
+                ']' | ')' | '>' => depth = (depth - 1).max(0),
+                '*' if depth == 0 => clean.push_str(" star "),
+                '#' if depth == 0 => clean.push_str(" pound "),
                 c if depth == 0 => clean.push(c),
                 _ => {}
             }
         }
+        let clean = spell_numbers(&clean);
         let audio = Path::new(ASTERISK_SOUNDS).join(format!("{rel}.wav"));
         if clean.trim().is_empty() || !audio.exists() {
             continue;
@@ -195,16 +210,91 @@ pub(crate) fn asterisk_en() -> Result<Vec<RawUtterance>> {
     Ok(out)
 }
 
+/// English words of a number below one million.
+fn number_words(n: u64) -> String {
+    const ONES: [&str; 20] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+    ];
+    const TENS: [&str; 10] = [
+        "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    ];
+    match n {
+        0..=19 => ONES[n as usize].to_string(),
+        20..=99 => match n % 10 {
+            0 => TENS[(n / 10) as usize].to_string(),
+            r => format!("{} {}", TENS[(n / 10) as usize], ONES[r as usize]),
+        },
+        100..=999 => match n % 100 {
+            0 => format!("{} hundred", ONES[(n / 100) as usize]),
+            r => format!("{} hundred {}", ONES[(n / 100) as usize], number_words(r)),
+        },
+        _ => match n % 1000 {
+            0 => format!("{} thousand", number_words(n / 1000)),
+            r => format!("{} thousand {}", number_words(n / 1000), number_words(r)),
+        },
+    }
+}
+
+/// Replaces digit runs (below one million) by English words, as the prompts speak them.
+pub(crate) fn spell_numbers(text: &str) -> String {
+    let mut out = String::new();
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if !digits.is_empty() {
+            match digits.parse::<u64>() {
+                Ok(n) if n < 1_000_000 => out.push_str(&format!(" {} ", number_words(n))),
+                _ => out.push_str(digits),
+            }
+            digits.clear();
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
+}
+
 /// pocketsphinx's LibriVox and "cards" clips with their Sphinx transcriptions.
 pub(crate) fn librivox() -> Result<Vec<RawUtterance>> {
     let mut out = Vec::new();
-    for (sub, trans, speaker) in [("librivox", "transcription", "librivox"), ("cards", "cards.transcription", "cards")] {
+    for (sub, trans, speaker) in [
+        ("librivox", "transcription", "librivox"),
+        ("cards", "cards.transcription", "cards"),
+    ] {
         let dir = Path::new(POCKETSPHINX).join(sub);
         let path = dir.join(trans);
-        let t = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let t = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         for line in t.lines() {
             // `<s> text </s> (id)`
-            let Some((body, id)) = line.rsplit_once('(') else { continue };
+            let Some((body, id)) = line.rsplit_once('(') else {
+                continue;
+            };
             let id = id.trim_end_matches(')').trim();
             let body = body.replace("<s>", "").replace("</s>", "");
             out.push(RawUtterance {
@@ -221,20 +311,35 @@ pub(crate) fn librivox() -> Result<Vec<RawUtterance>> {
 }
 
 /// English voices of espeak-ng and variants that change timbre.
-const ESPEAK_VOICES: [&str; 8] = ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"];
-const ESPEAK_VARIANTS: [&str; 14] = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2"];
+const ESPEAK_VOICES: [&str; 8] = [
+    "en-us",
+    "en",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-us-nyc",
+];
+const ESPEAK_VARIANTS: [&str; 14] = [
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2",
+];
 
 /// Sentences of 3 to 16 plain English words from the fortune files, deduplicated.
 fn english_sentences() -> Result<Vec<String>> {
     let mut sentences = std::collections::BTreeSet::new();
     for name in ["fortunes", "literature", "riddles"] {
         let p = Path::new(FORTUNES).join(name);
-        let Ok(t) = std::fs::read_to_string(&p) else { continue };
+        let Ok(t) = std::fs::read_to_string(&p) else {
+            continue;
+        };
         let flat = t.replace('\n', " ");
         for s in flat.split(['.', '?', '!', '%', ':', ';', '"']) {
             let s = s.trim();
             let words = s.split_whitespace().count();
-            let plain = s.chars().all(|c| c.is_ascii_alphabetic() || c == ' ' || c == ',' || c == '\'');
+            let plain = s
+                .chars()
+                .all(|c| c.is_ascii_alphabetic() || c == ' ' || c == ',' || c == '\'');
             if (3..=16).contains(&words) && plain {
                 sentences.insert(s.split_whitespace().collect::<Vec<_>>().join(" "));
             }
@@ -325,7 +430,11 @@ pub(crate) fn user_dir(src: &Path) -> Result<Vec<RawUtterance>> {
             src.display()
         );
     };
-    let dir = if src.is_file() { src.parent().unwrap_or(Path::new(".")) } else { src };
+    let dir = if src.is_file() {
+        src.parent().unwrap_or(Path::new("."))
+    } else {
+        src
+    };
     let utt2spk: BTreeMap<String, String> = std::fs::read_to_string(dir.join("utt2spk"))
         .map(|t| {
             t.lines()
@@ -337,7 +446,10 @@ pub(crate) fn user_dir(src: &Path) -> Result<Vec<RawUtterance>> {
     Ok(entries
         .into_iter()
         .map(|e| RawUtterance {
-            speaker: utt2spk.get(&e.key).cloned().unwrap_or_else(|| "unknown".into()),
+            speaker: utt2spk
+                .get(&e.key)
+                .cloned()
+                .unwrap_or_else(|| "unknown".into()),
             group: text::normalize(&e.txt),
             audio: PathBuf::from(e.wav),
             key: e.key,
@@ -363,6 +475,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn numbers_are_spelled() {
+        assert_eq!(
+            text::normalize(&spell_numbers("use the 7 key, 20 or 115 or 3000")),
+            "use the seven key twenty or one hundred fifteen or three thousand"
+        );
+        assert_eq!(number_words(42), "forty two");
+    }
+
+    #[test]
     fn dialogue_scripts_parse_including_multiline_calls() {
         let src = r#"
 -- comment with dialogId("x", "y", "z")
@@ -377,7 +498,14 @@ dialogId("no-cs", "", "only english")
 "#;
         let d = parse_dialogs(src);
         assert_eq!(d.len(), 2);
-        assert_eq!(d[0], ("let-m-divna".into(), "font_small".into(), "Co je to za divnou loď?".into()));
+        assert_eq!(
+            d[0],
+            (
+                "let-m-divna".into(),
+                "font_small".into(),
+                "Co je to za divnou loď?".into()
+            )
+        );
         assert_eq!(d[1].2, "Jak si to \"představuješ\"? Pohne ocelí, no a?");
     }
 }

@@ -10,7 +10,7 @@ use upcycle_trainer::data::fbank::{Fbank, FbankOptions};
 const TOLERANCE: f32 = 1e-3;
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fbank")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/fbank")
 }
 
 /// Reads a float32 C-order .npy of any shape (as numpy.save writes it).
@@ -19,8 +19,14 @@ fn read_npy_f32(path: &Path) -> Vec<f32> {
     assert_eq!(&b[..6], b"\x93NUMPY");
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
     let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(header.contains("'<f4'") && header.contains("False"), "{header}");
-    b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    assert!(
+        header.contains("'<f4'") && header.contains("False"),
+        "{header}"
+    );
+    b[10 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Makes the 16 kHz input exactly as the golden script did.
@@ -31,7 +37,13 @@ fn input_16k(source: &str, how: &str, tmp: &Path) -> PathBuf {
     let mut src = PathBuf::from(source);
     if let Some(args) = how.strip_prefix("espeak:") {
         src = tmp.join("espeak.wav");
-        let ok = Command::new("espeak-ng").args(args.split_whitespace()).arg("-w").arg(&src).arg(source).status().unwrap();
+        let ok = Command::new("espeak-ng")
+            .args(args.split_whitespace())
+            .arg("-w")
+            .arg(&src)
+            .arg(source)
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     let out = tmp.join("in16k.wav");
@@ -50,17 +62,26 @@ fn input_16k(source: &str, how: &str, tmp: &Path) -> PathBuf {
 fn pcm_sha256(wav: &Path) -> String {
     // The data chunk of a canonical 16-bit WAV, hashed by the system tool.
     let samples = audio::read_model_input(wav).unwrap();
-    let bytes: Vec<u8> = samples.iter().flat_map(|&s| (s as i16).to_le_bytes()).collect();
+    let bytes: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| (s as i16).to_le_bytes())
+        .collect();
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), &bytes).unwrap();
     let out = Command::new("sha256sum").arg(tmp.path()).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
 fn fbank_matches_kaldi_native_fbank_on_real_audio() {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap())
+            .unwrap();
     let items = manifest["items"].as_array().unwrap();
     assert!(items.len() >= 5, "goldens cover every corpus");
     let fb = Fbank::new(FbankOptions::default());
@@ -68,7 +89,11 @@ fn fbank_matches_kaldi_native_fbank_on_real_audio() {
     for item in items {
         let name = item["name"].as_str().unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let wav = input_16k(item["source"].as_str().unwrap(), item["how"].as_str().unwrap(), tmp.path());
+        let wav = input_16k(
+            item["source"].as_str().unwrap(),
+            item["how"].as_str().unwrap(),
+            tmp.path(),
+        );
         assert_eq!(
             pcm_sha256(&wav),
             item["pcm_sha256"].as_str().unwrap(),
@@ -80,9 +105,19 @@ fn fbank_matches_kaldi_native_fbank_on_real_audio() {
         let want = read_npy_f32(&golden_dir().join(format!("{name}.npy")));
         assert_eq!(ours.len(), want.len(), "{name}: frame count");
         assert_eq!(ours.len() / 80, item["frames"].as_u64().unwrap() as usize);
-        let diff = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        eprintln!("{name}: {} frames, max abs diff {diff:.2e}", ours.len() / 80);
-        assert!(diff <= TOLERANCE, "{name}: max abs diff {diff} > {TOLERANCE}");
+        let diff = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{name}: {} frames, max abs diff {diff:.2e}",
+            ours.len() / 80
+        );
+        assert!(
+            diff <= TOLERANCE,
+            "{name}: max abs diff {diff} > {TOLERANCE}"
+        );
         worst = worst.max(diff);
     }
     eprintln!("worst max abs diff over all goldens: {worst:.2e}");
@@ -94,7 +129,7 @@ fn fbank_command_writes_the_same_features_as_npy() {
     let src = "/usr/share/pocketsphinx/test/data/cards/001.wav";
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("f.npy");
-    let st = Command::new(upcycle_tests::upcycle_bin())
+    let st = Command::new(env!("CARGO_BIN_EXE_upcycle"))
         .args(["data", "fbank", src, "--out"])
         .arg(&out)
         .status()
@@ -102,7 +137,11 @@ fn fbank_command_writes_the_same_features_as_npy() {
     assert!(st.success());
     let ours = read_npy_f32(&out);
     let want = read_npy_f32(&golden_dir().join(format!("{item}.npy")));
-    let diff = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert_eq!(ours.len(), want.len());
     assert!(diff <= TOLERANCE);
 }

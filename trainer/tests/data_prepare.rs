@@ -1,0 +1,342 @@
+//! `upcycle data prepare` on the real corpora of DATA.md, through the binary, and the
+//! loader reading what it wrote.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use upcycle_trainer::data::audio;
+use upcycle_trainer::data::cmvn::CmvnStats;
+use upcycle_trainer::data::config::DatasetConf;
+use upcycle_trainer::data::list::ListReader;
+use upcycle_trainer::data::loader::{DataLoader, Mode, Shard};
+use upcycle_trainer::data::text::Units;
+
+fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args([
+            "data",
+            "prepare",
+            "--no-install",
+            "--corpus",
+            corpus,
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "prepare {corpus} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("train") && stdout.contains("hours"),
+        "{stdout}"
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+fn texts(dir: &Path, split: &str) -> Vec<String> {
+    ListReader::open(&dir.join(split).join("data.list"))
+        .unwrap()
+        .map(|r| r.unwrap().1.txt)
+        .collect()
+}
+
+/// Every list entry is a 16 kHz mono WAV; units, CMVN and summary are consistent.
+fn check_dataset(dir: &Path, summary: &serde_json::Value) {
+    let units = Units::load(&dir.join("units.txt")).unwrap();
+    assert_eq!(units.len() as u64, summary["units"].as_u64().unwrap());
+    for split in ["train", "dev", "test"] {
+        let list = dir.join(split).join("data.list");
+        let mut reader = ListReader::open(&list).unwrap();
+        let mut n = 0;
+        while let Some(item) = reader.next() {
+            let (_, e) = item.unwrap();
+            let info = audio::probe(&reader.resolve(&e.wav)).unwrap();
+            audio::check_model_input(&info).unwrap();
+            assert!(!e.txt.is_empty());
+            n += 1;
+        }
+        assert_eq!(
+            n,
+            summary["splits"][split]["utterances"].as_u64().unwrap(),
+            "{split}"
+        );
+    }
+    // Training text never has <unk>: the units come from it.
+    for t in texts(dir, "train") {
+        assert_eq!(units.encode(&t).1, 0, "{t}");
+    }
+    let cmvn = CmvnStats::load(&dir.join("global_cmvn")).unwrap();
+    assert_eq!(cmvn.mean_stat.len(), 80);
+    assert_eq!(cmvn.frame_num, summary["cmvn_frames"].as_u64().unwrap());
+    let (mean, istd) = cmvn.mean_istd();
+    assert!(mean.iter().all(|m| m.is_finite()) && istd.iter().all(|s| s.is_finite() && *s > 0.0));
+}
+
+#[test]
+fn fillets_cs_is_split_by_level_without_shared_sentences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fillets");
+    let s = prepare("fillets-cs", &dir, &[]);
+    check_dataset(&dir, &s);
+    let utts: u64 = ["train", "dev", "test"]
+        .iter()
+        .map(|k| s["splits"][k]["utterances"].as_u64().unwrap())
+        .sum();
+    let hours: f64 = ["train", "dev", "test"]
+        .iter()
+        .map(|k| s["splits"][k]["hours"].as_f64().unwrap())
+        .sum();
+    // DATA.md: about 1,750 utterances and 1.6 hours with transcripts.
+    assert!((1650..=1800).contains(&utts), "{utts} utterances");
+    assert!((1.5..=1.7).contains(&hours), "{hours} hours");
+    assert!(s["splits"]["train"]["speakers"].as_u64().unwrap() >= 10);
+    let train = s["splits"]["train"]["utterances"].as_f64().unwrap() / utts as f64;
+    assert!((0.7..=0.9).contains(&train), "train fraction {train}");
+
+    // No sentence of dev or test is in train; no level is in two splits.
+    let train_texts: HashSet<String> = texts(&dir, "train").into_iter().collect();
+    for split in ["dev", "test"] {
+        for t in texts(&dir, split) {
+            assert!(
+                !train_texts.contains(&t),
+                "{split} sentence {t:?} is also in train"
+            );
+        }
+    }
+    let level = |key: &str| key.split('-').nth(1).unwrap().to_string();
+    let levels = |split: &str| -> HashSet<String> {
+        ListReader::open(&dir.join(split).join("data.list"))
+            .unwrap()
+            .map(|r| level(&r.unwrap().1.key))
+            .collect()
+    };
+    let (tr, dv, te) = (levels("train"), levels("dev"), levels("test"));
+    assert!(tr.is_disjoint(&te) && tr.is_disjoint(&dv) && dv.is_disjoint(&te));
+
+    // Deterministic: a second preparation gives identical lists.
+    let again = tmp.path().join("again");
+    prepare("fillets-cs", &again, &[]);
+    for split in ["train", "dev", "test"] {
+        assert_eq!(texts(&dir, split), texts(&again, split));
+    }
+
+    // The loader reads the real training list: every rank gets the same batch count.
+    let units = Arc::new(Units::load(&dir.join("units.txt")).unwrap());
+    let conf = DatasetConf::default();
+    let counts: Vec<usize> = (0..3)
+        .map(|rank| {
+            let l = DataLoader::new(
+                &dir.join("train/data.list"),
+                units.clone(),
+                conf.clone(),
+                Mode::Train,
+                Shard { rank, world: 3 },
+                0,
+            )
+            .unwrap();
+            l.plan(0).unwrap().batches_per_rank
+        })
+        .collect();
+    assert!(
+        counts.iter().all(|&c| c == counts[0] && c > 0),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn asterisk_en_is_upsampled_and_skips_tone_descriptions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("asterisk");
+    let s = prepare("asterisk-en", &dir, &[]);
+    check_dataset(&dir, &s);
+    let utts: u64 = ["train", "dev", "test"]
+        .iter()
+        .map(|k| s["splits"][k]["utterances"].as_u64().unwrap())
+        .sum();
+    assert!((450..=568).contains(&utts), "{utts}");
+    let all: Vec<String> = ["train", "dev", "test"]
+        .iter()
+        .flat_map(|k| texts(&dir, k))
+        .collect();
+    // Descriptions of sounds are dropped, digits and keys are spelled as spoken.
+    for t in &all {
+        assert!(
+            !t.contains("sound plays")
+                && !t.contains("beep")
+                && !t.chars().any(|c| c.is_ascii_digit()),
+            "{t}"
+        );
+    }
+    assert!(all.iter().any(|t| t.contains("seven key")));
+    assert_eq!(s["splits"]["train"]["speakers"], 1);
+}
+
+#[test]
+fn librivox_espeak_and_a_users_own_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let libri = tmp.path().join("librivox");
+    let s = prepare("librivox", &libri, &[]);
+    check_dataset(&libri, &s);
+    assert_eq!(
+        s["splits"]["train"]["utterances"].as_u64().unwrap()
+            + s["splits"]["dev"]["utterances"].as_u64().unwrap()
+            + s["splits"]["test"]["utterances"].as_u64().unwrap(),
+        10
+    );
+
+    // A complete dataset is not rebuilt (and not lost) by a second run.
+    let mtime = std::fs::metadata(libri.join("summary.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    prepare("librivox", &libri, &[]);
+    assert_eq!(
+        mtime,
+        std::fs::metadata(libri.join("summary.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args([
+            "data",
+            "prepare",
+            "--no-install",
+            "--corpus",
+            "asterisk-en",
+            "--out",
+        ])
+        .arg(&libri)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds corpus librivox"));
+
+    let espeak = tmp.path().join("espeak");
+    let s = prepare("espeak-en", &espeak, &["--count", "24"]);
+    check_dataset(&espeak, &s);
+    assert!(
+        s["splits"]["train"]["speakers"].as_u64().unwrap() > 5,
+        "varied voices"
+    );
+
+    // dir: Kaldi wav.scp + text pointing at 8 kHz Asterisk prompts and a broken file.
+    let src = tmp.path().join("mine");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("broken.wav"), b"RIFF....not really").unwrap();
+    let sounds = "/usr/share/asterisk/sounds/en_US_f_Allison";
+    let mut scp = String::new();
+    let mut text = String::new();
+    for (i, (f, t)) in [
+        ("digits/1", "one"),
+        ("digits/2", "two"),
+        ("digits/3", "three"),
+        ("digits/4", "four"),
+        ("digits/5", "five"),
+        ("digits/6", "six"),
+        ("digits/7", "seven"),
+        ("digits/8", "eight"),
+        ("digits/9", "nine"),
+        ("digits/10", "ten"),
+        ("digits/11", "eleven"),
+        ("digits/12", "twelve"),
+        ("digits/13", "thirteen"),
+        ("digits/14", "fourteen"),
+        ("digits/15", "fifteen"),
+        ("digits/16", "sixteen"),
+        ("digits/17", "seventeen"),
+        ("digits/18", "eighteen"),
+        ("digits/19", "nineteen"),
+        ("digits/20", "twenty"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        scp.push_str(&format!("u{i:02} {sounds}/{f}.wav\n"));
+        text.push_str(&format!("u{i:02} {t}\n"));
+    }
+    scp.push_str("bad broken.wav\n");
+    text.push_str("bad nothing\n");
+    std::fs::write(src.join("wav.scp"), scp).unwrap();
+    std::fs::write(src.join("text"), text).unwrap();
+    let mine = tmp.path().join("mine-data");
+    let s = prepare("dir", &mine, &["--src", src.to_str().unwrap()]);
+    check_dataset(&mine, &s);
+    assert_eq!(s["skipped"]["not audio"], 1, "{s}");
+    // 8 kHz in, 16 kHz out, same duration.
+    let first = ListReader::open(&mine.join("train/data.list"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .1;
+    let info = audio::probe(&mine.join("train").join(&first.wav)).unwrap();
+    let n: usize = first.key[1..].parse().unwrap();
+    let orig = audio::probe(Path::new(&format!("{sounds}/digits/{}.wav", n + 1))).unwrap();
+    assert_eq!(info.sample_rate, 16000);
+    assert_eq!(info.num_samples, orig.num_samples * 2);
+}
+
+#[test]
+fn check_command_reads_a_real_list_with_a_bad_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("librivox");
+    prepare("librivox", &dir, &[]);
+    // One missing file among the training list: counted, not fatal at 20%.
+    let list = dir.join("train/data.list");
+    let mut lines = std::fs::read_to_string(&list).unwrap();
+    lines.push_str("{\"key\":\"gone\",\"wav\":\"../wav/gone.wav\",\"txt\":\"he was\"}\n");
+    std::fs::write(&list, lines).unwrap();
+    let cfg = tmp.path().join("data.yaml");
+    std::fs::write(
+        &cfg,
+        "max_bad_fraction: 0.2\nbatch_conf: {batch_type: static, batch_size: 2}\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args(["data", "check", "--iterate", "--world", "4", "--data"])
+        .arg(dir.join("train"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("1 missing file") && out.contains("batches per rank"),
+        "{out}"
+    );
+    // With the default 5% it is refused, naming the setting.
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args(["data", "check", "--data"])
+        .arg(dir.join("train"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("max_bad_fraction"));
+}
+
+#[test]
+fn bench_fbank_smoke() {
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args([
+            "bench",
+            "fbank",
+            "--repeat",
+            "1",
+            "/usr/share/pocketsphinx/test/data/cards/001.wav",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["frames"], 108);
+    assert!(r["frames_per_second"].as_f64().unwrap() > 0.0);
+}
