@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DATA=${DATA:-data/fillets-cs}
 ./target/release/upcycle data prepare --corpus fillets-cs --out "$DATA"
-./target/release/upcycle data check --data "$DATA/train" --world 2 --iterate
+./target/release/upcycle data check --data "$DATA/train" --config configs/dataset_conf.yaml --world 2 --iterate

@@ -79,20 +79,22 @@ fn check_dataset(dir: &Path, summary: &serde_json::Value) {
     assert!(mean.iter().all(|m| m.is_finite()) && istd.iter().all(|s| s.is_finite() && *s > 0.0));
 }
 
+/// A statistic summed over train, dev and test.
+fn total(summary: &serde_json::Value, field: &str) -> f64 {
+    ["train", "dev", "test"]
+        .iter()
+        .map(|k| summary["splits"][k][field].as_f64().unwrap())
+        .sum()
+}
+
 #[test]
 fn fillets_cs_is_split_by_level_without_shared_sentences() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("fillets");
     let s = prepare("fillets-cs", &dir, &[]);
     check_dataset(&dir, &s);
-    let utts: u64 = ["train", "dev", "test"]
-        .iter()
-        .map(|k| s["splits"][k]["utterances"].as_u64().unwrap())
-        .sum();
-    let hours: f64 = ["train", "dev", "test"]
-        .iter()
-        .map(|k| s["splits"][k]["hours"].as_f64().unwrap())
-        .sum();
+    let utts = total(&s, "utterances") as u64;
+    let hours = total(&s, "hours");
     // DATA.md: about 1,750 utterances and 1.6 hours with transcripts.
     assert!((1650..=1800).contains(&utts), "{utts} utterances");
     assert!((1.5..=1.7).contains(&hours), "{hours} hours");
@@ -156,10 +158,7 @@ fn asterisk_en_is_upsampled_and_skips_tone_descriptions() {
     let dir = tmp.path().join("asterisk");
     let s = prepare("asterisk-en", &dir, &[]);
     check_dataset(&dir, &s);
-    let utts: u64 = ["train", "dev", "test"]
-        .iter()
-        .map(|k| s["splits"][k]["utterances"].as_u64().unwrap())
-        .sum();
+    let utts = total(&s, "utterances") as u64;
     assert!((450..=568).contains(&utts), "{utts}");
     let all: Vec<String> = ["train", "dev", "test"]
         .iter()
@@ -184,12 +183,7 @@ fn librivox_espeak_and_a_users_own_dir() {
     let libri = tmp.path().join("librivox");
     let s = prepare("librivox", &libri, &[]);
     check_dataset(&libri, &s);
-    assert_eq!(
-        s["splits"]["train"]["utterances"].as_u64().unwrap()
-            + s["splits"]["dev"]["utterances"].as_u64().unwrap()
-            + s["splits"]["test"]["utterances"].as_u64().unwrap(),
-        10
-    );
+    assert_eq!(total(&s, "utterances"), 10.0);
 
     // A complete dataset is not rebuilt (and not lost) by a second run.
     let mtime = std::fs::metadata(libri.join("summary.json"))

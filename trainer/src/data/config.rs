@@ -281,6 +281,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_config_parses_and_validates() {
+        let c: DatasetConf =
+            serde_yaml::from_str(include_str!("../../../configs/dataset_conf.yaml")).unwrap();
+        c.validate().unwrap();
+        assert!(c.spec_aug && c.speed_perturb);
+        assert_eq!(c.batch_conf.batch_type, BatchType::Dynamic);
+    }
+
+    #[test]
     fn accepts_wenet_keys_and_names_unknown_ones() {
         let yaml = "
 filter_conf: {max_length: 40960, min_length: 0, token_max_length: 200, token_min_length: 1}

@@ -62,16 +62,6 @@ impl CorpusName {
         }
     }
 
-    fn marker(self) -> &'static str {
-        match self {
-            CorpusName::FilletsCs => sources::FILLETS_ROOT,
-            CorpusName::AsteriskEn => sources::ASTERISK_TEXT,
-            CorpusName::Librivox => sources::POCKETSPHINX,
-            CorpusName::EspeakEn => "/usr/bin/espeak-ng",
-            CorpusName::Dir => "/usr/bin/sox",
-        }
-    }
-
     fn label(self) -> &'static str {
         match self {
             CorpusName::FilletsCs => "fillets-cs",
@@ -180,8 +170,21 @@ impl Summary {
     }
 }
 
-/// Runs `f` over `items` on all cores, keeping order.
-pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// Runs `f` over `items` on all cores, keeping order, with a progress bar labelled
+/// `what` for the person at the terminal (hidden when stderr is not one).
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    what: &str,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let bar = indicatif::ProgressBar::new(items.len() as u64).with_message(what.to_string());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(items.len().max(1));
@@ -198,9 +201,11 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + 
                 }
                 let r = f(&items[i]);
                 **slots[i].lock().expect("no panics while holding") = Some(r);
+                bar.inc(1);
             });
         }
     });
+    bar.finish_and_clear();
     drop(slots);
     results
         .into_iter()
@@ -208,21 +213,39 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + 
         .collect()
 }
 
+/// The corpus's Debian packages that `dpkg-query` does not report as installed.
+fn missing_packages(corpus: CorpusName) -> Vec<&'static str> {
+    corpus
+        .packages()
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = std::process::Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
 /// Makes sure the corpus's Debian packages are present: installs them with apt-get
 /// when allowed, else fails with the exact command to run.
 fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
-    if Path::new(corpus.marker()).exists() {
+    let missing = missing_packages(corpus);
+    if missing.is_empty() {
         return Ok(());
     }
-    let pkgs = corpus.packages().join(" ");
-    let cmd = format!("apt-get install -y --no-install-recommends {pkgs}");
+    let cmd = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
     if !install {
         bail!(
             "corpus {} needs Debian packages that are not installed; run: {cmd}",
             corpus.label()
         );
     }
-    tracing::info!("installing {pkgs}");
+    tracing::info!("installing {}", missing.join(" "));
     let ok = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -231,7 +254,7 @@ fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !ok || !Path::new(corpus.marker()).exists() {
+    if !ok || !missing_packages(corpus).is_empty() {
         bail!(
             "installing the packages of corpus {} failed; run as root: {cmd}",
             corpus.label()
@@ -417,7 +440,7 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
     tracing::info!("converting {} recordings to 16 kHz mono", utts.len());
     let tmp = work.join("tmp");
     std::fs::create_dir_all(&tmp)?;
-    let converted = parallel_map(&utts, |u| {
+    let converted = parallel_map("converting", &utts, |u| {
         let safe: String = u
             .key
             .chars()
@@ -495,7 +518,7 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         train.len()
     );
     let fbank = Fbank::new(FbankOptions::default());
-    let partial = parallel_map(train, |(e, ..)| {
+    let partial = parallel_map("CMVN", train, |(e, ..)| {
         let mut st = CmvnStats::new(fbank.dim());
         if let Ok(samples) =
             audio::read_model_input(&work.join("wav").join(e.wav.trim_start_matches("../wav/")))

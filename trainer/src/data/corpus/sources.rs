@@ -388,7 +388,7 @@ pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawU
             (u, args)
         })
         .collect();
-    super::parallel_map(&jobs, |(u, args)| {
+    super::parallel_map("synthesising", &jobs, |(u, args)| {
         let st = std::process::Command::new("espeak-ng")
             .args(args)
             .stderr(std::process::Stdio::null())
