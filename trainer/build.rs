@@ -13,7 +13,5 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // Relative fallback for a checkout that was moved: target/<profile>/upcycle.
-    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../../.venv/libtorch/lib");
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -1,6 +1,33 @@
-//! `upcycle-model`: the Conformer U2++ recognizer and its Mixture-of-Experts layers.
+//! `upcycle-model`: the Conformer U2++ recognizer (and, next, its Mixture-of-Experts
+//! layers), as WeNet defines it, with WeNet's parameter names so that checkpoints map
+//! one-to-one.
 //!
-//! It will own the encoder, the MoE feed-forward (router, dispatch, stacked experts),
-//! the bidirectional attention decoder, CTC, masks, decoding and the upcycling of dense
-//! weights (see `../shared/design/ARCHITECTURE.md`). It knows nothing about files,
-//! configs on disk or processes. Empty until the dense-model issue lands.
+//! | module | what |
+//! |---|---|
+//! | [`config`] | `encoder_conf`, `decoder_conf`, `model_conf` (WeNet keys) |
+//! | [`mask`] | padding, causal and (dynamic) chunk masks |
+//! | [`embedding`] | CMVN, conv2d subsampling x4/x6/x8, sinusoidal positions |
+//! | [`attention`] | multi-head and relative-position multi-head attention |
+//! | [`ffn`] | the feed-forward type every block uses (the MoE swap point) |
+//! | [`convolution`] | the Conformer convolution module |
+//! | [`encoder`] | Conformer blocks and encoder |
+//! | [`decoder`] | left-to-right and right-to-left Transformer decoders |
+//! | [`ctc`] | CTC head and loss |
+//! | [`loss`] | target preparation and label smoothing |
+//! | [`asr`] | the whole model and its loss |
+//!
+//! Nothing here reads files or knows about processes: the trainer builds a model from
+//! parsed configuration and a `tch::nn::VarStore`.
+
+pub mod activation;
+pub mod asr;
+pub mod attention;
+pub mod config;
+pub mod convolution;
+pub mod ctc;
+pub mod decoder;
+pub mod embedding;
+pub mod encoder;
+pub mod ffn;
+pub mod loss;
+pub mod mask;

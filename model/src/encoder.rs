@@ -1,0 +1,199 @@
+//! The Conformer encoder of U2++ (Gulati et al. 2020, as WeNet implements it):
+//! CMVN, convolutional subsampling, then blocks of macaron feed-forward, relative
+//! position self-attention, convolution module and feed-forward, each pre-norm.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use crate::activation::Activation;
+use crate::attention::RelPositionMultiHeadedAttention;
+use crate::config::EncoderConf;
+use crate::convolution::ConvolutionModule;
+use crate::embedding::{sinusoid, Conv2dSubsampling, GlobalCmvn};
+use crate::ffn::FeedForward;
+use crate::mask::{chunk_attention_mask, make_pad_mask, ChunkMode};
+
+/// One Conformer block (WeNet's `ConformerEncoderLayer`, pre-norm).
+#[derive(Debug)]
+pub struct ConformerEncoderLayer {
+    norm_ff_macaron: Option<nn::LayerNorm>,
+    feed_forward_macaron: Option<FeedForward>,
+    norm_mha: nn::LayerNorm,
+    self_attn: RelPositionMultiHeadedAttention,
+    norm_conv: Option<nn::LayerNorm>,
+    conv_module: Option<ConvolutionModule>,
+    norm_ff: nn::LayerNorm,
+    feed_forward: FeedForward,
+    norm_final: Option<nn::LayerNorm>,
+    dropout: f64,
+}
+
+fn layer_norm(path: &nn::Path<'_>, name: &str, d: i64) -> nn::LayerNorm {
+    nn::layer_norm(path / name, vec![d], Default::default())
+}
+
+impl ConformerEncoderLayer {
+    /// A block under `path` (e.g. `encoder.encoders.3`).
+    pub fn new(path: &nn::Path<'_>, c: &EncoderConf) -> Self {
+        let d = c.output_size;
+        let act = Activation::from_name(&c.activation_type);
+        let ffn =
+            |name: &str| FeedForward::new(&(path / name), d, c.linear_units, act, c.dropout_rate);
+        Self {
+            norm_ff_macaron: c
+                .macaron_style
+                .then(|| layer_norm(path, "norm_ff_macaron", d)),
+            feed_forward_macaron: c.macaron_style.then(|| ffn("feed_forward_macaron")),
+            norm_mha: layer_norm(path, "norm_mha", d),
+            self_attn: RelPositionMultiHeadedAttention::new(
+                &(path / "self_attn"),
+                c.attention_heads,
+                d,
+                c.attention_dropout_rate,
+            ),
+            norm_conv: c.use_cnn_module.then(|| layer_norm(path, "norm_conv", d)),
+            conv_module: c.use_cnn_module.then(|| {
+                ConvolutionModule::new(
+                    &(path / "conv_module"),
+                    d,
+                    c.cnn_module_kernel,
+                    c.causal,
+                    act,
+                )
+            }),
+            norm_ff: layer_norm(path, "norm_ff", d),
+            feed_forward: ffn("feed_forward"),
+            norm_final: c.use_cnn_module.then(|| layer_norm(path, "norm_final", d)),
+            dropout: c.dropout_rate,
+        }
+    }
+
+    /// `x` `[B, T, d]`, attention mask `[B, T or 1, T]`, padding mask `[B, 1, T]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        att_mask: &Tensor,
+        pos_emb: &Tensor,
+        mask_pad: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let ff_scale = if self.feed_forward_macaron.is_some() {
+            0.5
+        } else {
+            1.0
+        };
+        let mut x = x.shallow_clone();
+        if let (Some(norm), Some(ff)) = (&self.norm_ff_macaron, &self.feed_forward_macaron) {
+            x = &x
+                + ff.forward(&norm.forward(&x), train)
+                    .dropout(self.dropout, train)
+                    * ff_scale;
+        }
+        let att = self
+            .self_attn
+            .forward(&self.norm_mha.forward(&x), att_mask, pos_emb, train);
+        x = &x + att.dropout(self.dropout, train);
+        if let (Some(norm), Some(conv)) = (&self.norm_conv, &self.conv_module) {
+            x = &x
+                + conv
+                    .forward(&norm.forward(&x), mask_pad)
+                    .dropout(self.dropout, train);
+        }
+        x = &x
+            + self
+                .feed_forward
+                .forward(&self.norm_ff.forward(&x), train)
+                .dropout(self.dropout, train)
+                * ff_scale;
+        match &self.norm_final {
+            Some(norm) => norm.forward(&x),
+            None => x,
+        }
+    }
+}
+
+/// The whole encoder (parameters under `encoder.`).
+#[derive(Debug)]
+pub struct ConformerEncoder {
+    global_cmvn: GlobalCmvn,
+    embed: Conv2dSubsampling,
+    encoders: Vec<ConformerEncoderLayer>,
+    after_norm: nn::LayerNorm,
+    d: i64,
+    positional_dropout: f64,
+    conf: EncoderConf,
+}
+
+impl ConformerEncoder {
+    /// An encoder of `input_dim` features under `path` (normally `encoder`).
+    pub fn new(path: &nn::Path<'_>, input_dim: i64, c: &EncoderConf) -> Self {
+        let d = c.output_size;
+        Self {
+            global_cmvn: GlobalCmvn::new(&(path / "global_cmvn"), input_dim),
+            embed: Conv2dSubsampling::new(&(path / "embed"), input_dim, d, c.subsampling_rate()),
+            encoders: (0..c.num_blocks)
+                .map(|i| ConformerEncoderLayer::new(&(path / "encoders" / i), c))
+                .collect(),
+            after_norm: layer_norm(path, "after_norm", d),
+            d,
+            positional_dropout: c.positional_dropout_rate,
+            conf: c.clone(),
+        }
+    }
+
+    /// The CMVN front end (to load statistics into).
+    pub fn global_cmvn_mut(&mut self) -> &mut GlobalCmvn {
+        &mut self.global_cmvn
+    }
+
+    /// Width of the output.
+    pub fn output_size(&self) -> i64 {
+        self.d
+    }
+
+    /// Subsampling rate of the front end.
+    pub fn subsampling_rate(&self) -> i64 {
+        self.embed.rate()
+    }
+
+    /// The chunk mode training uses by the config (dynamic, static or full).
+    pub fn training_chunk_mode(&self, draw: u64, left_draw: u64) -> ChunkMode {
+        if self.conf.use_dynamic_chunk {
+            ChunkMode::Dynamic {
+                draw,
+                left_draw,
+                dynamic_left: self.conf.use_dynamic_left_chunk,
+            }
+        } else if self.conf.static_chunk_size > 0 {
+            ChunkMode::Chunk {
+                size: self.conf.static_chunk_size,
+                left_chunks: -1,
+            }
+        } else {
+            ChunkMode::Full
+        }
+    }
+
+    /// `xs` `[B, T, idim]` with lengths `[B]` to `([B, T', d], mask [B, 1, T'])`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        xs_lens: &Tensor,
+        chunk: ChunkMode,
+        train: bool,
+    ) -> (Tensor, Tensor) {
+        let t = xs.size()[1];
+        let masks = make_pad_mask(xs_lens, t).logical_not().unsqueeze(1);
+        let xs = self.global_cmvn.forward(xs);
+        let (xs, masks) = self.embed.forward(&xs, &masks);
+        let len = xs.size()[1];
+        let xs = (xs * (self.d as f64).sqrt()).dropout(self.positional_dropout, train);
+        let pos_emb = sinusoid(0, len, self.d, xs.device()).dropout(self.positional_dropout, train);
+        let att_mask = chunk_attention_mask(&masks, chunk);
+        let mut x = xs;
+        for layer in &self.encoders {
+            x = layer.forward(&x, &att_mask, &pos_emb, &masks, train);
+        }
+        (self.after_norm.forward(&x), masks)
+    }
+}
