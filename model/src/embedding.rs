@@ -93,9 +93,15 @@ impl Conv2dSubsampling {
                 6,
             ),
         };
+        // WeNet names the projection `out.0` for x4 and `linear` for x6 and x8.
+        let out_path = if rate == 4 {
+            path / "out" / 0
+        } else {
+            path / "linear"
+        };
         Self {
             convs,
-            out: nn::linear(path / "out" / 0, d * freq, d, Default::default()),
+            out: nn::linear(out_path, d * freq, d, Default::default()),
             rate,
             right_context,
             d,

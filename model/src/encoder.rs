@@ -163,6 +163,7 @@ impl ConformerEncoder {
                 draw,
                 left_draw,
                 dynamic_left: self.conf.use_dynamic_left_chunk,
+                max_chunk: 100 / self.embed.rate(),
             }
         } else if self.conf.static_chunk_size > 0 {
             ChunkMode::Chunk {

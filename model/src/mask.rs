@@ -59,18 +59,21 @@ pub enum ChunkMode {
         left_draw: u64,
         /// Whether to draw a limited left context.
         dynamic_left: bool,
+        /// Largest drawn chunk: WeNet uses `100 / subsampling rate` (25 for x4).
+        max_chunk: i64,
     },
 }
 
 impl ChunkMode {
     /// WeNet's dynamic rule for a subsampled length `max_len`: chunk uniform in
-    /// `1..max_len`; above `max_len / 2` full context, else `chunk % 25 + 1`.
+    /// `1..max_len`; above `max_len / 2` full context, else `chunk % max_chunk + 1`.
     pub fn resolve(self, max_len: i64) -> ChunkMode {
         match self {
             ChunkMode::Dynamic {
                 draw,
                 left_draw,
                 dynamic_left,
+                max_chunk,
             } => {
                 if max_len <= 1 {
                     return ChunkMode::Full;
@@ -79,7 +82,7 @@ impl ChunkMode {
                 if chunk > max_len / 2 {
                     return ChunkMode::Full;
                 }
-                let size = chunk % 25 + 1;
+                let size = chunk % max_chunk.max(1) + 1;
                 let left_chunks = if dynamic_left {
                     let max_left = (max_len - 1) / size;
                     if max_left > 0 {
@@ -158,6 +161,7 @@ mod tests {
                 draw,
                 left_draw: 0,
                 dynamic_left: false,
+                max_chunk: 25,
             }
             .resolve(100)
         };

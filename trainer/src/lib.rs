@@ -5,4 +5,6 @@
 //! issues land (see `../shared/design/ARCHITECTURE.md`).
 
 pub mod bench;
+pub mod config;
 pub mod data;
+pub mod optim;

@@ -1,0 +1,418 @@
+//! The training configuration: a WeNet `train.yaml` (its keys, so WeNet recipes load
+//! as they are) plus upcycle's own `upcycle_conf` block. Unknown keys are refused by
+//! name; WeNet keys that do not apply here are accepted and reported as ignored.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf};
+
+use crate::data::config::DatasetConf;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// YAML or a key is wrong (serde names the key and, for unknown keys, the known ones).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value parses but cannot work.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Optimizer settings (WeNet's `optim_conf`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConf {
+    /// Peak learning rate.
+    #[serde(default = "lr")]
+    pub lr: f64,
+    /// Decoupled weight decay (AdamW); 0 for Adam.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Adam's beta1, beta2.
+    #[serde(default = "betas")]
+    pub betas: (f64, f64),
+    /// Adam's epsilon.
+    #[serde(default = "eps")]
+    pub eps: f64,
+}
+
+fn lr() -> f64 {
+    1e-3
+}
+fn betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn eps() -> f64 {
+    1e-8
+}
+
+impl Default for OptimConf {
+    fn default() -> Self {
+        Self {
+            lr: lr(),
+            weight_decay: 0.0,
+            betas: betas(),
+            eps: eps(),
+        }
+    }
+}
+
+/// Learning-rate schedule settings (WeNet's `scheduler_conf`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConf {
+    /// Linear warm-up steps.
+    #[serde(default = "warmup")]
+    pub warmup_steps: u64,
+    /// Total steps for `cosine` (decays to `min_lr` there).
+    #[serde(default)]
+    pub total_steps: u64,
+    /// Floor of `cosine`.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+fn warmup() -> u64 {
+    25_000
+}
+
+impl Default for SchedulerConf {
+    fn default() -> Self {
+        Self {
+            warmup_steps: warmup(),
+            total_steps: 0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+/// upcycle's own training settings (not in WeNet's files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpcycleConf {
+    /// Seed of parameters, data order, augmentation and dynamic chunks.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop after this many optimizer steps (0: run `max_epoch` epochs).
+    #[serde(default)]
+    pub max_steps: u64,
+    /// Stop after this many minutes of training (0: no limit); checked between steps.
+    #[serde(default)]
+    pub max_minutes: f64,
+    /// Evaluate on the dev set (loss, CTC greedy CER) every this many steps (0: each epoch).
+    #[serde(default)]
+    pub eval_interval: u64,
+    /// Utterances of the dev set used for evaluation during training (0: all).
+    #[serde(default)]
+    pub eval_utterances: usize,
+    /// Stop when this many steps in a row have a non-finite loss.
+    #[serde(default = "max_nonfinite")]
+    pub max_nonfinite_steps: u32,
+    /// libtorch intra-op threads (0: libtorch's default).
+    #[serde(default)]
+    pub threads: i32,
+}
+
+fn max_nonfinite() -> u32 {
+    20
+}
+
+impl Default for UpcycleConf {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            max_steps: 0,
+            max_minutes: 0.0,
+            eval_interval: 0,
+            eval_utterances: 0,
+            max_nonfinite_steps: max_nonfinite(),
+            threads: 0,
+        }
+    }
+}
+
+/// A whole training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Feature dimension.
+    #[serde(default = "input_dim")]
+    pub input_dim: i64,
+    /// Only `conformer`.
+    #[serde(default = "conformer")]
+    pub encoder: String,
+    /// Encoder settings.
+    #[serde(default)]
+    pub encoder_conf: EncoderConf,
+    /// `bitransformer` or `transformer`.
+    #[serde(default = "bitransformer")]
+    pub decoder: String,
+    /// Decoder settings.
+    #[serde(default)]
+    pub decoder_conf: DecoderConf,
+    /// Only `asr_model`.
+    #[serde(default = "asr_model")]
+    pub model: String,
+    /// Loss settings.
+    #[serde(default)]
+    pub model_conf: ModelConf,
+    /// Data pipeline settings.
+    #[serde(default)]
+    pub dataset_conf: DatasetConf,
+    /// `adam` or `adamw`.
+    #[serde(default = "adam")]
+    pub optim: String,
+    /// Optimizer settings.
+    #[serde(default)]
+    pub optim_conf: OptimConf,
+    /// `warmuplr` (WeNet's Noam-style inverse square root) or `cosine`.
+    #[serde(default = "warmuplr")]
+    pub scheduler: String,
+    /// Schedule settings.
+    #[serde(default)]
+    pub scheduler_conf: SchedulerConf,
+    /// Clip the global gradient norm to this.
+    #[serde(default = "grad_clip")]
+    pub grad_clip: f64,
+    /// Batches per optimizer step.
+    #[serde(default = "one")]
+    pub accum_grad: u64,
+    /// Epochs (when `upcycle_conf.max_steps` is 0).
+    #[serde(default = "max_epoch")]
+    pub max_epoch: u64,
+    /// Steps between metric lines.
+    #[serde(default = "log_interval")]
+    pub log_interval: u64,
+    /// upcycle's own settings.
+    #[serde(default)]
+    pub upcycle_conf: UpcycleConf,
+
+    // WeNet keys that carry no meaning here (set from the data or fixed); accepted so
+    // that WeNet's own train.yaml files load.
+    #[serde(default, skip_serializing)]
+    output_dim: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    vocab_size: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    cmvn: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    cmvn_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    tokenizer: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    tokenizer_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    ctc: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    ctc_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    dataset: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    train_engine: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    use_amp: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    dtype: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    model_dir: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    save_states: Option<serde_yaml::Value>,
+}
+
+fn input_dim() -> i64 {
+    80
+}
+fn conformer() -> String {
+    "conformer".into()
+}
+fn bitransformer() -> String {
+    "bitransformer".into()
+}
+fn asr_model() -> String {
+    "asr_model".into()
+}
+fn adam() -> String {
+    "adam".into()
+}
+fn warmuplr() -> String {
+    "warmuplr".into()
+}
+fn grad_clip() -> f64 {
+    5.0
+}
+fn one() -> u64 {
+    1
+}
+fn max_epoch() -> u64 {
+    100
+}
+fn log_interval() -> u64 {
+    100
+}
+
+impl TrainConfig {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let c = Self::parse(&text).map_err(|message| ConfigError::Parse { path: p, message })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parses YAML text (no validation).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// WeNet keys present in the file that upcycle ignores.
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let keys = [
+            ("output_dim", self.output_dim.is_some()),
+            ("vocab_size", self.vocab_size.is_some()),
+            ("cmvn", self.cmvn.is_some()),
+            ("cmvn_conf", self.cmvn_conf.is_some()),
+            ("tokenizer", self.tokenizer.is_some()),
+            ("tokenizer_conf", self.tokenizer_conf.is_some()),
+            ("ctc", self.ctc.is_some()),
+            ("ctc_conf", self.ctc_conf.is_some()),
+            ("dataset", self.dataset.is_some()),
+            ("train_engine", self.train_engine.is_some()),
+            ("use_amp", self.use_amp.is_some()),
+            ("dtype", self.dtype.is_some()),
+            ("model_dir", self.model_dir.is_some()),
+            ("save_states", self.save_states.is_some()),
+        ];
+        for (k, present) in keys {
+            if present {
+                v.push(k);
+            }
+        }
+        v
+    }
+
+    /// Checks values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.encoder != "conformer" {
+            return bad(format!(
+                "encoder: {:?} is not supported (supported: conformer)",
+                self.encoder
+            ));
+        }
+        if self.decoder != "bitransformer" && self.decoder != "transformer" {
+            return bad(format!(
+                "decoder: {:?} is not supported (supported: bitransformer, transformer)",
+                self.decoder
+            ));
+        }
+        if self.decoder == "transformer" && self.decoder_conf.r_num_blocks > 0 {
+            return bad("decoder_conf.r_num_blocks needs decoder: bitransformer".into());
+        }
+        if self.model != "asr_model" {
+            return bad(format!(
+                "model: {:?} is not supported (supported: asr_model)",
+                self.model
+            ));
+        }
+        if self.optim != "adam" && self.optim != "adamw" {
+            return bad(format!(
+                "optim: {:?} is not supported (supported: adam, adamw)",
+                self.optim
+            ));
+        }
+        if self.scheduler != "warmuplr" && self.scheduler != "cosine" {
+            return bad(format!(
+                "scheduler: {:?} is not supported (supported: warmuplr, cosine)",
+                self.scheduler
+            ));
+        }
+        if self.scheduler == "cosine" && self.scheduler_conf.total_steps == 0 {
+            return bad("scheduler_conf.total_steps must be set for scheduler: cosine".into());
+        }
+        if self.accum_grad == 0 {
+            return bad("accum_grad must be at least 1".into());
+        }
+        if self.grad_clip <= 0.0 || !self.grad_clip.is_finite() {
+            return bad("grad_clip must be positive".into());
+        }
+        if self.input_dim != self.dataset_conf.fbank_conf.num_mel_bins as i64 {
+            return bad(format!(
+                "input_dim ({}) differs from dataset_conf.fbank_conf.num_mel_bins ({})",
+                self.input_dim, self.dataset_conf.fbank_conf.num_mel_bins
+            ));
+        }
+        self.encoder_conf.validate().map_err(ConfigError::Invalid)?;
+        self.decoder_conf
+            .validate(self.encoder_conf.output_size)
+            .map_err(ConfigError::Invalid)?;
+        self.model_conf.validate().map_err(ConfigError::Invalid)?;
+        if self.model_conf.reverse_weight > 0.0 && self.decoder_conf.r_num_blocks == 0 {
+            return bad("model_conf.reverse_weight > 0 needs decoder_conf.r_num_blocks > 0".into());
+        }
+        self.dataset_conf.validate().map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        for name in ["tiny.yaml"] {
+            let c = TrainConfig::load(&configs().join(name)).unwrap();
+            assert_eq!(c.encoder, "conformer");
+        }
+    }
+
+    #[test]
+    fn unknown_and_unsupported_keys_are_named() {
+        let e = TrainConfig::parse("encoder_conf: {output_size: 32, num_block: 2}").unwrap_err();
+        assert!(e.contains("num_block"), "{e}");
+        let e = TrainConfig::parse("optim_confs: {}").unwrap_err();
+        assert!(e.contains("optim_confs"), "{e}");
+        let c = TrainConfig::parse("encoder_conf: {input_layer: conv3d}").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("encoder_conf.input_layer") && e.contains("conv3d"),
+            "{e}"
+        );
+        let c = TrainConfig::parse(
+            "model_conf: {reverse_weight: 0.3}\ndecoder_conf: {r_num_blocks: 0}",
+        )
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("r_num_blocks"));
+        let c = TrainConfig::parse("cmvn: global_cmvn\ntrain_engine: torch_ddp").unwrap();
+        assert_eq!(c.ignored_keys(), vec!["cmvn", "train_engine"]);
+    }
+}
