@@ -15,6 +15,7 @@
 //! | [`ctc`] | CTC head and loss |
 //! | [`loss`] | target preparation and label smoothing |
 //! | [`asr`] | the whole model and its loss |
+//! | [`search`] | CTC greedy and prefix beam search, attention rescoring |
 //!
 //! Nothing here reads files or knows about processes: the trainer builds a model from
 //! parsed configuration and a `tch::nn::VarStore`.
@@ -31,3 +32,4 @@ pub mod encoder;
 pub mod ffn;
 pub mod loss;
 pub mod mask;
+pub mod search;

@@ -127,6 +127,13 @@ pub struct UpcycleConf {
     /// libtorch intra-op threads (0: libtorch's default).
     #[serde(default)]
     pub threads: i32,
+    /// Checkpoints kept besides the best one (the newest ones).
+    #[serde(default = "keep_checkpoints")]
+    pub keep_checkpoints: usize,
+}
+
+fn keep_checkpoints() -> usize {
+    3
 }
 
 fn max_nonfinite() -> u32 {
@@ -143,6 +150,7 @@ impl Default for UpcycleConf {
             eval_utterances: 0,
             max_nonfinite_steps: max_nonfinite(),
             threads: 0,
+            keep_checkpoints: keep_checkpoints(),
         }
     }
 }

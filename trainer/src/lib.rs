@@ -1,10 +1,21 @@
 //! `upcycle-trainer`: everything around the model that a training run needs.
 //!
-//! Today: the speech data pipeline ([`data`]) and the benchmarks that time it
-//! ([`bench`]). Training, evaluation, checkpoints and the conversion tool join as their
-//! issues land (see `../shared/design/ARCHITECTURE.md`).
+//! | module | what |
+//! |---|---|
+//! | [`config`] | the training configuration (WeNet `train.yaml` keys + `upcycle_conf`) |
+//! | [`data`] | the speech data pipeline |
+//! | [`optim`] | AdamW with saveable state, clipping, schedules |
+//! | [`train`] | the training loop |
+//! | [`checkpoint`] | checkpoint directories (single-file for now) |
+//! | [`eval`] | decoding, CER/WER, RTF; transcription |
+//! | [`scoring`] | edit distance and error rates |
+//! | [`bench`] | benchmarks of the Rust side |
 
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod optim;
+pub mod scoring;
+pub mod train;

@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use upcycle_trainer::data::{audio, config::DatasetConf, corpus, fbank, loader, npy, text::Units};
+use upcycle_trainer::eval::{self, DecodeOptions, Method};
+use upcycle_trainer::train::{self, TrainOptions};
 
 /// Train Mixture-of-Experts speech recognizers upcycled from dense checkpoints.
 #[derive(Parser)]
@@ -22,9 +24,122 @@ enum Command {
     /// Prepare and inspect speech data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train a model on a prepared dataset.
+    Train(TrainArgs),
+    /// Decode a data set with every method and chunk setting; print and write CER/WER and RTF.
+    Eval(EvalArgs),
+    /// Transcribe audio files.
+    Transcribe(TranscribeArgs),
     /// Time parts of the pipeline (see bench/ for side-by-side runs with the peers).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Training configuration (WeNet train.yaml keys; see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Dataset directory from `upcycle data prepare`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory (metrics.jsonl, checkpoints/, train.yaml).
+    #[arg(long)]
+    out: PathBuf,
+    /// Stop after this many optimizer steps (overrides upcycle_conf.max_steps).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Stop after this many minutes (overrides upcycle_conf.max_minutes).
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// cpu, cuda, or auto (a GPU when there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// Decoding methods (default: all three).
+    #[arg(long = "mode", value_enum)]
+    modes: Vec<Method>,
+    /// Chunk sizes after subsampling; 0 is full context (default: 0 and 16).
+    #[arg(long = "chunk")]
+    chunks: Vec<i64>,
+    /// Left chunks visible in chunked decoding (-1: all).
+    #[arg(long, default_value_t = -1)]
+    left_chunks: i64,
+    /// Beam of the CTC prefix search.
+    #[arg(long, default_value_t = 10)]
+    beam: usize,
+    /// CTC weight in attention rescoring.
+    #[arg(long, default_value_t = 0.3)]
+    ctc_weight: f64,
+    /// Right-to-left decoder weight in attention rescoring (default: the model's reverse_weight).
+    #[arg(long)]
+    reverse_weight: Option<f64>,
+    /// cpu, cuda, or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory, or a training output directory (its best checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A split folder with data.list (e.g. DATA/test), or the list.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where hypotheses and reports go (default: CHECKPOINT/eval-<split>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    decode: DecodeArgs,
+}
+
+#[derive(Args)]
+struct TranscribeArgs {
+    /// A checkpoint directory, or a training output directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Audio files (WAV, any rate).
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    decode: DecodeArgs,
+}
+
+fn device(name: &str) -> Result<tch::Device> {
+    match name {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible to libtorch");
+            Ok(tch::Device::Cuda(0))
+        }
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        other => anyhow::bail!("--device {other:?}: expected cpu, cuda or auto"),
+    }
+}
+
+impl DecodeArgs {
+    fn options(&self, default_reverse: f64) -> Result<DecodeOptions> {
+        Ok(DecodeOptions {
+            methods: if self.modes.is_empty() { Method::ALL.to_vec() } else { self.modes.clone() },
+            chunks: if self.chunks.is_empty() { vec![0, 16] } else { self.chunks.clone() },
+            left_chunks: self.left_chunks,
+            beam: self.beam,
+            ctc_weight: self.ctc_weight,
+            reverse_weight: self.reverse_weight.unwrap_or(default_reverse),
+            device: device(&self.device)?,
+        })
+    }
+}
+
+/// The reverse weight a checkpoint was trained with (for attention rescoring).
+fn trained_reverse_weight(checkpoint: &Path) -> f64 {
+    upcycle_trainer::checkpoint::resolve(checkpoint)
+        .ok()
+        .and_then(|d| upcycle_trainer::config::TrainConfig::load(&d.join("train.yaml")).ok())
+        .map_or(0.0, |c| c.model_conf.reverse_weight)
 }
 
 #[derive(Subcommand)]
@@ -150,6 +265,45 @@ fn run(cli: Cli) -> Result<()> {
             println!("{frames} x {} -> {}", fb.dim(), out.display());
         }
         Command::Data(DataCommand::Check(a)) => check(a)?,
+        Command::Train(a) => {
+            let report = train::train(&TrainOptions {
+                config: a.config,
+                data: a.data,
+                out: a.out.clone(),
+                max_steps: a.max_steps,
+                max_minutes: a.max_minutes,
+                device: device(&a.device)?,
+            })?;
+            println!(
+                "trained {} steps in {:.1} min; dev CER (CTC greedy) last {} best {}; checkpoint {}",
+                report.steps,
+                report.seconds / 60.0,
+                report.dev_cer.map_or("-".into(), |c| format!("{c:.2}%")),
+                report.best_dev_cer.map_or("-".into(), |c| format!("{c:.2}%")),
+                report.last_checkpoint.display()
+            );
+        }
+        Command::Eval(a) => {
+            let opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;
+            let dir = upcycle_trainer::checkpoint::resolve(&a.checkpoint)?;
+            let split = a.data.file_name().map_or("data".into(), |n| n.to_string_lossy().to_string());
+            let out = a.out.unwrap_or_else(|| dir.join(format!("eval-{split}")));
+            let results = eval::evaluate(&a.checkpoint, &a.data, &out, &opts)?;
+            print!("{}", eval::table(&results));
+            println!("hypotheses and per-utterance report: {}", out.display());
+        }
+        Command::Transcribe(a) => {
+            let mut opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;
+            if a.decode.modes.is_empty() {
+                opts.methods = vec![Method::AttentionRescoring];
+            }
+            if a.decode.chunks.is_empty() {
+                opts.chunks = vec![0];
+            }
+            for (file, text) in eval::transcribe(&a.checkpoint, &a.files, &opts)? {
+                println!("{}\t{text}", file.display());
+            }
+        }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {
             let timing = upcycle_trainer::bench::fbank(&files, repeat)?;
             println!("{}", serde_json::to_string(&timing)?);

@@ -1,0 +1,312 @@
+//! The training loop (single process): data, model, AdamW, schedule, gradient
+//! accumulation and clipping, dynamic chunks, non-finite loss handling, metrics,
+//! periodic dev evaluation and checkpoints.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use tch::{nn, Device, Kind};
+use upcycle_model::asr::AsrModel;
+use upcycle_model::mask::ChunkMode;
+use upcycle_model::search::ctc_greedy;
+
+use crate::checkpoint::{self, SaveRequest, TrainState};
+use crate::config::TrainConfig;
+use crate::data::cmvn::CmvnStats;
+use crate::data::loader::{Batch, DataLoader, Mode, Shard};
+use crate::data::text::Units;
+use crate::optim::{AdamW, Schedule};
+use crate::scoring::ErrorRate;
+
+/// What `upcycle train` was asked to do.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The config file.
+    pub config: PathBuf,
+    /// Dataset directory (from `data prepare`).
+    pub data: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Overrides `upcycle_conf.max_steps`.
+    pub max_steps: Option<u64>,
+    /// Overrides `upcycle_conf.max_minutes`.
+    pub max_minutes: Option<f64>,
+    /// Device to train on.
+    pub device: Device,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Last dev CER (CTC greedy), percent.
+    pub dev_cer: Option<f64>,
+    /// Best dev CER, percent.
+    pub best_dev_cer: Option<f64>,
+    /// Wall seconds of training.
+    pub seconds: f64,
+    /// The last checkpoint written.
+    pub last_checkpoint: PathBuf,
+}
+
+/// Peak resident memory of this process in MiB (Linux), for the metrics.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Dev-set loss and CTC greedy CER.
+fn evaluate(model: &AsrModel, loader: &DataLoader, units: &Units, device: Device, limit: usize) -> Result<(f64, ErrorRate)> {
+    let mut loss_sum = 0.0;
+    let mut utts = 0usize;
+    let mut er = ErrorRate::default();
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader.epoch(0)? {
+            let b = batch?;
+            let l = model.forward(
+                &b.feats.to_device(device),
+                &b.feats_lengths.to_device(device),
+                &b.target.to_device(device),
+                &b.target_lengths.to_device(device),
+                ChunkMode::Full,
+                false,
+            );
+            let n = b.len();
+            loss_sum += l.loss.double_value(&[]) * n as f64;
+            utts += n;
+            let hlens = l.encoder_out.1.squeeze_dim(1).sum_dim_intlist(-1, false, Kind::Int64);
+            let hyps = ctc_greedy(&l.ctc_log_probs, &hlens);
+            let targets = Vec::<i64>::try_from(b.target.flatten(0, -1))?;
+            let width = b.target.size()[1] as usize;
+            for (i, h) in hyps.iter().enumerate() {
+                let reference: Vec<i64> = targets[i * width..(i + 1) * width].iter().copied().filter(|&t| t >= 0).collect();
+                er.add(&units.decode(&reference), &units.decode(&h.tokens));
+            }
+            if limit > 0 && utts >= limit {
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((loss_sum / utts.max(1) as f64, er))
+}
+
+fn to_device(b: &Batch, d: Device) -> [tch::Tensor; 4] {
+    [
+        b.feats.to_device(d),
+        b.feats_lengths.to_device(d),
+        b.target.to_device(d),
+        b.target_lengths.to_device(d),
+    ]
+}
+
+/// Trains until `max_steps`, `max_minutes` or `max_epoch`, whichever comes first.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let mut config = TrainConfig::load(&opts.config)?;
+    if let Some(s) = opts.max_steps {
+        config.upcycle_conf.max_steps = s;
+    }
+    if let Some(m) = opts.max_minutes {
+        config.upcycle_conf.max_minutes = m;
+    }
+    config.validate()?;
+    for k in config.ignored_keys() {
+        tracing::info!("config key {k} is WeNet's and has no effect here");
+    }
+    let uc = config.upcycle_conf.clone();
+    if uc.threads > 0 {
+        tch::set_num_threads(uc.threads);
+    }
+    let train_list = opts.data.join("train/data.list");
+    let dev_list = opts.data.join("dev/data.list");
+    for p in [&train_list, &dev_list] {
+        if !p.is_file() {
+            bail!("{} is missing: --data must be a dataset from `upcycle data prepare`", p.display());
+        }
+    }
+    let units = Arc::new(Units::load(&opts.data.join("units.txt"))?);
+    let cmvn = CmvnStats::load(&opts.data.join("global_cmvn"))?;
+    if cmvn.mean_stat.len() as i64 != config.input_dim {
+        bail!(
+            "{}: CMVN has {} dimensions, the config's input_dim is {}",
+            opts.data.join("global_cmvn").display(),
+            cmvn.mean_stat.len(),
+            config.input_dim
+        );
+    }
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(&config)?)?;
+
+    tch::manual_seed(uc.seed as i64);
+    let vs = nn::VarStore::new(opts.device);
+    let vocab = units.len() as i64;
+    let mut model = AsrModel::new(&vs.root(), config.input_dim, vocab, &config.encoder_conf, &config.decoder_conf, &config.model_conf)?;
+    let (mean, istd) = cmvn.mean_istd();
+    model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+    let n_params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    tracing::info!(params = n_params, vocab, device = ?opts.device, "model built");
+
+    let mut opt_conf = config.optim_conf.clone();
+    if config.optim == "adam" {
+        opt_conf.weight_decay = 0.0;
+    }
+    let mut opt = AdamW::new(opt_conf, vs.variables().into_iter().collect());
+    let schedule = Schedule::new(&config.scheduler, config.optim_conf.lr, &config.scheduler_conf);
+    let train_loader = DataLoader::new(&train_list, units.clone(), config.dataset_conf.clone(), Mode::Train, Shard::SINGLE, uc.seed)?;
+    let dev_loader = DataLoader::new(&dev_list, units.clone(), config.dataset_conf.clone(), Mode::Eval, Shard::SINGLE, uc.seed)?;
+    let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(config.accum_grad);
+    let total_steps = if uc.max_steps > 0 { uc.max_steps } else { steps_per_epoch * config.max_epoch };
+    let eval_interval = if uc.eval_interval > 0 { uc.eval_interval } else { steps_per_epoch.max(1) };
+
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("metrics.jsonl"))?,
+    );
+    let bar = indicatif::ProgressBar::new(total_steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    let ckpt_root = opts.out.join("checkpoints");
+    let mut state = TrainState::default();
+    let mut chunk_rng = ChaCha8Rng::seed_from_u64(uc.seed ^ 0xC4_0C4);
+    let started = Instant::now();
+    let mut window = Instant::now();
+    let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) = (0usize, 0.0, 0.0, 0.0, 0u64);
+    let mut micro = 0u64;
+    let mut nonfinite_run = 0u32;
+    let mut skipped_total = 0u64;
+    let mut last_ckpt = PathBuf::new();
+    let mut last_dev_cer = None;
+    let out_of_time = |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
+
+    'epochs: for epoch in 0..config.max_epoch.max(1) {
+        state.epoch = epoch;
+        bar.set_prefix(format!("epoch {epoch}"));
+        for batch in train_loader.epoch(epoch)? {
+            let b = batch?;
+            let [feats, lens, target, tlens] = to_device(&b, opts.device);
+            let chunk = model.encoder().training_chunk_mode(chunk_rng.random(), chunk_rng.random());
+            let l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
+            let loss = l.loss.double_value(&[]);
+            if !loss.is_finite() {
+                nonfinite_run += 1;
+                skipped_total += 1;
+                tracing::warn!(step = state.step, keys = ?b.keys, "non-finite loss {loss}; batch skipped");
+                if nonfinite_run >= uc.max_nonfinite_steps {
+                    bar.abandon();
+                    bail!(
+                        "{nonfinite_run} batches in a row had a non-finite loss (upcycle_conf.max_nonfinite_steps); \
+                         stopping. Lower optim_conf.lr or raise scheduler_conf.warmup_steps; the last checkpoint is {}",
+                        last_ckpt.display()
+                    );
+                }
+                continue;
+            }
+            nonfinite_run = 0;
+            (&l.loss / config.accum_grad as f64).backward();
+            micro += 1;
+            win_frames += b.num_frames;
+            win_loss += loss;
+            win_ctc += l.ctc.double_value(&[]);
+            win_att += l.att.double_value(&[]);
+            win_n += 1;
+            if micro % config.accum_grad != 0 {
+                continue;
+            }
+            let grad_norm = opt.clip_grad_norm(config.grad_clip);
+            let lr = schedule.lr(state.step);
+            if grad_norm.is_finite() {
+                opt.step(lr);
+            } else {
+                skipped_total += 1;
+                tracing::warn!(step = state.step, "non-finite gradient norm; update skipped");
+            }
+            opt.zero_grad();
+            state.step += 1;
+            bar.inc(1);
+
+            if state.step % config.log_interval.max(1) == 0 || state.step == total_steps {
+                let secs = window.elapsed().as_secs_f64();
+                let fps = win_frames as f64 / secs.max(1e-9);
+                let n = win_n.max(1) as f64;
+                let line = json!({
+                    "step": state.step, "epoch": epoch, "loss": win_loss / n, "loss_ctc": win_ctc / n,
+                    "loss_att": win_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
+                    "peak_rss_mib": peak_rss_mib(), "skipped": skipped_total,
+                    "elapsed_s": started.elapsed().as_secs_f64(),
+                });
+                writeln!(metrics, "{line}")?;
+                metrics.flush()?;
+                bar.set_message(format!("loss {:.2} lr {lr:.2e} {fps:.0} frames/s", win_loss / n));
+                (win_frames, win_loss, win_ctc, win_att, win_n) = (0, 0.0, 0.0, 0.0, 0);
+                window = Instant::now();
+            }
+            let done = state.step >= total_steps || out_of_time(&started);
+            if state.step % eval_interval == 0 || done {
+                let (dev_loss, er) = evaluate(&model, &dev_loader, &units, opts.device, uc.eval_utterances)?;
+                let cer = er.cer();
+                // Ties go to the newer checkpoint.
+                let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);
+                if is_best {
+                    state.best_dev_cer = Some(cer);
+                }
+                state.dev_cer = Some(cer);
+                last_dev_cer = Some(cer);
+                state.train_seconds = started.elapsed().as_secs_f64();
+                writeln!(
+                    metrics,
+                    "{}",
+                    json!({"step": state.step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
+                           "dev_wer": er.wer(), "elapsed_s": state.train_seconds})
+                )?;
+                metrics.flush()?;
+                bar.println(format!(
+                    "step {:>6}  dev loss {dev_loss:.3}  dev CER {cer:.2}% (CTC greedy){}",
+                    state.step,
+                    if is_best { "  best" } else { "" }
+                ));
+                last_ckpt = checkpoint::save(
+                    &ckpt_root,
+                    &vs,
+                    SaveRequest {
+                        config: &config,
+                        state: &state,
+                        units: &units,
+                        cmvn: &cmvn,
+                        optimizer: opt.state(),
+                        is_best,
+                    },
+                )?;
+                checkpoint::prune(&ckpt_root, uc.keep_checkpoints)?;
+                window = Instant::now();
+            }
+            if done {
+                break 'epochs;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(TrainReport {
+        steps: state.step,
+        dev_cer: last_dev_cer,
+        best_dev_cer: state.best_dev_cer,
+        seconds: started.elapsed().as_secs_f64(),
+        last_checkpoint: last_ckpt,
+    })
+}
