@@ -26,7 +26,11 @@ pub fn ctc_greedy(log_probs: &Tensor, lens: &Tensor) -> Vec<Hypothesis> {
         .map(|i| {
             let n = lens[i as usize];
             let ids = Vec::<i64>::try_from(idx.get(i).narrow(0, 0, n)).expect("ids");
-            let score = best.get(i).narrow(0, 0, n).sum(Kind::Double).double_value(&[]);
+            let score = best
+                .get(i)
+                .narrow(0, 0, n)
+                .sum(Kind::Double)
+                .double_value(&[]);
             let mut tokens = Vec::new();
             let mut prev = -1;
             for id in ids {
@@ -55,7 +59,8 @@ fn log_add(a: f64, b: f64) -> f64 {
 /// `beam` best label sequences with their total CTC log-probability.
 pub fn ctc_prefix_beam_search(log_probs: &Tensor, beam: usize) -> Vec<Hypothesis> {
     let (t, v) = log_probs.size2().expect("[T, V]");
-    let lp: Vec<f32> = Vec::<f32>::try_from(log_probs.to_kind(Kind::Float).contiguous().view([-1])).expect("floats");
+    let lp: Vec<f32> = Vec::<f32>::try_from(log_probs.to_kind(Kind::Float).contiguous().view([-1]))
+        .expect("floats");
     // prefix -> (log p ending in blank, log p ending in non-blank)
     let mut beams: Vec<(Vec<i64>, (f64, f64))> = vec![(Vec::new(), (0.0, f64::NEG_INFINITY))];
     let k = beam.min(v as usize);
@@ -70,21 +75,29 @@ pub fn ctc_prefix_beam_search(log_probs: &Tensor, beam: usize) -> Vec<Hypothesis
             for (prefix, (pb, pnb)) in &beams {
                 let last = prefix.last().copied();
                 if u == 0 {
-                    let e = next.entry(prefix.clone()).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
+                    let e = next
+                        .entry(prefix.clone())
+                        .or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
                     e.0 = log_add(e.0, log_add(*pb, *pnb) + p);
                 } else if Some(u as i64) == last {
                     // Repeat without blank: stays the same prefix...
-                    let e = next.entry(prefix.clone()).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
+                    let e = next
+                        .entry(prefix.clone())
+                        .or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
                     e.1 = log_add(e.1, pnb + p);
                     // ...or, after a blank, extends it.
                     let mut ext = prefix.clone();
                     ext.push(u as i64);
-                    let e = next.entry(ext).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
+                    let e = next
+                        .entry(ext)
+                        .or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
                     e.1 = log_add(e.1, pb + p);
                 } else {
                     let mut ext = prefix.clone();
                     ext.push(u as i64);
-                    let e = next.entry(ext).or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
+                    let e = next
+                        .entry(ext)
+                        .or_insert((f64::NEG_INFINITY, f64::NEG_INFINITY));
                     e.1 = log_add(e.1, log_add(*pb, *pnb) + p);
                 }
             }
@@ -100,7 +113,10 @@ pub fn ctc_prefix_beam_search(log_probs: &Tensor, beam: usize) -> Vec<Hypothesis
     }
     beams
         .into_iter()
-        .map(|(tokens, (pb, pnb))| Hypothesis { tokens, score: log_add(pb, pnb) })
+        .map(|(tokens, (pb, pnb))| Hypothesis {
+            tokens,
+            score: log_add(pb, pnb),
+        })
         .collect()
 }
 
@@ -115,7 +131,10 @@ pub fn attention_rescoring(
     reverse_weight: f64,
 ) -> Hypothesis {
     if hyps.is_empty() {
-        return Hypothesis { tokens: Vec::new(), score: f64::NEG_INFINITY };
+        return Hypothesis {
+            tokens: Vec::new(),
+            score: f64::NEG_INFINITY,
+        };
     }
     let dev = encoder_out.device();
     let n = hyps.len() as i64;
@@ -135,22 +154,29 @@ pub fn attention_rescoring(
     let lens_t = Tensor::from_slice(&lens).to_device(dev);
     let memory = encoder_out.expand([n, -1, -1], false);
     let mask = Tensor::ones([n, 1, encoder_out.size()[1]], (Kind::Bool, dev));
-    let score = |decoder: &crate::decoder::TransformerDecoder, ys: &[i64], reversed: bool| -> Vec<f64> {
-        let ys_in = Tensor::from_slice(ys).view([n, max_len + 1]).to_device(dev);
-        let logp = decoder.forward(&memory, &mask, &ys_in, &lens_t, false).log_softmax(-1, Kind::Float);
-        hyps.iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let row = logp.get(i as i64);
-                let mut s = 0.0;
-                for j in 0..h.tokens.len() {
-                    let tok = if reversed { h.tokens[h.tokens.len() - 1 - j] } else { h.tokens[j] };
-                    s += row.double_value(&[j as i64, tok]);
-                }
-                s + row.double_value(&[h.tokens.len() as i64, eos])
-            })
-            .collect()
-    };
+    let score =
+        |decoder: &crate::decoder::TransformerDecoder, ys: &[i64], reversed: bool| -> Vec<f64> {
+            let ys_in = Tensor::from_slice(ys).view([n, max_len + 1]).to_device(dev);
+            let logp = decoder
+                .forward(&memory, &mask, &ys_in, &lens_t, false)
+                .log_softmax(-1, Kind::Float);
+            hyps.iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let row = logp.get(i as i64);
+                    let mut s = 0.0;
+                    for j in 0..h.tokens.len() {
+                        let tok = if reversed {
+                            h.tokens[h.tokens.len() - 1 - j]
+                        } else {
+                            h.tokens[j]
+                        };
+                        s += row.double_value(&[j as i64, tok]);
+                    }
+                    s + row.double_value(&[h.tokens.len() as i64, eos])
+                })
+                .collect()
+        };
     let fwd = score(model.decoder().left(), &l2r, false);
     let bwd = match model.decoder().right().filter(|_| reverse_weight > 0.0) {
         Some(right) => score(right, &r2l, true),
@@ -179,7 +205,13 @@ mod tests {
 
     #[test]
     fn greedy_collapses_repeats_and_drops_blanks() {
-        let x = lp(&[&[0.1, 0.8, 0.1], &[0.1, 0.8, 0.1], &[0.8, 0.1, 0.1], &[0.1, 0.8, 0.1], &[0.1, 0.1, 0.8]]);
+        let x = lp(&[
+            &[0.1, 0.8, 0.1],
+            &[0.1, 0.8, 0.1],
+            &[0.8, 0.1, 0.1],
+            &[0.1, 0.8, 0.1],
+            &[0.1, 0.1, 0.8],
+        ]);
         let h = ctc_greedy(&x.unsqueeze(0), &Tensor::from_slice(&[5i64]));
         assert_eq!(h[0].tokens, vec![1, 1, 2]);
         // Length limits the frames read.

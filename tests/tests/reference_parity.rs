@@ -28,15 +28,29 @@ fn reference(config: &Path, out: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<S
         .arg(root().join("bench/reference/parity.py"))
         .arg("--config")
         .arg(config)
-        .args(["--vocab", &VOCAB.to_string(), "--seed", "0", "--quiet", "--out"])
+        .args([
+            "--vocab",
+            &VOCAB.to_string(),
+            "--seed",
+            "0",
+            "--quiet",
+            "--out",
+        ])
         .arg(out)
         .arg("--wav")
         .args(WAVS)
         .output()
         .expect("the project's Python environment exists (scripts/setup.sh)");
-    assert!(o.status.success(), "parity.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "parity.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let read = |name: &str| -> BTreeMap<String, Tensor> {
-        Tensor::read_safetensors(out.join(name)).unwrap().into_iter().collect()
+        Tensor::read_safetensors(out.join(name))
+            .unwrap()
+            .into_iter()
+            .collect()
     };
     (read("weights.safetensors"), read("io.safetensors"))
 }
@@ -52,7 +66,10 @@ fn excess(a: &Tensor, b: &Tensor, rtol: f64) -> f64 {
 fn check(what: &str, ours: &Tensor, want: &Tensor, worst: &mut f64) {
     let e = excess(ours, want, 1e-5);
     *worst = worst.max(e);
-    assert!(e <= 1e-5, "{what}: differs from the PyTorch reference by {e:.3e}");
+    assert!(
+        e <= 1e-5,
+        "{what}: differs from the PyTorch reference by {e:.3e}"
+    );
 }
 
 fn parity(config_text: &str, label: &str) {
@@ -63,7 +80,15 @@ fn parity(config_text: &str, label: &str) {
     let c = TrainConfig::load(&config).unwrap();
 
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = AsrModel::new(&vs.root(), c.input_dim, VOCAB, &c.encoder_conf, &c.decoder_conf, &c.model_conf).unwrap();
+    let model = AsrModel::new(
+        &vs.root(),
+        c.input_dim,
+        VOCAB,
+        &c.encoder_conf,
+        &c.decoder_conf,
+        &c.model_conf,
+    )
+    .unwrap();
     // The parameter names are WeNet's, exactly: both sets are equal.
     let ours: BTreeSet<String> = vs.variables().keys().cloned().collect();
     let theirs: BTreeSet<String> = weights.keys().cloned().collect();
@@ -85,17 +110,54 @@ fn parity(config_text: &str, label: &str) {
     let mut worst = 0f64;
     for (mode, chunk) in [
         ("full", ChunkMode::Full),
-        ("chunk4", ChunkMode::Chunk { size: 4, left_chunks: -1 }),
-        ("chunk4left1", ChunkMode::Chunk { size: 4, left_chunks: 1 }),
+        (
+            "chunk4",
+            ChunkMode::Chunk {
+                size: 4,
+                left_chunks: -1,
+            },
+        ),
+        (
+            "chunk4left1",
+            ChunkMode::Chunk {
+                size: 4,
+                left_chunks: 1,
+            },
+        ),
     ] {
         let l = model.forward(feats, lens, target, tlens, chunk, false);
         let key = |k: &str| format!("{mode}.{k}");
-        check(&key("encoder_out"), &l.encoder_out.0, &io[&key("encoder_out")], &mut worst);
-        check(&key("encoder_mask"), &l.encoder_out.1.to_kind(Kind::Int64), &io[&key("encoder_mask")], &mut worst);
-        check(&key("ctc_log_probs"), &l.ctc_log_probs, &io[&key("ctc_log_probs")], &mut worst);
-        check(&key("decoder_out"), &l.decoder_out, &io[&key("decoder_out")], &mut worst);
+        check(
+            &key("encoder_out"),
+            &l.encoder_out.0,
+            &io[&key("encoder_out")],
+            &mut worst,
+        );
+        check(
+            &key("encoder_mask"),
+            &l.encoder_out.1.to_kind(Kind::Int64),
+            &io[&key("encoder_mask")],
+            &mut worst,
+        );
+        check(
+            &key("ctc_log_probs"),
+            &l.ctc_log_probs,
+            &io[&key("ctc_log_probs")],
+            &mut worst,
+        );
+        check(
+            &key("decoder_out"),
+            &l.decoder_out,
+            &io[&key("decoder_out")],
+            &mut worst,
+        );
         if let Some(r) = &l.r_decoder_out {
-            check(&key("r_decoder_out"), r, &io[&key("r_decoder_out")], &mut worst);
+            check(
+                &key("r_decoder_out"),
+                r,
+                &io[&key("r_decoder_out")],
+                &mut worst,
+            );
         }
         check(&key("loss_ctc"), &l.ctc, &io[&key("loss_ctc")], &mut worst);
         check(&key("loss_att"), &l.att, &io[&key("loss_att")], &mut worst);
@@ -103,7 +165,12 @@ fn parity(config_text: &str, label: &str) {
         if mode == "full" {
             l.loss.backward();
             for (name, var) in vs.trainable_variables_named() {
-                check(&format!("grad.{name}"), &var.grad(), &io[&format!("grad.{name}")], &mut worst);
+                check(
+                    &format!("grad.{name}"),
+                    &var.grad(),
+                    &io[&format!("grad.{name}")],
+                    &mut worst,
+                );
             }
         }
     }
@@ -116,7 +183,10 @@ trait Named {
 
 impl Named for nn::VarStore {
     fn trainable_variables_named(&self) -> Vec<(String, Tensor)> {
-        self.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect()
+        self.variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
     }
 }
 
@@ -131,11 +201,20 @@ fn tiny_causal_conformer_matches_pytorch() {
 
 #[test]
 fn non_causal_conformer_matches_pytorch() {
-    parity(&tiny().replace("causal: true", "causal: false"), "non-causal");
+    parity(
+        &tiny().replace("causal: true", "causal: false"),
+        "non-causal",
+    );
 }
 
 #[test]
 fn subsampling_6_and_8_match_pytorch() {
-    parity(&tiny().replace("input_layer: conv2d", "input_layer: conv2d6"), "conv2d6");
-    parity(&tiny().replace("input_layer: conv2d", "input_layer: conv2d8"), "conv2d8");
+    parity(
+        &tiny().replace("input_layer: conv2d", "input_layer: conv2d6"),
+        "conv2d6",
+    );
+    parity(
+        &tiny().replace("input_layer: conv2d", "input_layer: conv2d8"),
+        "conv2d8",
+    );
 }

@@ -54,3 +54,119 @@ pub fn fbank(files: &[PathBuf], repeat: usize) -> Result<FbankTiming> {
         frames_per_second: frames as f64 / median,
     })
 }
+
+/// One timing of full training steps (forward, backward, clipping, AdamW) on a fixed
+/// batch.
+#[derive(Debug, Serialize)]
+pub struct TrainStepTiming {
+    /// Trainable parameters.
+    pub params: i64,
+    /// Utterances in the batch.
+    pub utterances: usize,
+    /// Feature frames in the batch (before padding).
+    pub frames: i64,
+    /// Wall seconds of each timed step.
+    pub seconds: Vec<f64>,
+    /// Frames per second at the median step time.
+    pub frames_per_second: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Times `steps` training steps after `warmup` untimed ones, on the first `utts`
+/// utterances of `list` (features without dither, full-context attention).
+pub fn train_step(
+    config: &std::path::Path,
+    list: &std::path::Path,
+    utts: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<TrainStepTiming> {
+    use crate::config::TrainConfig;
+    use crate::data::list::ListReader;
+    use crate::data::text::{normalize, Units};
+    use crate::optim::AdamW;
+    use tch::{nn, Device, Tensor};
+    use upcycle_model::asr::AsrModel;
+    use upcycle_model::mask::ChunkMode;
+
+    let c = TrainConfig::load(config)?;
+    let units = Units::load(
+        &list
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("../units.txt"),
+    )?;
+    let fb = Fbank::new(FbankOptions::default());
+    let mut reader = ListReader::open(list)?;
+    let (mut feats, mut targets) = (Vec::new(), Vec::new());
+    while let Some(item) = reader.next() {
+        let (_, e) = item?;
+        let samples = audio::read_model_input(&reader.resolve(&e.wav))
+            .map_err(|err| anyhow::anyhow!("{}: {err}", e.wav))?;
+        feats.push(fb.compute(&samples, &mut rand::rng()));
+        targets.push(units.encode(&normalize(&e.txt)).0);
+        if feats.len() >= utts {
+            break;
+        }
+    }
+    let b = feats.len() as i64;
+    let lens: Vec<i64> = feats.iter().map(|f| (f.len() / 80) as i64).collect();
+    let t = *lens.iter().max().unwrap_or(&0);
+    let mut x = vec![0f32; (b * t * 80) as usize];
+    for (i, f) in feats.iter().enumerate() {
+        x[i * (t * 80) as usize..i * (t * 80) as usize + f.len()].copy_from_slice(f);
+    }
+    let tl: Vec<i64> = targets.iter().map(|y| y.len() as i64).collect();
+    let l = *tl.iter().max().unwrap_or(&0);
+    let mut y = vec![-1i64; (b * l) as usize];
+    for (i, tg) in targets.iter().enumerate() {
+        y[i * l as usize..i * l as usize + tg.len()].copy_from_slice(tg);
+    }
+    let (x, xl) = (
+        Tensor::from_slice(&x).view([b, t, 80]),
+        Tensor::from_slice(&lens),
+    );
+    let (y, yl) = (Tensor::from_slice(&y).view([b, l]), Tensor::from_slice(&tl));
+
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = AsrModel::new(
+        &vs.root(),
+        c.input_dim,
+        units.len() as i64,
+        &c.encoder_conf,
+        &c.decoder_conf,
+        &c.model_conf,
+    )?;
+    let params = vs
+        .trainable_variables()
+        .iter()
+        .map(|v| v.numel() as i64)
+        .sum();
+    let mut opt = AdamW::new(c.optim_conf.clone(), vs.variables().into_iter().collect());
+    let mut seconds = Vec::new();
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        opt.zero_grad();
+        let out = model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true);
+        out.loss.backward();
+        opt.clip_grad_norm(c.grad_clip);
+        opt.step(1e-4);
+        if i >= warmup {
+            seconds.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let frames: i64 = lens.iter().sum();
+    Ok(TrainStepTiming {
+        params,
+        utterances: b as usize,
+        frames,
+        seconds,
+        frames_per_second: frames as f64 / median,
+        peak_rss_mib: crate::train::peak_rss_mib(),
+    })
+}

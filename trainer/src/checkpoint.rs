@@ -40,7 +40,8 @@ fn fsync_dir(dir: &Path) {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
@@ -85,15 +86,29 @@ pub fn save(root: &Path, vs: &nn::VarStore, req: SaveRequest<'_>) -> Result<Path
         .collect();
     Tensor::write_safetensors(&cpu, tmp.join("model.safetensors"))?;
     let (opt_step, moments) = req.optimizer;
-    let moments: Vec<(String, Tensor)> = moments.into_iter().map(|(k, v)| (k, v.to_device(Device::Cpu))).collect();
+    let moments: Vec<(String, Tensor)> = moments
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+        .collect();
     Tensor::write_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
-    write_synced(&tmp.join("train.yaml"), serde_yaml::to_string(req.config)?.as_bytes())?;
+    write_synced(
+        &tmp.join("train.yaml"),
+        serde_yaml::to_string(req.config)?.as_bytes(),
+    )?;
     let mut state = serde_json::to_value(req.state)?;
     state["optimizer_step"] = opt_step.into();
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    write_synced(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
     req.units.save(&tmp.join("units.txt"))?;
     req.cmvn.save(&tmp.join("global_cmvn"))?;
-    for f in ["model.safetensors", "optimizer.safetensors", "units.txt", "global_cmvn"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "units.txt",
+        "global_cmvn",
+    ] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
     fsync_dir(&tmp);
@@ -125,7 +140,10 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     steps.sort();
     let cut = steps.len().saturating_sub(keep.max(1));
     for (_, path) in &steps[..cut] {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if name != best.trim() && name != latest.trim() {
             std::fs::remove_dir_all(path).with_context(|| format!("pruning {}", path.display()))?;
         }
@@ -194,11 +212,22 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
                 .get(&name)
                 .with_context(|| format!("{}: tensor {name} is missing", file.display()))?;
             if t.size() != var.size() {
-                bail!("{}: tensor {name} has shape {:?}, the model expects {:?}", file.display(), t.size(), var.size());
+                bail!(
+                    "{}: tensor {name} has shape {:?}, the model expects {:?}",
+                    file.display(),
+                    t.size(),
+                    var.size()
+                );
             }
             var.copy_(t);
         }
         Ok(())
     })?;
-    Ok(LoadedModel { config, units, vs, model, dir })
+    Ok(LoadedModel {
+        config,
+        units,
+        vs,
+        model,
+        dir,
+    })
 }

@@ -391,11 +391,22 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
     }
 
+    /// Every shipped config loads, and builds a model of the size configs/README.md
+    /// states (vocabulary sizes: fillets-cs 51, AISHELL 4233, a 5k-unit set).
     #[test]
-    fn shipped_configs_load() {
-        for name in ["tiny.yaml"] {
+    fn shipped_configs_build_models_of_the_stated_size() {
+        for (name, vocab, lo, hi) in [
+            ("tiny.yaml", 27, 0.05e6, 0.15e6),
+            ("small.yaml", 51, 5.0e6, 6.5e6),
+            ("wenet-u2pp-conformer.yaml", 4233, 40e6, 55e6),
+            ("dense-225m.yaml", 5000, 150e6, 260e6),
+        ] {
             let c = TrainConfig::load(&configs().join(name)).unwrap();
-            assert_eq!(c.encoder, "conformer");
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            upcycle_model::asr::AsrModel::new(&vs.root(), c.input_dim, vocab, &c.encoder_conf, &c.decoder_conf, &c.model_conf).unwrap();
+            let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+            eprintln!("{name}: {n} parameters");
+            assert!((lo..hi).contains(&(n as f64)), "{name}: {n} parameters");
         }
     }
 

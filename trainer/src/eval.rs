@@ -32,7 +32,11 @@ pub enum Method {
 
 impl Method {
     /// All methods, in report order.
-    pub const ALL: [Method; 3] = [Method::CtcGreedy, Method::CtcPrefixBeam, Method::AttentionRescoring];
+    pub const ALL: [Method; 3] = [
+        Method::CtcGreedy,
+        Method::CtcPrefixBeam,
+        Method::AttentionRescoring,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -83,14 +87,22 @@ fn chunk_mode(chunk: i64, left: i64) -> ChunkMode {
     if chunk <= 0 {
         ChunkMode::Full
     } else {
-        ChunkMode::Chunk { size: chunk, left_chunks: left }
+        ChunkMode::Chunk {
+            size: chunk,
+            left_chunks: left,
+        }
     }
 }
 
 /// Decodes one utterance's features with every requested method; returns
 /// `(method, hypothesis, seconds)` per method. The encoder runs once; its time is
 /// added to every method.
-fn decode_one(m: &LoadedModel, feats: &Tensor, chunk: ChunkMode, o: &DecodeOptions) -> Vec<(Method, Hypothesis, f64)> {
+fn decode_one(
+    m: &LoadedModel,
+    feats: &Tensor,
+    chunk: ChunkMode,
+    o: &DecodeOptions,
+) -> Vec<(Method, Hypothesis, f64)> {
     tch::no_grad(|| {
         let t0 = Instant::now();
         let x = feats.unsqueeze(0).to_device(o.device);
@@ -108,12 +120,18 @@ fn decode_one(m: &LoadedModel, feats: &Tensor, chunk: ChunkMode, o: &DecodeOptio
                 Method::CtcPrefixBeam | Method::AttentionRescoring => {
                     let (beams, beam_secs) = nbest.get_or_insert_with(|| {
                         let tb = Instant::now();
-                        let b = ctc_prefix_beam_search(&logp.get(0).narrow(0, 0, hlen).to_device(Device::Cpu), o.beam);
+                        let b = ctc_prefix_beam_search(
+                            &logp.get(0).narrow(0, 0, hlen).to_device(Device::Cpu),
+                            o.beam,
+                        );
                         (b, tb.elapsed().as_secs_f64())
                     });
                     let base = *beam_secs;
                     let h = if method == Method::CtcPrefixBeam {
-                        beams.first().cloned().unwrap_or(Hypothesis { tokens: vec![], score: 0.0 })
+                        beams.first().cloned().unwrap_or(Hypothesis {
+                            tokens: vec![],
+                            score: 0.0,
+                        })
                     } else {
                         attention_rescoring(&m.model, &enc, beams, o.ctc_weight, o.reverse_weight)
                     };
@@ -135,16 +153,31 @@ fn features(path: &Path, fbank: &Fbank) -> Result<(Tensor, f64)> {
     let f = fbank.compute(&samples, &mut rand::rng());
     let frames = (f.len() / fbank.dim()) as i64;
     anyhow::ensure!(frames > 0, "{}: shorter than one frame", path.display());
-    Ok((Tensor::from_slice(&f).view([frames, fbank.dim() as i64]), secs))
+    Ok((
+        Tensor::from_slice(&f).view([frames, fbank.dim() as i64]),
+        secs,
+    ))
 }
 
 /// Decodes a list and writes `OUT/<method>_chunk<N>.txt` hypotheses,
 /// `OUT/utterances.jsonl` and `OUT/results.json`; returns one result per mode.
-pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -> Result<Vec<ModeResult>> {
+pub fn evaluate(
+    checkpoint: &Path,
+    list: &Path,
+    out: &Path,
+    o: &DecodeOptions,
+) -> Result<Vec<ModeResult>> {
     let m = load_model(checkpoint, o.device)?;
-    let list = if list.is_dir() { list.join("data.list") } else { list.to_path_buf() };
+    let list = if list.is_dir() {
+        list.join("data.list")
+    } else {
+        list.to_path_buf()
+    };
     std::fs::create_dir_all(out)?;
-    let fbank = Fbank::new(FbankOptions { num_mel_bins: m.config.input_dim as usize, ..FbankOptions::default() });
+    let fbank = Fbank::new(FbankOptions {
+        num_mel_bins: m.config.input_dim as usize,
+        ..FbankOptions::default()
+    });
     let mut reader = ListReader::open(&list)?;
     let mut utts = Vec::new();
     while let Some(item) = reader.next() {
@@ -155,7 +188,8 @@ pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -
     let mut report = std::io::BufWriter::new(std::fs::File::create(out.join("utterances.jsonl"))?);
     for &chunk in &o.chunks {
         let mode = chunk_mode(chunk, o.left_chunks);
-        let mut per: Vec<(ErrorRate, f64, Vec<String>)> = o.methods.iter().map(|_| Default::default()).collect();
+        let mut per: Vec<(ErrorRate, f64, Vec<String>)> =
+            o.methods.iter().map(|_| Default::default()).collect();
         let mut audio_secs = 0.0;
         for (key, wav, txt) in &utts {
             let (feats, secs) = match features(wav, &fbank) {
@@ -166,7 +200,8 @@ pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -
                 }
             };
             audio_secs += secs;
-            for (i, (method, hyp, dsecs)) in decode_one(&m, &feats, mode, o).into_iter().enumerate() {
+            for (i, (method, hyp, dsecs)) in decode_one(&m, &feats, mode, o).into_iter().enumerate()
+            {
                 let text = m.units.decode(&hyp.tokens);
                 let (ce, n) = per[i].0.add(txt, &text);
                 per[i].1 += dsecs;
@@ -181,7 +216,10 @@ pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -
         }
         for (i, &method) in o.methods.iter().enumerate() {
             let (er, secs, lines) = &per[i];
-            std::fs::write(out.join(format!("{}_chunk{chunk}.txt", method.name())), lines.join("\n") + "\n")?;
+            std::fs::write(
+                out.join(format!("{}_chunk{chunk}.txt", method.name())),
+                lines.join("\n") + "\n",
+            )?;
             results.push(ModeResult {
                 method,
                 chunk,
@@ -193,8 +231,11 @@ pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -
         }
     }
     report.flush()?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)
-        .with_context(|| format!("writing {}", out.join("results.json").display()))?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )
+    .with_context(|| format!("writing {}", out.join("results.json").display()))?;
     Ok(results)
 }
 
@@ -202,16 +243,33 @@ pub fn evaluate(checkpoint: &Path, list: &Path, out: &Path, o: &DecodeOptions) -
 pub fn table(results: &[ModeResult]) -> String {
     let mut s = String::from("method               chunk     CER %    WER %    RTF\n");
     for r in results {
-        let chunk = if r.chunk <= 0 { "full".to_string() } else { r.chunk.to_string() };
-        s.push_str(&format!("{:<20} {chunk:>5} {:>9.2} {:>8.2} {:>6.3}\n", r.method.name(), r.cer, r.wer, r.rtf));
+        let chunk = if r.chunk <= 0 {
+            "full".to_string()
+        } else {
+            r.chunk.to_string()
+        };
+        s.push_str(&format!(
+            "{:<20} {chunk:>5} {:>9.2} {:>8.2} {:>6.3}\n",
+            r.method.name(),
+            r.cer,
+            r.wer,
+            r.rtf
+        ));
     }
     s
 }
 
 /// Transcribes audio files with attention rescoring in full context.
-pub fn transcribe(checkpoint: &Path, files: &[PathBuf], o: &DecodeOptions) -> Result<Vec<(PathBuf, String)>> {
+pub fn transcribe(
+    checkpoint: &Path,
+    files: &[PathBuf],
+    o: &DecodeOptions,
+) -> Result<Vec<(PathBuf, String)>> {
     let m = load_model(checkpoint, o.device)?;
-    let fbank = Fbank::new(FbankOptions { num_mel_bins: m.config.input_dim as usize, ..FbankOptions::default() });
+    let fbank = Fbank::new(FbankOptions {
+        num_mel_bins: m.config.input_dim as usize,
+        ..FbankOptions::default()
+    });
     let mut out = Vec::new();
     for f in files {
         let (feats, _) = features(f, &fbank)?;

@@ -112,7 +112,10 @@ fn device(name: &str) -> Result<tch::Device> {
     match name {
         "cpu" => Ok(tch::Device::Cpu),
         "cuda" => {
-            anyhow::ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device is visible to libtorch");
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "--device cuda: no CUDA device is visible to libtorch"
+            );
             Ok(tch::Device::Cuda(0))
         }
         "auto" => Ok(tch::Device::cuda_if_available()),
@@ -123,8 +126,16 @@ fn device(name: &str) -> Result<tch::Device> {
 impl DecodeArgs {
     fn options(&self, default_reverse: f64) -> Result<DecodeOptions> {
         Ok(DecodeOptions {
-            methods: if self.modes.is_empty() { Method::ALL.to_vec() } else { self.modes.clone() },
-            chunks: if self.chunks.is_empty() { vec![0, 16] } else { self.chunks.clone() },
+            methods: if self.modes.is_empty() {
+                Method::ALL.to_vec()
+            } else {
+                self.modes.clone()
+            },
+            chunks: if self.chunks.is_empty() {
+                vec![0, 16]
+            } else {
+                self.chunks.clone()
+            },
             left_chunks: self.left_chunks,
             beam: self.beam,
             ctc_weight: self.ctc_weight,
@@ -207,6 +218,27 @@ struct CheckArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Training-step frames/s and peak memory on a fixed batch; prints JSON (bench/train_step.py runs it beside PyTorch).
+    TrainStep {
+        /// Training configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// A data.list (its units.txt is read from the dataset folder above it).
+        #[arg(long)]
+        list: PathBuf,
+        /// Utterances in the batch.
+        #[arg(long, default_value_t = 16)]
+        utts: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// libtorch threads (0: default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
     /// Filterbank frames/s on one thread over the given 16 kHz WAVs; prints JSON.
     Fbank {
         /// Input WAVs.
@@ -286,7 +318,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => {
             let opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;
             let dir = upcycle_trainer::checkpoint::resolve(&a.checkpoint)?;
-            let split = a.data.file_name().map_or("data".into(), |n| n.to_string_lossy().to_string());
+            let split = a
+                .data
+                .file_name()
+                .map_or("data".into(), |n| n.to_string_lossy().to_string());
             let out = a.out.unwrap_or_else(|| dir.join(format!("eval-{split}")));
             let results = eval::evaluate(&a.checkpoint, &a.data, &out, &opts)?;
             print!("{}", eval::table(&results));
@@ -303,6 +338,20 @@ fn run(cli: Cli) -> Result<()> {
             for (file, text) in eval::transcribe(&a.checkpoint, &a.files, &opts)? {
                 println!("{}\t{text}", file.display());
             }
+        }
+        Command::Bench(BenchCommand::TrainStep {
+            config,
+            list,
+            utts,
+            steps,
+            warmup,
+            threads,
+        }) => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let timing = upcycle_trainer::bench::train_step(&config, &list, utts, steps, warmup)?;
+            println!("{}", serde_json::to_string(&timing)?);
         }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {
             let timing = upcycle_trainer::bench::fbank(&files, repeat)?;

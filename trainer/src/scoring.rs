@@ -12,7 +12,9 @@ pub fn edit_distance<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     for (i, x) in a.iter().enumerate() {
         cur[0] = i + 1;
         for (j, y) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(x != y)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(x != y))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         std::mem::swap(&mut prev, &mut cur);
     }
@@ -74,7 +76,10 @@ mod tests {
         assert_eq!(edit_distance::<char>(&[], &['a']), 1);
         let mut e = ErrorRate::default();
         e.add("Ahoj, světe!", "ahoj svete");
-        assert_eq!((e.char_errors, e.chars, e.word_errors, e.words), (1, 9, 1, 2));
+        assert_eq!(
+            (e.char_errors, e.chars, e.word_errors, e.words),
+            (1, 9, 1, 2)
+        );
         assert!((e.cer() - 100.0 / 9.0).abs() < 1e-9);
         assert!((e.wer() - 50.0).abs() < 1e-9);
     }

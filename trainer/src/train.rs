@@ -61,15 +61,23 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Dev-set loss and CTC greedy CER.
-fn evaluate(model: &AsrModel, loader: &DataLoader, units: &Units, device: Device, limit: usize) -> Result<(f64, ErrorRate)> {
+fn evaluate(
+    model: &AsrModel,
+    loader: &DataLoader,
+    units: &Units,
+    device: Device,
+    limit: usize,
+) -> Result<(f64, ErrorRate)> {
     let mut loss_sum = 0.0;
     let mut utts = 0usize;
     let mut er = ErrorRate::default();
@@ -87,12 +95,20 @@ fn evaluate(model: &AsrModel, loader: &DataLoader, units: &Units, device: Device
             let n = b.len();
             loss_sum += l.loss.double_value(&[]) * n as f64;
             utts += n;
-            let hlens = l.encoder_out.1.squeeze_dim(1).sum_dim_intlist(-1, false, Kind::Int64);
+            let hlens = l
+                .encoder_out
+                .1
+                .squeeze_dim(1)
+                .sum_dim_intlist(-1, false, Kind::Int64);
             let hyps = ctc_greedy(&l.ctc_log_probs, &hlens);
             let targets = Vec::<i64>::try_from(b.target.flatten(0, -1))?;
             let width = b.target.size()[1] as usize;
             for (i, h) in hyps.iter().enumerate() {
-                let reference: Vec<i64> = targets[i * width..(i + 1) * width].iter().copied().filter(|&t| t >= 0).collect();
+                let reference: Vec<i64> = targets[i * width..(i + 1) * width]
+                    .iter()
+                    .copied()
+                    .filter(|&t| t >= 0)
+                    .collect();
                 er.add(&units.decode(&reference), &units.decode(&h.tokens));
             }
             if limit > 0 && utts >= limit {
@@ -134,7 +150,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let dev_list = opts.data.join("dev/data.list");
     for p in [&train_list, &dev_list] {
         if !p.is_file() {
-            bail!("{} is missing: --data must be a dataset from `upcycle data prepare`", p.display());
+            bail!(
+                "{} is missing: --data must be a dataset from `upcycle data prepare`",
+                p.display()
+            );
         }
     }
     let units = Arc::new(Units::load(&opts.data.join("units.txt"))?);
@@ -147,16 +166,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             config.input_dim
         );
     }
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
     std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(&config)?)?;
 
     tch::manual_seed(uc.seed as i64);
     let vs = nn::VarStore::new(opts.device);
     let vocab = units.len() as i64;
-    let mut model = AsrModel::new(&vs.root(), config.input_dim, vocab, &config.encoder_conf, &config.decoder_conf, &config.model_conf)?;
+    let mut model = AsrModel::new(
+        &vs.root(),
+        config.input_dim,
+        vocab,
+        &config.encoder_conf,
+        &config.decoder_conf,
+        &config.model_conf,
+    )?;
     let (mean, istd) = cmvn.mean_istd();
     model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
-    let n_params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let n_params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
     tracing::info!(params = n_params, vocab, device = ?opts.device, "model built");
 
     let mut opt_conf = config.optim_conf.clone();
@@ -164,16 +195,45 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         opt_conf.weight_decay = 0.0;
     }
     let mut opt = AdamW::new(opt_conf, vs.variables().into_iter().collect());
-    let schedule = Schedule::new(&config.scheduler, config.optim_conf.lr, &config.scheduler_conf);
-    let train_loader = DataLoader::new(&train_list, units.clone(), config.dataset_conf.clone(), Mode::Train, Shard::SINGLE, uc.seed)?;
-    let dev_loader = DataLoader::new(&dev_list, units.clone(), config.dataset_conf.clone(), Mode::Eval, Shard::SINGLE, uc.seed)?;
+    let schedule = Schedule::new(
+        &config.scheduler,
+        config.optim_conf.lr,
+        &config.scheduler_conf,
+    );
+    let train_loader = DataLoader::new(
+        &train_list,
+        units.clone(),
+        config.dataset_conf.clone(),
+        Mode::Train,
+        Shard::SINGLE,
+        uc.seed,
+    )?;
+    let dev_loader = DataLoader::new(
+        &dev_list,
+        units.clone(),
+        config.dataset_conf.clone(),
+        Mode::Eval,
+        Shard::SINGLE,
+        uc.seed,
+    )?;
     let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(config.accum_grad);
-    let total_steps = if uc.max_steps > 0 { uc.max_steps } else { steps_per_epoch * config.max_epoch };
-    let eval_interval = if uc.eval_interval > 0 { uc.eval_interval } else { steps_per_epoch.max(1) };
+    let total_steps = if uc.max_steps > 0 {
+        uc.max_steps
+    } else {
+        steps_per_epoch * config.max_epoch
+    };
+    let eval_interval = if uc.eval_interval > 0 {
+        uc.eval_interval
+    } else {
+        steps_per_epoch.max(1)
+    };
 
     let mut metrics = std::io::BufWriter::new(
-        std::fs::OpenOptions::new().create(true).append(true).open(opts.out.join("metrics.jsonl"))?,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(opts.out.join("metrics.jsonl"))?,
     );
     let bar = indicatif::ProgressBar::new(total_steps);
     bar.set_style(
@@ -187,13 +247,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut chunk_rng = ChaCha8Rng::seed_from_u64(uc.seed ^ 0xC4_0C4);
     let started = Instant::now();
     let mut window = Instant::now();
-    let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) = (0usize, 0.0, 0.0, 0.0, 0u64);
+    let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) =
+        (0usize, 0.0, 0.0, 0.0, 0u64);
     let mut micro = 0u64;
     let mut nonfinite_run = 0u32;
     let mut skipped_total = 0u64;
     let mut last_ckpt = PathBuf::new();
     let mut last_dev_cer = None;
-    let out_of_time = |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
+    let out_of_time =
+        |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
 
     'epochs: for epoch in 0..config.max_epoch.max(1) {
         state.epoch = epoch;
@@ -201,7 +263,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         for batch in train_loader.epoch(epoch)? {
             let b = batch?;
             let [feats, lens, target, tlens] = to_device(&b, opts.device);
-            let chunk = model.encoder().training_chunk_mode(chunk_rng.random(), chunk_rng.random());
+            let chunk = model
+                .encoder()
+                .training_chunk_mode(chunk_rng.random(), chunk_rng.random());
             let l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
             let loss = l.loss.double_value(&[]);
             if !loss.is_finite() {
@@ -235,7 +299,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 opt.step(lr);
             } else {
                 skipped_total += 1;
-                tracing::warn!(step = state.step, "non-finite gradient norm; update skipped");
+                tracing::warn!(
+                    step = state.step,
+                    "non-finite gradient norm; update skipped"
+                );
             }
             opt.zero_grad();
             state.step += 1;
@@ -253,13 +320,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 });
                 writeln!(metrics, "{line}")?;
                 metrics.flush()?;
-                bar.set_message(format!("loss {:.2} lr {lr:.2e} {fps:.0} frames/s", win_loss / n));
+                bar.set_message(format!(
+                    "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
+                    win_loss / n
+                ));
                 (win_frames, win_loss, win_ctc, win_att, win_n) = (0, 0.0, 0.0, 0.0, 0);
                 window = Instant::now();
             }
             let done = state.step >= total_steps || out_of_time(&started);
             if state.step % eval_interval == 0 || done {
-                let (dev_loss, er) = evaluate(&model, &dev_loader, &units, opts.device, uc.eval_utterances)?;
+                let (dev_loss, er) =
+                    evaluate(&model, &dev_loader, &units, opts.device, uc.eval_utterances)?;
                 let cer = er.cer();
                 // Ties go to the newer checkpoint.
                 let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);

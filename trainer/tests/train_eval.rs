@@ -1,0 +1,264 @@
+//! `upcycle train`, `eval` and `transcribe` through the binary, on real recordings
+//! (pocketsphinx's LibriVox and cards clips) with the tiny config.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn upcycle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+/// The librivox dataset and a tiny config with a short warm-up, in `dir`.
+fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let data = dir.join("data");
+    ok(&upcycle(&[
+        "data",
+        "prepare",
+        "--no-install",
+        "--corpus",
+        "librivox",
+        "--out",
+        data.to_str().unwrap(),
+    ]));
+    let mut text = std::fs::read_to_string(configs().join("tiny.yaml")).unwrap()
+        + "dataset_conf:\n  batch_conf: {batch_type: static, batch_size: 4}\n  filter_conf: {min_length: 0}\n"
+        + "optim: adamw\nlog_interval: 1\n"
+        + extra;
+    // Defaults for keys `extra` does not set.
+    for (key, line) in [
+        ("optim_conf:", "optim_conf: {lr: 0.005}\n"),
+        ("scheduler_conf:", "scheduler_conf: {warmup_steps: 5}\n"),
+    ] {
+        if !extra.contains(key) {
+            text.push_str(line);
+        }
+    }
+    let config = dir.join("tiny.yaml");
+    std::fs::write(&config, text).unwrap();
+    (data, config)
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_then_eval_then_transcribe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 3, eval_interval: 15}\n");
+    let out = tmp.path().join("run");
+    let stdout = ok(&upcycle(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "30",
+        "--device",
+        "cpu",
+    ]));
+    assert!(stdout.contains("trained 30 steps"), "{stdout}");
+
+    // Metrics: one line per step with the loss parts, and dev evaluations.
+    let m = metrics(&out);
+    let train: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(train.len(), 30);
+    for key in [
+        "loss_ctc",
+        "loss_att",
+        "lr",
+        "grad_norm",
+        "frames_per_s",
+        "peak_rss_mib",
+    ] {
+        assert!(train[0].get(key).is_some(), "{key} missing");
+    }
+    let first: f64 = train[..5]
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 5.0;
+    let last: f64 = train[25..]
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 5.0;
+    assert!(last < 0.9 * first, "loss did not fall: {first} -> {last}");
+    let dev: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("dev_cer").is_some()).collect();
+    assert_eq!(dev.len(), 2, "eval at steps 15 and 30");
+
+    // Checkpoints: best and latest pointers, the config that ran.
+    let ckpt = out.join("checkpoints");
+    let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
+    assert_eq!(latest, "step-30");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "train.yaml",
+        "state.json",
+        "units.txt",
+        "global_cmvn",
+    ] {
+        assert!(ckpt.join(&latest).join(f).is_file(), "{f}");
+    }
+    assert!(out.join("train.yaml").is_file());
+
+    // Eval: one line per method and chunk setting, written as JSON too.
+    let eval_out = tmp.path().join("eval");
+    let table = ok(&upcycle(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--data",
+        data.join("test").to_str().unwrap(),
+        "--out",
+        eval_out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    for line in ["ctc_greedy", "ctc_prefix_beam", "attention_rescoring"] {
+        assert_eq!(table.matches(line).count(), 2, "{table}");
+    }
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results.len(), 6);
+    assert!(results
+        .iter()
+        .all(|r| r["cer"].as_f64().unwrap() >= 0.0 && r["rtf"].as_f64().unwrap() > 0.0));
+    assert!(eval_out.join("attention_rescoring_chunk16.txt").is_file());
+    assert!(
+        std::fs::read_to_string(eval_out.join("utterances.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+            >= 6
+    );
+
+    // Transcribe: one line per file.
+    let t = ok(&upcycle(&[
+        "transcribe",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "/usr/share/pocketsphinx/test/data/cards/001.wav",
+        "/usr/share/pocketsphinx/test/data/cards/002.wav",
+    ]));
+    assert_eq!(t.lines().count(), 2, "{t}");
+    assert!(t.contains("001.wav\t"));
+}
+
+#[test]
+fn training_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 7}\n");
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        ok(&upcycle(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "6",
+            "--device",
+            "cpu",
+        ]));
+        let losses: Vec<f64> = metrics(&out)
+            .iter()
+            .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
+            .collect();
+        (
+            losses,
+            std::fs::read(out.join("checkpoints/step-6/model.safetensors")).unwrap(),
+        )
+    };
+    let (la, ma) = run("a");
+    let (lb, mb) = run("b");
+    assert_eq!(la, lb);
+    assert!(
+        ma == mb,
+        "parameters differ between two runs with the same seed"
+    );
+}
+
+#[test]
+fn bad_configs_and_diverging_runs_stop_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = setup(tmp.path(), "");
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "encoder_conf: {output_size: 32, num_block: 2}\n").unwrap();
+    let o = upcycle(&[
+        "train",
+        "--config",
+        bad.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("num_block"));
+
+    let o = upcycle(&[
+        "train",
+        "--config",
+        configs().join("tiny.yaml").to_str().unwrap(),
+        "--data",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data prepare"));
+
+    // A learning rate that blows up: non-finite losses are skipped, then training stops.
+    let (data, config) = setup(&tmp.path().join("nan"), "optim_conf: {lr: 1.0e+30}\nscheduler_conf: {warmup_steps: 0}\ngrad_clip: 1.0e+30\nupcycle_conf: {max_nonfinite_steps: 3}\n");
+    let o = upcycle(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("z").to_str().unwrap(),
+        "--max-steps",
+        "50",
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("non-finite loss") && err.contains("max_nonfinite_steps"),
+        "{err}"
+    );
+}
