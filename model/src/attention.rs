@@ -3,6 +3,8 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::init;
+
 /// Scaled dot-product multi-head attention (WeNet's `MultiHeadedAttention`; parameters
 /// `linear_q`, `linear_k`, `linear_v`, `linear_out`).
 #[derive(Debug)]
@@ -20,10 +22,10 @@ impl MultiHeadedAttention {
     /// `heads` heads over width `d` under `path`.
     pub fn new(path: &nn::Path<'_>, heads: i64, d: i64, dropout: f64) -> Self {
         Self {
-            linear_q: nn::linear(path / "linear_q", d, d, Default::default()),
-            linear_k: nn::linear(path / "linear_k", d, d, Default::default()),
-            linear_v: nn::linear(path / "linear_v", d, d, Default::default()),
-            linear_out: nn::linear(path / "linear_out", d, d, Default::default()),
+            linear_q: init::linear(path / "linear_q", d, d, true),
+            linear_k: init::linear(path / "linear_k", d, d, true),
+            linear_v: init::linear(path / "linear_v", d, d, true),
+            linear_out: init::linear(path / "linear_out", d, d, true),
             heads,
             d_k: d / heads,
             dropout,
@@ -89,15 +91,7 @@ impl RelPositionMultiHeadedAttention {
         let bound = (6.0 / (heads + d_k) as f64).sqrt(); // Xavier uniform, as WeNet
         Self {
             base: MultiHeadedAttention::new(path, heads, d, dropout),
-            linear_pos: nn::linear(
-                path / "linear_pos",
-                d,
-                d,
-                nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                },
-            ),
+            linear_pos: init::linear(path / "linear_pos", d, d, false),
             pos_bias_u: path.var(
                 "pos_bias_u",
                 &[heads, d_k],

@@ -5,6 +5,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::activation::Activation;
+use crate::init;
 
 /// WeNet's `ConvolutionModule` with `cnn_module_norm: layer_norm` (parameters
 /// `pointwise_conv1`, `depthwise_conv`, `norm`, `pointwise_conv2`).
@@ -34,32 +35,24 @@ impl ConvolutionModule {
             ((kernel - 1) / 2, 0)
         };
         Self {
-            pointwise_conv1: nn::conv1d(
+            pointwise_conv1: init::conv1d(
                 path / "pointwise_conv1",
                 channels,
                 2 * channels,
                 1,
-                Default::default(),
+                0,
+                1,
             ),
-            depthwise_conv: nn::conv1d(
+            depthwise_conv: init::conv1d(
                 path / "depthwise_conv",
                 channels,
                 channels,
                 kernel,
-                nn::ConvConfig {
-                    padding,
-                    groups: channels,
-                    ..Default::default()
-                },
+                padding,
+                channels,
             ),
             norm: nn::layer_norm(path / "norm", vec![channels], Default::default()),
-            pointwise_conv2: nn::conv1d(
-                path / "pointwise_conv2",
-                channels,
-                channels,
-                1,
-                Default::default(),
-            ),
+            pointwise_conv2: init::conv1d(path / "pointwise_conv2", channels, channels, 1, 0, 1),
             activation,
             lorder,
         }

@@ -13,7 +13,7 @@ impl Ctc {
     /// A head from width `d` to `vocab` under `path` (normally `ctc`).
     pub fn new(path: &nn::Path<'_>, d: i64, vocab: i64) -> Self {
         Self {
-            ctc_lo: nn::linear(path / "ctc_lo", d, vocab, Default::default()),
+            ctc_lo: crate::init::linear(path / "ctc_lo", d, vocab, true),
         }
     }
 

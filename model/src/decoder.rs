@@ -101,7 +101,7 @@ impl TransformerDecoder {
                 .map(|i| DecoderLayer::new(&(path / "decoders" / i), d, c))
                 .collect(),
             after_norm: nn::layer_norm(path / "after_norm", vec![d], Default::default()),
-            output_layer: nn::linear(path / "output_layer", d, vocab, Default::default()),
+            output_layer: crate::init::linear(path / "output_layer", d, vocab, true),
             d,
             positional_dropout: c.positional_dropout_rate,
         }

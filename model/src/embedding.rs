@@ -64,18 +64,7 @@ impl Conv2dSubsampling {
     /// `idim` input features to width `d` at `rate` (4, 6 or 8).
     pub fn new(path: &nn::Path<'_>, idim: i64, d: i64, rate: i64) -> Self {
         let conv = path / "conv";
-        let c = |i: i64, cin: i64, k: i64, s: i64| {
-            nn::conv2d(
-                &conv / i,
-                cin,
-                d,
-                k,
-                nn::ConvConfig {
-                    stride: s,
-                    ..Default::default()
-                },
-            )
-        };
+        let c = |i: i64, cin: i64, k: i64, s: i64| crate::init::conv2d(&conv / i, cin, d, k, s);
         let (convs, freq, right_context) = match rate {
             6 => (
                 vec![c(0, 1, 3, 2), c(2, d, 5, 3)],
@@ -101,7 +90,7 @@ impl Conv2dSubsampling {
         };
         Self {
             convs,
-            out: nn::linear(out_path, d * freq, d, Default::default()),
+            out: crate::init::linear(out_path, d * freq, d, true),
             rate,
             right_context,
             d,

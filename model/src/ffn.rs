@@ -26,8 +26,8 @@ impl FeedForward {
         dropout: f64,
     ) -> Self {
         Self {
-            w_1: nn::linear(path / "w_1", d, hidden, Default::default()),
-            w_2: nn::linear(path / "w_2", hidden, d, Default::default()),
+            w_1: crate::init::linear(path / "w_1", d, hidden, true),
+            w_2: crate::init::linear(path / "w_2", hidden, d, true),
             activation,
             dropout,
         }

@@ -9,6 +9,7 @@
 //! | [`embedding`] | CMVN, conv2d subsampling x4/x6/x8, sinusoidal positions |
 //! | [`attention`] | multi-head and relative-position multi-head attention |
 //! | [`ffn`] | the feed-forward type every block uses (the MoE swap point) |
+//! | [`init`] | layers initialised as PyTorch does |
 //! | [`convolution`] | the Conformer convolution module |
 //! | [`encoder`] | Conformer blocks and encoder |
 //! | [`decoder`] | left-to-right and right-to-left Transformer decoders |
@@ -30,6 +31,7 @@ pub mod decoder;
 pub mod embedding;
 pub mod encoder;
 pub mod ffn;
+pub mod init;
 pub mod loss;
 pub mod mask;
 pub mod search;

@@ -71,6 +71,8 @@ pub struct TrainStepTiming {
     pub frames_per_second: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
+    /// Loss and CTC loss of every step (warm-up included).
+    pub losses: Vec<(f64, f64)>,
 }
 
 /// Times `steps` training steps after `warmup` untimed ones, on the first `utts`
@@ -81,6 +83,7 @@ pub fn train_step(
     utts: usize,
     steps: usize,
     warmup: usize,
+    lr: f64,
 ) -> Result<TrainStepTiming> {
     use crate::config::TrainConfig;
     use crate::data::list::ListReader;
@@ -146,13 +149,25 @@ pub fn train_step(
         .sum();
     let mut opt = AdamW::new(c.optim_conf.clone(), vs.variables().into_iter().collect());
     let mut seconds = Vec::new();
+    let mut losses = Vec::new();
+    let (mean, istd) = crate::data::cmvn::CmvnStats::load(
+        &list
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("../global_cmvn"),
+    )
+    .map(|c| c.mean_istd())
+    .unwrap_or_else(|_| (vec![0.0; 80], vec![1.0; 80]));
+    let mut model = model;
+    model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
     for i in 0..warmup + steps {
         let start = Instant::now();
         opt.zero_grad();
         let out = model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true);
         out.loss.backward();
+        losses.push((out.loss.double_value(&[]), out.ctc.double_value(&[])));
         opt.clip_grad_norm(c.grad_clip);
-        opt.step(1e-4);
+        opt.step(lr);
         if i >= warmup {
             seconds.push(start.elapsed().as_secs_f64());
         }
@@ -168,5 +183,6 @@ pub fn train_step(
         seconds,
         frames_per_second: frames as f64 / median,
         peak_rss_mib: crate::train::peak_rss_mib(),
+        losses,
     })
 }

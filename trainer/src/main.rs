@@ -238,6 +238,9 @@ enum BenchCommand {
         /// libtorch threads (0: default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// Constant learning rate of the timed AdamW steps.
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
     },
     /// Filterbank frames/s on one thread over the given 16 kHz WAVs; prints JSON.
     Fbank {
@@ -346,11 +349,13 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             warmup,
             threads,
+            lr,
         }) => {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            let timing = upcycle_trainer::bench::train_step(&config, &list, utts, steps, warmup)?;
+            let timing =
+                upcycle_trainer::bench::train_step(&config, &list, utts, steps, warmup, lr)?;
             println!("{}", serde_json::to_string(&timing)?);
         }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {

@@ -263,9 +263,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         for batch in train_loader.epoch(epoch)? {
             let b = batch?;
             let [feats, lens, target, tlens] = to_device(&b, opts.device);
-            let chunk = model
-                .encoder()
-                .training_chunk_mode(chunk_rng.random(), chunk_rng.random());
+            let (draw, left_draw) = (chunk_rng.random(), chunk_rng.random());
+            let chunk = if state.step < uc.full_context_steps {
+                ChunkMode::Full
+            } else {
+                model.encoder().training_chunk_mode(draw, left_draw)
+            };
             let l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
             let loss = l.loss.double_value(&[]);
             if !loss.is_finite() {

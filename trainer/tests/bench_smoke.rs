@@ -11,7 +11,14 @@ fn benchmark_scripts_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("librivox");
     let o = Command::new(bin)
-        .args(["data", "prepare", "--no-install", "--corpus", "librivox", "--out"])
+        .args([
+            "data",
+            "prepare",
+            "--no-install",
+            "--corpus",
+            "librivox",
+            "--out",
+        ])
         .arg(&data)
         .output()
         .unwrap();
@@ -22,7 +29,20 @@ fn benchmark_scripts_run() {
         ("bench/fbank.py", vec!["--files", "3", "--repeat", "1"]),
         (
             "bench/train_step.py",
-            vec!["--config", "configs/tiny.yaml", "--utts", "2", "--steps", "1", "--warmup", "0", "--repeat", "1", "--threads", "1"],
+            vec![
+                "--config",
+                "configs/tiny.yaml",
+                "--utts",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--repeat",
+                "1",
+                "--threads",
+                "1",
+            ],
         ),
     ] {
         let json = tmp.path().join("out.json");
@@ -38,8 +58,13 @@ fn benchmark_scripts_run() {
             .arg(&json)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert!(
+            o.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert!(r["ratio_median"].as_f64().unwrap() > 0.0, "{script}: {r}");
     }
 }
