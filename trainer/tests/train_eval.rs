@@ -97,17 +97,12 @@ fn train_then_eval_then_transcribe() {
     ] {
         assert!(train[0].get(key).is_some(), "{key} missing");
     }
-    let first: f64 = train[..5]
-        .iter()
-        .map(|l| l["loss"].as_f64().unwrap())
-        .sum::<f64>()
-        / 5.0;
-    let last: f64 = train[25..]
-        .iter()
-        .map(|l| l["loss"].as_f64().unwrap())
-        .sum::<f64>()
-        / 5.0;
-    assert!(last < 0.9 * first, "loss did not fall: {first} -> {last}");
+    // Two batches alternate (8 utterances, 4 per batch): compare whole cycles.
+    let mean = |w: &[&serde_json::Value]| {
+        w.iter().map(|l| l["loss"].as_f64().unwrap()).sum::<f64>() / w.len() as f64
+    };
+    let (first, last) = (mean(&train[..6]), mean(&train[24..]));
+    assert!(last < 0.85 * first, "loss did not fall: {first} -> {last}");
     let dev: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("dev_cer").is_some()).collect();
     assert_eq!(dev.len(), 2, "eval at steps 15 and 30");
 
