@@ -164,7 +164,7 @@ fn parity(config_text: &str, label: &str) {
         check(&key("loss"), &l.loss, &io[&key("loss")], &mut worst);
         if mode == "full" {
             l.loss.backward();
-            for (name, var) in vs.trainable_variables_named() {
+            for (name, var) in vs.variables().into_iter().filter(|(_, v)| v.requires_grad()) {
                 check(
                     &format!("grad.{name}"),
                     &var.grad(),
@@ -175,19 +175,6 @@ fn parity(config_text: &str, label: &str) {
         }
     }
     eprintln!("{label}: worst excess over rtol 1e-5: {worst:.2e}");
-}
-
-trait Named {
-    fn trainable_variables_named(&self) -> Vec<(String, Tensor)>;
-}
-
-impl Named for nn::VarStore {
-    fn trainable_variables_named(&self) -> Vec<(String, Tensor)> {
-        self.variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect()
-    }
 }
 
 fn tiny() -> String {
