@@ -164,7 +164,11 @@ fn parity(config_text: &str, label: &str) {
         check(&key("loss"), &l.loss, &io[&key("loss")], &mut worst);
         if mode == "full" {
             l.loss.backward();
-            for (name, var) in vs.variables().into_iter().filter(|(_, v)| v.requires_grad()) {
+            for (name, var) in vs
+                .variables()
+                .into_iter()
+                .filter(|(_, v)| v.requires_grad())
+            {
                 check(
                     &format!("grad.{name}"),
                     &var.grad(),
