@@ -13,7 +13,7 @@ Where each piece comes from in WeNet:
   wenet/transformer/subsampling.py           Conv2dSubsampling4 / 6 / 8
   wenet/transformer/attention.py             MultiHeadedAttention,
                                              RelPositionMultiHeadedAttention (no rel_shift)
-  wenet/transformer/positionwise_feed_forward.py  PositionwiseFeedForward
+  wenet/transformer/positionwise_feed_forward.py  PositionwiseFeedForward, MoEFFNLayer
   wenet/transformer/convolution.py           ConvolutionModule
   wenet/transformer/encoder_layer.py         ConformerEncoderLayer
   wenet/transformer/encoder.py               BaseEncoder.forward, ConformerEncoder
@@ -468,6 +468,82 @@ class PositionwiseFeedForward(nn.Module):
         return self.w_2(self.dropout(self.activation(self.w_1(xs))))
 
 
+class MoEFFNLayer(nn.Module):
+    """WeNet's MoE FFN: gate Linear(d, E, bias=False); top-k of the gate logits, softmax
+    over the k chosen (fp32); experts are PositionwiseFeedForward, computed by a loop.
+
+    upcycle's options, off by default (= WeNet): `valid` (route only these positions,
+    zeros elsewhere), softmax_before_topk (top-k of the full softmax, not renormalised),
+    capacity_factor (training: each expert keeps at most ceil(cf * N * k / E) token copies,
+    dropping those of lowest weight; ties: earlier copy first), and the auxiliary losses
+    kept in self.aux after each forward: balance = E * sum_i f_i * P_i (f_i: share of
+    the token copies routed to i before dropping, P_i: mean router probability) and
+    z = mean(logsumexp(logits)^2).
+    """
+
+    def __init__(self, idim: int, hidden_units: int, dropout_rate: float,
+                 activation: nn.Module = nn.ReLU(), bias: bool = True, n_expert: int = 8,
+                 n_expert_activated: int = 2):
+        super().__init__()
+        self.gate = nn.Linear(idim, n_expert, bias=False)
+        self.experts = nn.ModuleList(
+            PositionwiseFeedForward(idim, hidden_units, dropout_rate, activation)
+            for _ in range(n_expert))
+        self.n_expert = n_expert
+        self.n_expert_activated = n_expert_activated
+        self.softmax_before_topk = False
+        self.capacity_factor = 0.0
+        self.aux = {}
+
+    def forward(self, xs: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, L, D = xs.size()
+        xs = xs.reshape(-1, D)
+        keep = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
+        tokens = xs if keep is None else xs[keep]
+        router = self.gate(tokens)
+        k = self.n_expert_activated
+        if self.softmax_before_topk:
+            weights, selected_experts = torch.topk(
+                torch.softmax(router, dim=1, dtype=torch.float), k)
+        else:
+            logits, selected_experts = torch.topk(router, k)
+            weights = torch.nn.functional.softmax(
+                logits, dim=1, dtype=torch.float).to(dtype=xs.dtype)
+        kept = torch.ones_like(selected_experts, dtype=torch.bool)
+        n = tokens.size(0)
+        if self.training and self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * n * k / self.n_expert)
+            flat_sel, flat_w = selected_experts.reshape(-1), weights.reshape(-1)
+            flat_kept = kept.reshape(-1)
+            for i in range(self.n_expert):
+                copies = torch.where(flat_sel == i)[0]
+                order = torch.sort(-flat_w[copies].detach(), stable=True).indices
+                flat_kept[copies[order[capacity:]]] = False
+        output = torch.zeros_like(tokens)
+        for i, expert in enumerate(self.experts):
+            mask = (selected_experts == i) & kept
+            token_ids, ith_expert = torch.where(mask)
+            output[token_ids] += weights[token_ids, ith_expert, None] * expert(
+                tokens[token_ids])
+        routed = torch.bincount(selected_experts.reshape(-1), minlength=self.n_expert)
+        probs = torch.softmax(router, dim=1, dtype=torch.float)
+        self.aux = {
+            "balance": self.n_expert * torch.sum(routed / (n * k) * probs.mean(0)),
+            "z": torch.logsumexp(router, dim=1).square().mean(),
+            "tokens_per_expert": torch.bincount(selected_experts[kept],
+                                                minlength=self.n_expert),
+        }
+        if keep is not None:
+            output = torch.zeros_like(xs).index_copy(0, keep, output)
+        return output.view(B, L, D)
+
+
+WENET_MLP_CLASSES = {
+    "position_wise_feed_forward": PositionwiseFeedForward,
+    "moe": MoEFFNLayer,
+}
+
+
 # --------------------------------------------------------------------------------------
 # wenet/transformer/convolution.py
 # --------------------------------------------------------------------------------------
@@ -653,7 +729,9 @@ class ConformerEncoder(nn.Module):
                  macaron_style: bool = True, selfattention_layer_type: str = "rel_selfattn",
                  activation_type: str = "swish", use_cnn_module: bool = True,
                  cnn_module_kernel: int = 15, causal: bool = False,
-                 cnn_module_norm: str = "batch_norm", norm_eps: float = 1e-5):
+                 cnn_module_norm: str = "batch_norm", norm_eps: float = 1e-5,
+                 mlp_type: str = "position_wise_feed_forward", n_expert: int = 8,
+                 n_expert_activated: int = 2):
         super().__init__()
         self._output_size = output_size
         self.global_cmvn = global_cmvn
@@ -673,6 +751,9 @@ class ConformerEncoder(nn.Module):
         encoder_selfattn_layer_args = (attention_heads, output_size, attention_dropout_rate)
         # feed-forward module definition
         positionwise_layer_args = (output_size, linear_units, dropout_rate, activation)
+        mlp_class = WENET_MLP_CLASSES[mlp_type]
+        if mlp_type == "moe":
+            positionwise_layer_args += (True, n_expert, n_expert_activated)
         # convolution module definition
         convolution_layer_args = (output_size, cnn_module_kernel, activation, cnn_module_norm,
                                   causal)
@@ -680,8 +761,8 @@ class ConformerEncoder(nn.Module):
             ConformerEncoderLayer(
                 output_size,
                 WENET_ATTENTION_CLASSES[selfattention_layer_type](*encoder_selfattn_layer_args),
-                PositionwiseFeedForward(*positionwise_layer_args),
-                PositionwiseFeedForward(*positionwise_layer_args) if macaron_style else None,
+                mlp_class(*positionwise_layer_args),
+                mlp_class(*positionwise_layer_args) if macaron_style else None,
                 ConvolutionModule(*convolution_layer_args) if use_cnn_module else None,
                 dropout_rate,
                 normalize_before,
@@ -790,10 +871,15 @@ class TransformerDecoder(nn.Module):
                  src_attention_dropout_rate: float = 0.0, input_layer: str = "embed",
                  use_output_layer: bool = True, normalize_before: bool = True,
                  src_attention: bool = True, activation_type: str = "relu",
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, mlp_type: str = "position_wise_feed_forward",
+                 n_expert: int = 8, n_expert_activated: int = 2):
         super().__init__()
         attention_dim = encoder_output_size
         activation = WENET_ACTIVATION_CLASSES[activation_type]()
+        mlp_class = WENET_MLP_CLASSES[mlp_type]
+        mlp_args = (attention_dim, linear_units, dropout_rate, activation)
+        if mlp_type == "moe":
+            mlp_args += (True, n_expert, n_expert_activated)
 
         self.embed = nn.Sequential(
             nn.Embedding(vocab_size, attention_dim),
@@ -814,7 +900,7 @@ class TransformerDecoder(nn.Module):
                                      self_attention_dropout_rate),
                 MultiHeadedAttention(attention_heads, attention_dim,
                                      src_attention_dropout_rate) if src_attention else None,
-                PositionwiseFeedForward(attention_dim, linear_units, dropout_rate, activation),
+                mlp_class(*mlp_args),
                 dropout_rate,
                 normalize_before,
                 norm_eps,
@@ -855,7 +941,8 @@ class BiTransformerDecoder(nn.Module):
                  src_attention_dropout_rate: float = 0.0, input_layer: str = "embed",
                  use_output_layer: bool = True, normalize_before: bool = True,
                  src_attention: bool = True, activation_type: str = "relu",
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, mlp_type: str = "position_wise_feed_forward",
+                 n_expert: int = 8, n_expert_activated: int = 2):
         super().__init__()
 
         def make(n):
@@ -864,7 +951,9 @@ class BiTransformerDecoder(nn.Module):
                                       self_attention_dropout_rate, src_attention_dropout_rate,
                                       input_layer, use_output_layer, normalize_before,
                                       src_attention=src_attention,
-                                      activation_type=activation_type, norm_eps=norm_eps)
+                                      activation_type=activation_type, norm_eps=norm_eps,
+                                      mlp_type=mlp_type, n_expert=n_expert,
+                                      n_expert_activated=n_expert_activated)
 
         self.left_decoder = make(num_blocks)
         self.right_decoder = make(r_num_blocks)

@@ -10,6 +10,7 @@ use crate::decoder::BiTransformerDecoder;
 use crate::encoder::ConformerEncoder;
 use crate::loss::{add_sos_eos, label_smoothing_loss, reverse_pad_list, IGNORE_ID};
 use crate::mask::ChunkMode;
+use crate::moe::{MoeContext, Routing};
 
 /// A model configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,12 @@ pub struct Losses {
     pub ctc_log_probs: Tensor,
     /// Encoder output `[B, T', d]` and its mask `[B, 1, T']`.
     pub encoder_out: (Tensor, Tensor),
+    /// Load-balancing loss (mean over MoE layers), already in `loss` by its weight.
+    pub balance: Option<Tensor>,
+    /// Router z-loss (mean over MoE layers), already in `loss` by its weight.
+    pub z_loss: Option<Tensor>,
+    /// What every MoE layer's router did.
+    pub routing: Routing,
 }
 
 /// The U2++ ASR model (parameters `encoder.`, `decoder.`, `ctc.` as WeNet names them).
@@ -42,6 +49,7 @@ pub struct AsrModel {
     decoder: BiTransformerDecoder,
     ctc: Ctc,
     conf: ModelConf,
+    moe: MoeContext,
     vocab: i64,
 }
 
@@ -54,8 +62,10 @@ impl AsrModel {
         encoder_conf: &EncoderConf,
         decoder_conf: &DecoderConf,
         model_conf: &ModelConf,
+        moe: &MoeContext,
     ) -> Result<Self, ConfigError> {
         encoder_conf.validate().map_err(ConfigError)?;
+        moe.conf.validate().map_err(ConfigError)?;
         decoder_conf
             .validate(encoder_conf.output_size)
             .map_err(ConfigError)?;
@@ -67,10 +77,11 @@ impl AsrModel {
         }
         let d = encoder_conf.output_size;
         Ok(Self {
-            encoder: ConformerEncoder::new(&(root / "encoder"), input_dim, encoder_conf),
-            decoder: BiTransformerDecoder::new(&(root / "decoder"), vocab, d, decoder_conf),
+            encoder: ConformerEncoder::new(&(root / "encoder"), input_dim, encoder_conf, moe),
+            decoder: BiTransformerDecoder::new(&(root / "decoder"), vocab, d, decoder_conf, moe),
             ctc: Ctc::new(&(root / "ctc"), d, vocab),
             conf: model_conf.clone(),
+            moe: moe.clone(),
             vocab,
         })
     }
@@ -111,7 +122,10 @@ impl AsrModel {
         chunk: ChunkMode,
         train: bool,
     ) -> Losses {
-        let (enc, mask) = self.encoder.forward(feats, feats_lens, chunk, train);
+        let mut routing = Routing::recording();
+        let (enc, mask) = self
+            .encoder
+            .forward(feats, feats_lens, chunk, train, &mut routing);
         let hlens = mask
             .squeeze_dim(1)
             .sum_dim_intlist(-1, false, tch::Kind::Int64);
@@ -121,10 +135,10 @@ impl AsrModel {
         let eos = self.vocab - 1;
         let (ys_in, ys_out) = add_sos_eos(target, target_lens, eos, eos);
         let ys_in_lens = target_lens + 1;
-        let decoder_out = self
-            .decoder
-            .left()
-            .forward(&enc, &mask, &ys_in, &ys_in_lens, train);
+        let decoder_out =
+            self.decoder
+                .left()
+                .forward(&enc, &mask, &ys_in, &ys_in_lens, train, &mut routing);
         let smoothing = self.conf.lsm_weight;
         let norm = self.conf.length_normalized_loss;
         let l2r = label_smoothing_loss(&decoder_out, &ys_out, smoothing, norm);
@@ -133,15 +147,29 @@ impl AsrModel {
             Some(right) => {
                 let r_ys = reverse_pad_list(target, target_lens, IGNORE_ID);
                 let (r_in, r_out) = add_sos_eos(&r_ys, target_lens, eos, eos);
-                let r_dec = right.forward(&enc, &mask, &r_in, &ys_in_lens, train);
+                let r_dec = right.forward(&enc, &mask, &r_in, &ys_in_lens, train, &mut routing);
                 let r2l = label_smoothing_loss(&r_dec, &r_out, smoothing, norm);
                 (l2r * (1.0 - rw) + r2l * rw, Some(r_dec))
             }
             None => (l2r, None),
         };
         let cw = self.conf.ctc_weight;
-        let loss = &ctc * cw + &att * (1.0 - cw);
+        let mut loss = &ctc * cw + &att * (1.0 - cw);
+        let balance = routing.balance_loss();
+        let z_loss = routing.z_loss();
+        let moe = &self.moe.conf;
+        for (part, weight) in [
+            (&balance, moe.balance_loss_weight),
+            (&z_loss, moe.z_loss_weight),
+        ] {
+            if let Some(part) = part.as_ref().filter(|_| weight > 0.0) {
+                loss = loss + part * weight;
+            }
+        }
         Losses {
+            balance,
+            z_loss,
+            routing,
             loss,
             ctc,
             att,

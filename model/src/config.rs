@@ -68,6 +68,25 @@ pub struct EncoderConf {
     /// Only `layer_norm`.
     #[serde(default = "layer_norm")]
     pub cnn_module_norm: String,
+    /// `position_wise_feed_forward` (dense) or `moe` (WeNet's key).
+    #[serde(default = "dense_mlp")]
+    pub mlp_type: String,
+    /// Experts per MoE layer (WeNet's key).
+    #[serde(default = "eight")]
+    pub n_expert: i64,
+    /// Experts each token goes to, k (WeNet's key).
+    #[serde(default = "two")]
+    pub n_expert_activated: i64,
+    /// Blocks whose feed-forward networks are MoE (all when absent).
+    #[serde(default)]
+    pub moe_layers: Option<Vec<usize>>,
+    /// The macaron feed-forward of an MoE block is MoE too (WeNet: yes).
+    #[serde(default = "yes")]
+    pub moe_macaron: bool,
+    /// Groups of blocks sharing one expert bank per feed-forward position (Bai et al.);
+    /// each block keeps its own router and norms. The bank lives in the group's first block.
+    #[serde(default)]
+    pub expert_sharing: Vec<Vec<usize>>,
 }
 
 /// WeNet's `decoder_conf` for `decoder: bitransformer` (or `transformer`).
@@ -110,6 +129,18 @@ pub struct DecoderConf {
     /// `relu` (WeNet's default), `swish` or `gelu`.
     #[serde(default = "relu")]
     pub activation_type: String,
+    /// `position_wise_feed_forward` (dense) or `moe` (WeNet's key).
+    #[serde(default = "dense_mlp")]
+    pub mlp_type: String,
+    /// Experts per MoE layer (WeNet's key).
+    #[serde(default = "eight")]
+    pub n_expert: i64,
+    /// Experts each token goes to, k (WeNet's key).
+    #[serde(default = "two")]
+    pub n_expert_activated: i64,
+    /// Blocks (of both decoders) whose feed-forward is MoE (all when absent).
+    #[serde(default)]
+    pub moe_layers: Option<Vec<usize>>,
 }
 
 /// WeNet's `model_conf`.
@@ -133,11 +164,126 @@ pub struct ModelConf {
     pub ignore_id: i64,
 }
 
+/// How every MoE layer of the model routes and computes (our `moe_conf` key; WeNet has
+/// no such options: its defaults are `router_init: normal`, no noise, no capacity, no
+/// auxiliary loss).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConf {
+    /// `normal` (N(0, router_init_std), breaks the symmetry of upcycled copies) or `zero`.
+    #[serde(default = "normal")]
+    pub router_init: String,
+    /// Standard deviation of a `normal` router initialisation.
+    #[serde(default = "p002")]
+    pub router_init_std: f64,
+    /// Softmax over all experts, then top-k of the probabilities (not renormalised),
+    /// instead of WeNet's top-k of the logits, then softmax over the k.
+    #[serde(default)]
+    pub softmax_before_topk: bool,
+    /// Router input multiplied by uniform noise in `[1 - j, 1 + j]` in training (Switch).
+    #[serde(default)]
+    pub jitter_noise: f64,
+    /// Training capacity of an expert as a multiple of an even share of the token
+    /// copies; the copies with the lowest routing weight beyond it are dropped.
+    /// 0: dropless. Evaluation is always dropless.
+    #[serde(default)]
+    pub capacity_factor: f64,
+    /// Weight of the load-balancing loss `E * sum_i f_i * P_i` (mean over MoE layers).
+    #[serde(default = "p001")]
+    pub balance_loss_weight: f64,
+    /// Weight of the router z-loss `mean(logsumexp(logits)^2)` (mean over MoE layers).
+    #[serde(default)]
+    pub z_loss_weight: f64,
+    /// Expert computation: `auto`, `grouped_mm`, `bmm` or `loop`.
+    #[serde(default = "auto")]
+    pub expert_compute: String,
+}
+
+impl Default for MoeConf {
+    fn default() -> Self {
+        serde_json_like_default()
+    }
+}
+
+impl MoeConf {
+    /// Refuses values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        one_of(
+            "moe_conf.router_init",
+            &self.router_init,
+            &["normal", "zero"],
+        )?;
+        one_of(
+            "moe_conf.expert_compute",
+            &self.expert_compute,
+            &["auto", "grouped_mm", "bmm", "loop"],
+        )?;
+        for (key, v) in [
+            ("router_init_std", self.router_init_std),
+            ("jitter_noise", self.jitter_noise),
+            ("capacity_factor", self.capacity_factor),
+            ("balance_loss_weight", self.balance_loss_weight),
+            ("z_loss_weight", self.z_loss_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("moe_conf.{key}: {v} must be a finite number >= 0"));
+            }
+        }
+        if self.jitter_noise >= 1.0 {
+            return Err("moe_conf.jitter_noise must be below 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Checks the MoE keys shared by `encoder_conf` and `decoder_conf`.
+fn validate_mlp(
+    section: &str,
+    mlp_type: &str,
+    n_expert: i64,
+    k: i64,
+    moe_layers: Option<&[usize]>,
+    num_blocks: usize,
+) -> Result<(), String> {
+    one_of(
+        &format!("{section}.mlp_type"),
+        mlp_type,
+        &["position_wise_feed_forward", "moe"],
+    )?;
+    if mlp_type != "moe" {
+        return Ok(());
+    }
+    if n_expert < 1 || k < 1 || k > n_expert {
+        return Err(format!(
+            "{section}: n_expert_activated ({k}) must be between 1 and n_expert ({n_expert})"
+        ));
+    }
+    if let Some(&bad) = moe_layers.unwrap_or(&[]).iter().find(|&&i| i >= num_blocks) {
+        return Err(format!(
+            "{section}.moe_layers: block {bad} does not exist (num_blocks: {num_blocks})"
+        ));
+    }
+    Ok(())
+}
+
+fn is_moe_block(mlp_type: &str, moe_layers: Option<&[usize]>, block: usize) -> bool {
+    mlp_type == "moe" && moe_layers.is_none_or(|l| l.contains(&block))
+}
+
 fn d256() -> i64 {
     256
 }
 fn d2048() -> i64 {
     2048
+}
+fn eight() -> i64 {
+    8
+}
+fn two() -> i64 {
+    2
+}
+fn dense_mlp() -> String {
+    "position_wise_feed_forward".into()
 }
 fn four() -> i64 {
     4
@@ -150,6 +296,18 @@ fn k15() -> i64 {
 }
 fn p01() -> f64 {
     0.1
+}
+fn p002() -> f64 {
+    0.02
+}
+fn p001() -> f64 {
+    0.01
+}
+fn normal() -> String {
+    "normal".into()
+}
+fn auto() -> String {
+    "auto".into()
 }
 fn p05() -> f64 {
     0.5
@@ -275,7 +433,45 @@ impl EncoderConf {
                 self.cnn_module_kernel
             ));
         }
+        validate_mlp(
+            "encoder_conf",
+            &self.mlp_type,
+            self.n_expert,
+            self.n_expert_activated,
+            self.moe_layers.as_deref(),
+            self.num_blocks,
+        )?;
+        let mut seen = std::collections::BTreeSet::new();
+        for group in &self.expert_sharing {
+            for &block in group {
+                if !self.is_moe_block(block) {
+                    return Err(format!(
+                        "encoder_conf.expert_sharing: block {block} is not an MoE block \
+                         (mlp_type: moe, moe_layers)"
+                    ));
+                }
+                if !seen.insert(block) {
+                    return Err(format!(
+                        "encoder_conf.expert_sharing: block {block} is in two groups"
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the feed-forward networks of `block` are MoE.
+    pub fn is_moe_block(&self, block: usize) -> bool {
+        is_moe_block(&self.mlp_type, self.moe_layers.as_deref(), block)
+    }
+
+    /// The block whose expert banks `block` uses (itself unless it shares).
+    pub fn expert_bank_owner(&self, block: usize) -> usize {
+        self.expert_sharing
+            .iter()
+            .find(|g| g.contains(&block))
+            .and_then(|g| g.iter().min().copied())
+            .unwrap_or(block)
     }
 }
 
@@ -297,7 +493,19 @@ impl DecoderConf {
                 self.attention_heads
             ));
         }
-        Ok(())
+        validate_mlp(
+            "decoder_conf",
+            &self.mlp_type,
+            self.n_expert,
+            self.n_expert_activated,
+            self.moe_layers.as_deref(),
+            self.num_blocks.max(self.r_num_blocks),
+        )
+    }
+
+    /// Whether the feed-forward network of `block` (of either decoder) is MoE.
+    pub fn is_moe_block(&self, block: usize) -> bool {
+        is_moe_block(&self.mlp_type, self.moe_layers.as_deref(), block)
     }
 }
 

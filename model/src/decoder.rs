@@ -8,8 +8,9 @@ use crate::activation::Activation;
 use crate::attention::MultiHeadedAttention;
 use crate::config::DecoderConf;
 use crate::embedding::sinusoid;
-use crate::ffn::FeedForward;
+use crate::ffn::{FeedForward, FfnFactory};
 use crate::mask::{make_pad_mask, subsequent_mask};
+use crate::moe::{MoeContext, Routing};
 
 /// One pre-norm decoder block: self-attention, source attention, feed-forward
 /// (parameters `self_attn`, `src_attn`, `feed_forward`, `norm1..3`).
@@ -25,7 +26,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(path: &nn::Path<'_>, d: i64, c: &DecoderConf) -> Self {
+    fn new(path: &nn::Path<'_>, d: i64, c: &DecoderConf, feed_forward: FeedForward) -> Self {
         let ln = |name: &str| nn::layer_norm(path / name, vec![d], Default::default());
         Self {
             self_attn: MultiHeadedAttention::new(
@@ -40,13 +41,7 @@ impl DecoderLayer {
                 d,
                 c.src_attention_dropout_rate,
             ),
-            feed_forward: FeedForward::new(
-                &(path / "feed_forward"),
-                d,
-                c.linear_units,
-                Activation::from_name(&c.activation_type),
-                c.dropout_rate,
-            ),
+            feed_forward,
             norm1: ln("norm1"),
             norm2: ln("norm2"),
             norm3: ln("norm3"),
@@ -60,7 +55,9 @@ impl DecoderLayer {
         tgt_mask: &Tensor,
         memory: &Tensor,
         memory_mask: &Tensor,
+        valid: &Tensor,
         train: bool,
+        routing: &mut Routing,
     ) -> Tensor {
         let h = self.norm1.forward(x);
         let x = x + self
@@ -76,7 +73,7 @@ impl DecoderLayer {
         let h = self.norm3.forward(&x);
         &x + self
             .feed_forward
-            .forward(&h, train)
+            .forward(&h, Some(valid), train, routing)
             .dropout(self.dropout, train)
     }
 }
@@ -94,12 +91,26 @@ pub struct TransformerDecoder {
 }
 
 impl TransformerDecoder {
-    fn new(path: &nn::Path<'_>, vocab: i64, d: i64, blocks: usize, c: &DecoderConf) -> Self {
+    fn new(
+        path: &nn::Path<'_>,
+        vocab: i64,
+        d: i64,
+        blocks: usize,
+        c: &DecoderConf,
+        ffns: &mut FfnFactory,
+    ) -> Self {
+        let layer = |i: usize| {
+            let at = path / "decoders" / i;
+            let ffn = if c.is_moe_block(i) {
+                ffns.moe(&(&at / "feed_forward"), &(&at / "feed_forward" / "experts"))
+            } else {
+                ffns.dense(&(&at / "feed_forward"))
+            };
+            DecoderLayer::new(&at, d, c, ffn)
+        };
         Self {
             embed: nn::embedding(path / "embed" / 0, vocab, d, Default::default()),
-            decoders: (0..blocks)
-                .map(|i| DecoderLayer::new(&(path / "decoders" / i), d, c))
-                .collect(),
+            decoders: (0..blocks).map(layer).collect(),
             after_norm: nn::layer_norm(path / "after_norm", vec![d], Default::default()),
             output_layer: crate::init::linear(path / "output_layer", d, vocab, true),
             d,
@@ -116,17 +127,18 @@ impl TransformerDecoder {
         ys_in: &Tensor,
         ys_in_lens: &Tensor,
         train: bool,
+        routing: &mut Routing,
     ) -> Tensor {
         let l = ys_in.size()[1];
-        let tgt_mask = make_pad_mask(ys_in_lens, l)
-            .logical_not()
+        let valid = make_pad_mask(ys_in_lens, l).logical_not();
+        let tgt_mask = valid
             .unsqueeze(1)
             .logical_and(&subsequent_mask(l, ys_in.device()).unsqueeze(0));
         let x = self.embed.forward(ys_in) * (self.d as f64).sqrt()
             + sinusoid(0, l, self.d, ys_in.device());
         let mut x = x.dropout(self.positional_dropout, train);
         for layer in &self.decoders {
-            x = layer.forward(&x, &tgt_mask, memory, memory_mask, train);
+            x = layer.forward(&x, &tgt_mask, memory, memory_mask, &valid, train, routing);
         }
         self.output_layer.forward(&self.after_norm.forward(&x))
     }
@@ -142,7 +154,15 @@ pub struct BiTransformerDecoder {
 
 impl BiTransformerDecoder {
     /// Decoders of width `d` over a vocabulary of `vocab` under `path` (normally `decoder`).
-    pub fn new(path: &nn::Path<'_>, vocab: i64, d: i64, c: &DecoderConf) -> Self {
+    pub fn new(path: &nn::Path<'_>, vocab: i64, d: i64, c: &DecoderConf, moe: &MoeContext) -> Self {
+        let mut ffns = FfnFactory::new(
+            d,
+            c.linear_units,
+            Activation::from_name(&c.activation_type),
+            c.dropout_rate,
+            (c.n_expert, c.n_expert_activated),
+            moe,
+        );
         Self {
             left_decoder: TransformerDecoder::new(
                 &(path / "left_decoder"),
@@ -150,9 +170,17 @@ impl BiTransformerDecoder {
                 d,
                 c.num_blocks,
                 c,
+                &mut ffns,
             ),
             right_decoder: (c.r_num_blocks > 0).then(|| {
-                TransformerDecoder::new(&(path / "right_decoder"), vocab, d, c.r_num_blocks, c)
+                TransformerDecoder::new(
+                    &(path / "right_decoder"),
+                    vocab,
+                    d,
+                    c.r_num_blocks,
+                    c,
+                    &mut ffns,
+                )
             }),
         }
     }

@@ -10,8 +10,9 @@ use crate::attention::RelPositionMultiHeadedAttention;
 use crate::config::EncoderConf;
 use crate::convolution::ConvolutionModule;
 use crate::embedding::{sinusoid, Conv2dSubsampling, GlobalCmvn};
-use crate::ffn::FeedForward;
+use crate::ffn::{FeedForward, FfnFactory};
 use crate::mask::{chunk_attention_mask, make_pad_mask, ChunkMode};
+use crate::moe::{MoeContext, Routing};
 
 /// One Conformer block (WeNet's `ConformerEncoderLayer`, pre-norm).
 #[derive(Debug)]
@@ -33,17 +34,21 @@ fn layer_norm(path: &nn::Path<'_>, name: &str, d: i64) -> nn::LayerNorm {
 }
 
 impl ConformerEncoderLayer {
-    /// A block under `path` (e.g. `encoder.encoders.3`).
-    pub fn new(path: &nn::Path<'_>, c: &EncoderConf) -> Self {
+    /// A block under `path` (e.g. `encoder.encoders.3`) with its feed-forward networks
+    /// (`feed_forward_macaron` exists when `c.macaron_style`).
+    pub fn new(
+        path: &nn::Path<'_>,
+        c: &EncoderConf,
+        feed_forward_macaron: Option<FeedForward>,
+        feed_forward: FeedForward,
+    ) -> Self {
         let d = c.output_size;
         let act = Activation::from_name(&c.activation_type);
-        let ffn =
-            |name: &str| FeedForward::new(&(path / name), d, c.linear_units, act, c.dropout_rate);
         Self {
             norm_ff_macaron: c
                 .macaron_style
                 .then(|| layer_norm(path, "norm_ff_macaron", d)),
-            feed_forward_macaron: c.macaron_style.then(|| ffn("feed_forward_macaron")),
+            feed_forward_macaron,
             norm_mha: layer_norm(path, "norm_mha", d),
             self_attn: RelPositionMultiHeadedAttention::new(
                 &(path / "self_attn"),
@@ -62,7 +67,7 @@ impl ConformerEncoderLayer {
                 )
             }),
             norm_ff: layer_norm(path, "norm_ff", d),
-            feed_forward: ffn("feed_forward"),
+            feed_forward,
             norm_final: c.use_cnn_module.then(|| layer_norm(path, "norm_final", d)),
             dropout: c.dropout_rate,
         }
@@ -76,7 +81,9 @@ impl ConformerEncoderLayer {
         pos_emb: &Tensor,
         mask_pad: &Tensor,
         train: bool,
+        routing: &mut Routing,
     ) -> Tensor {
+        let valid = mask_pad.squeeze_dim(1);
         let ff_scale = if self.feed_forward_macaron.is_some() {
             0.5
         } else {
@@ -85,7 +92,7 @@ impl ConformerEncoderLayer {
         let mut x = x.shallow_clone();
         if let (Some(norm), Some(ff)) = (&self.norm_ff_macaron, &self.feed_forward_macaron) {
             x = &x
-                + ff.forward(&norm.forward(&x), train)
+                + ff.forward(&norm.forward(&x), Some(&valid), train, routing)
                     .dropout(self.dropout, train)
                     * ff_scale;
         }
@@ -102,7 +109,7 @@ impl ConformerEncoderLayer {
         x = &x
             + self
                 .feed_forward
-                .forward(&self.norm_ff.forward(&x), train)
+                .forward(&self.norm_ff.forward(&x), Some(&valid), train, routing)
                 .dropout(self.dropout, train)
                 * ff_scale;
         match &self.norm_final {
@@ -126,14 +133,43 @@ pub struct ConformerEncoder {
 
 impl ConformerEncoder {
     /// An encoder of `input_dim` features under `path` (normally `encoder`).
-    pub fn new(path: &nn::Path<'_>, input_dim: i64, c: &EncoderConf) -> Self {
+    pub fn new(path: &nn::Path<'_>, input_dim: i64, c: &EncoderConf, moe: &MoeContext) -> Self {
         let d = c.output_size;
+        let mut ffns = FfnFactory::new(
+            d,
+            c.linear_units,
+            Activation::from_name(&c.activation_type),
+            c.dropout_rate,
+            (c.n_expert, c.n_expert_activated),
+            moe,
+        );
+        let mut ffn = |block: usize, name: &str, moe: bool| {
+            let at = path / "encoders" / block / name;
+            if moe {
+                let owner = path / "encoders" / c.expert_bank_owner(block) / name / "experts";
+                ffns.moe(&at, &owner)
+            } else {
+                ffns.dense(&at)
+            }
+        };
+        let mut encoders = Vec::with_capacity(c.num_blocks);
+        for i in 0..c.num_blocks {
+            let moe = c.is_moe_block(i);
+            let macaron = c
+                .macaron_style
+                .then(|| ffn(i, "feed_forward_macaron", moe && c.moe_macaron));
+            let feed_forward = ffn(i, "feed_forward", moe);
+            encoders.push(ConformerEncoderLayer::new(
+                &(path / "encoders" / i),
+                c,
+                macaron,
+                feed_forward,
+            ));
+        }
         Self {
             global_cmvn: GlobalCmvn::new(&(path / "global_cmvn"), input_dim),
             embed: Conv2dSubsampling::new(&(path / "embed"), input_dim, d, c.subsampling_rate()),
-            encoders: (0..c.num_blocks)
-                .map(|i| ConformerEncoderLayer::new(&(path / "encoders" / i), c))
-                .collect(),
+            encoders,
             after_norm: layer_norm(path, "after_norm", d),
             d,
             positional_dropout: c.positional_dropout_rate,
@@ -175,13 +211,15 @@ impl ConformerEncoder {
         }
     }
 
-    /// `xs` `[B, T, idim]` with lengths `[B]` to `([B, T', d], mask [B, 1, T'])`.
+    /// `xs` `[B, T, idim]` with lengths `[B]` to `([B, T', d], mask [B, 1, T'])`; MoE
+    /// layers record their routing into `routing`.
     pub fn forward(
         &self,
         xs: &Tensor,
         xs_lens: &Tensor,
         chunk: ChunkMode,
         train: bool,
+        routing: &mut Routing,
     ) -> (Tensor, Tensor) {
         let t = xs.size()[1];
         let masks = make_pad_mask(xs_lens, t).logical_not().unsqueeze(1);
@@ -193,7 +231,7 @@ impl ConformerEncoder {
         let att_mask = chunk_attention_mask(&masks, chunk);
         let mut x = xs;
         for layer in &self.encoders {
-            x = layer.forward(&x, &att_mask, &pos_emb, &masks, train);
+            x = layer.forward(&x, &att_mask, &pos_emb, &masks, train, routing);
         }
         (self.after_norm.forward(&x), masks)
     }

@@ -1,5 +1,5 @@
-//! `upcycle-model`: the Conformer U2++ recognizer (and, next, its Mixture-of-Experts
-//! layers), as WeNet defines it, with WeNet's parameter names so that checkpoints map
+//! `upcycle-model`: the Conformer U2++ recognizer and its Mixture-of-Experts
+//! layers, as WeNet defines it, with WeNet's parameter names so that checkpoints map
 //! one-to-one.
 //!
 //! | module | what |
@@ -8,7 +8,9 @@
 //! | [`mask`] | padding, causal and (dynamic) chunk masks |
 //! | [`embedding`] | CMVN, conv2d subsampling x4/x6/x8, sinusoidal positions |
 //! | [`attention`] | multi-head and relative-position multi-head attention |
-//! | [`ffn`] | the feed-forward type every block uses (the MoE swap point) |
+//! | [`ffn`] | the feed-forward network of every block, dense or MoE |
+//! | [`moe`] | router, dispatch, stacked experts, routing statistics |
+//! | [`naming`] | WeNet's parameter names and ours (stacked experts) |
 //! | [`init`] | layers initialised as PyTorch does |
 //! | [`convolution`] | the Conformer convolution module |
 //! | [`encoder`] | Conformer blocks and encoder |
@@ -34,4 +36,6 @@ pub mod ffn;
 pub mod init;
 pub mod loss;
 pub mod mask;
+pub mod moe;
+pub mod naming;
 pub mod search;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use crate::asr::AsrModel;
+use crate::moe::Routing;
 
 /// One hypothesis: token ids (no blank, no sos/eos) and its score.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,7 +159,7 @@ pub fn attention_rescoring(
         |decoder: &crate::decoder::TransformerDecoder, ys: &[i64], reversed: bool| -> Vec<f64> {
             let ys_in = Tensor::from_slice(ys).view([n, max_len + 1]).to_device(dev);
             let logp = decoder
-                .forward(&memory, &mask, &ys_in, &lens_t, false)
+                .forward(&memory, &mask, &ys_in, &lens_t, false, &mut Routing::off())
                 .log_softmax(-1, Kind::Float);
             hyps.iter()
                 .enumerate()

@@ -90,7 +90,6 @@ pub fn train_step(
     use crate::data::text::{normalize, Units};
     use crate::optim::AdamW;
     use tch::{nn, Device, Tensor};
-    use upcycle_model::asr::AsrModel;
     use upcycle_model::mask::ChunkMode;
 
     let c = TrainConfig::load(config)?;
@@ -134,14 +133,7 @@ pub fn train_step(
 
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = AsrModel::new(
-        &vs.root(),
-        c.input_dim,
-        units.len() as i64,
-        &c.encoder_conf,
-        &c.decoder_conf,
-        &c.model_conf,
-    )?;
+    let model = c.build_model(&vs.root(), units.len() as i64)?;
     let params = vs
         .trainable_variables()
         .iter()

@@ -193,14 +193,7 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
     let config = TrainConfig::load(&dir.join("train.yaml"))?;
     let units = Arc::new(Units::load(&dir.join("units.txt"))?);
     let vs = nn::VarStore::new(device);
-    let model = AsrModel::new(
-        &vs.root(),
-        config.input_dim,
-        units.len() as i64,
-        &config.encoder_conf,
-        &config.decoder_conf,
-        &config.model_conf,
-    )?;
+    let model = config.build_model(&vs.root(), units.len() as i64)?;
     let file = dir.join("model.safetensors");
     let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&file)
         .with_context(|| format!("reading {}", file.display()))?

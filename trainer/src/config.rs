@@ -6,7 +6,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf};
+use upcycle_model::asr::AsrModel;
+use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf};
+use upcycle_model::moe::MoeContext;
 
 use crate::data::config::DatasetConf;
 
@@ -186,6 +188,9 @@ pub struct TrainConfig {
     /// Loss settings.
     #[serde(default)]
     pub model_conf: ModelConf,
+    /// Routing and auxiliary losses of every MoE layer.
+    #[serde(default)]
+    pub moe_conf: MoeConf,
     /// Data pipeline settings.
     #[serde(default)]
     pub dataset_conf: DatasetConf,
@@ -281,6 +286,23 @@ fn log_interval() -> u64 {
 }
 
 impl TrainConfig {
+    /// Builds the model this config describes under `root`, every expert local.
+    pub fn build_model(
+        &self,
+        root: &tch::nn::Path<'_>,
+        vocab: i64,
+    ) -> Result<AsrModel, upcycle_model::asr::ConfigError> {
+        AsrModel::new(
+            root,
+            self.input_dim,
+            vocab,
+            &self.encoder_conf,
+            &self.decoder_conf,
+            &self.model_conf,
+            &MoeContext::local(self.moe_conf.clone()),
+        )
+    }
+
     /// Reads and validates a YAML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
@@ -409,15 +431,7 @@ mod tests {
         ] {
             let c = TrainConfig::load(&configs().join(name)).unwrap();
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            upcycle_model::asr::AsrModel::new(
-                &vs.root(),
-                c.input_dim,
-                vocab,
-                &c.encoder_conf,
-                &c.decoder_conf,
-                &c.model_conf,
-            )
-            .unwrap();
+            c.build_model(&vs.root(), vocab).unwrap();
             let n: i64 = vs
                 .trainable_variables()
                 .iter()

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::{Device, Tensor};
 use upcycle_model::mask::ChunkMode;
+use upcycle_model::moe::Routing;
 use upcycle_model::search::{attention_rescoring, ctc_greedy, ctc_prefix_beam_search, Hypothesis};
 
 use crate::checkpoint::{load_model, LoadedModel};
@@ -107,7 +108,10 @@ fn decode_one(
         let t0 = Instant::now();
         let x = feats.unsqueeze(0).to_device(o.device);
         let lens = Tensor::from_slice(&[feats.size()[0]]).to_device(o.device);
-        let (enc, mask) = m.model.encoder().forward(&x, &lens, chunk, false);
+        let (enc, mask) = m
+            .model
+            .encoder()
+            .forward(&x, &lens, chunk, false, &mut Routing::off());
         let logp = m.model.ctc().log_softmax(&enc);
         let enc_secs = t0.elapsed().as_secs_f64();
         let hlen = mask.sum(tch::Kind::Int64).int64_value(&[]);

@@ -173,14 +173,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     tch::manual_seed(uc.seed as i64);
     let vs = nn::VarStore::new(opts.device);
     let vocab = units.len() as i64;
-    let mut model = AsrModel::new(
-        &vs.root(),
-        config.input_dim,
-        vocab,
-        &config.encoder_conf,
-        &config.decoder_conf,
-        &config.model_conf,
-    )?;
+    let mut model = config.build_model(&vs.root(), vocab)?;
     let (mean, istd) = cmvn.mean_istd();
     model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
     let n_params: i64 = vs

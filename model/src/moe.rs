@@ -1,0 +1,543 @@
+//! The Mixture-of-Experts feed-forward network (WeNet's `MoEFFNLayer` semantics, computed
+//! the way Megatron-Core does): an fp32 router picks k experts per token, token copies
+//! are sorted by expert, handed to the [`ExpertDispatch`] (the identity in one process,
+//! the all-to-all under expert parallelism), run through the stacked experts with one
+//! grouped matrix product, brought back and combined by their routing weights.
+//!
+//! Parameters under a layer `P`: `P.router.weight` `[E, d]` and the expert bank
+//! `P.experts.w_1` `[E, d, f]`, `P.experts.b_1` `[E, f]`, `P.experts.w_2` `[E, f, d]`,
+//! `P.experts.b_2` `[E, d]` (expert `j`'s `w_1` is WeNet's `experts.{j}.w_1.weight`
+//! transposed). Layers that share a bank hold the same tensors.
+
+use std::sync::Arc;
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+use crate::activation::Activation;
+use crate::config::MoeConf;
+
+/// How the local experts are computed over tokens sorted by expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertCompute {
+    /// One grouped matrix product per weight (`torch._grouped_mm`).
+    GroupedMm,
+    /// Tokens padded to the largest expert's count, one batched product.
+    Bmm,
+    /// One matrix product per expert that received tokens.
+    Loop,
+}
+
+impl ExpertCompute {
+    /// The strategy named in `moe_conf.expert_compute` (`auto` is the measured best:
+    /// grouped GEMM, on CPU as on GPU; see `bench/RESULTS.md`).
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "bmm" => ExpertCompute::Bmm,
+            "loop" => ExpertCompute::Loop,
+            _ => ExpertCompute::GroupedMm,
+        }
+    }
+}
+
+/// Moves token copies to the ranks that hold their experts and back. Single-process
+/// training uses [`LocalDispatch`]; expert parallelism implements it with an all-to-all
+/// that is an autograd node.
+pub trait ExpertDispatch: std::fmt::Debug + Send + Sync {
+    /// The global ids of the experts computed here, out of `n_expert`.
+    fn local_experts(&self, n_expert: i64) -> std::ops::Range<i64>;
+
+    /// Rows of `x` sorted by global expert (`counts[e]` rows for expert `e`, every
+    /// expert) to the rows the local experts compute, sorted by local expert.
+    fn dispatch(&self, x: &Tensor, counts: &[i64]) -> Dispatched;
+
+    /// The inverse of `dispatched`: local expert outputs `y` back to the order the rows
+    /// were dispatched in.
+    fn combine(&self, y: &Tensor, dispatched: &Dispatched) -> Tensor;
+}
+
+/// Rows received by the local experts.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// Rows sorted by local expert.
+    pub rows: Tensor,
+    /// Rows per local expert.
+    pub counts: Vec<i64>,
+    /// What the dispatcher needs to send the results back.
+    pub state: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// Every expert is local: dispatch and combine are the identity.
+#[derive(Debug, Default)]
+pub struct LocalDispatch;
+
+impl ExpertDispatch for LocalDispatch {
+    fn local_experts(&self, n_expert: i64) -> std::ops::Range<i64> {
+        0..n_expert
+    }
+
+    fn dispatch(&self, x: &Tensor, counts: &[i64]) -> Dispatched {
+        Dispatched {
+            rows: x.shallow_clone(),
+            counts: counts.to_vec(),
+            state: None,
+        }
+    }
+
+    fn combine(&self, y: &Tensor, _dispatched: &Dispatched) -> Tensor {
+        y.shallow_clone()
+    }
+}
+
+/// Stacked expert weights: `E` feed-forward networks `w_2(act(w_1 x + b_1)) + b_2`.
+#[derive(Debug)]
+pub struct ExpertBank {
+    w_1: Tensor,
+    b_1: Tensor,
+    w_2: Tensor,
+    b_2: Tensor,
+}
+
+impl ExpertBank {
+    /// `n_expert` experts of shape `d -> hidden -> d` under `path`, each initialised as
+    /// a pair of `torch.nn.Linear` layers.
+    pub fn new(path: &nn::Path<'_>, n_expert: i64, d: i64, hidden: i64) -> Self {
+        let uniform = |fan_in: i64| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        };
+        Self {
+            w_1: path.var("w_1", &[n_expert, d, hidden], uniform(d)),
+            b_1: path.var("b_1", &[n_expert, hidden], uniform(d)),
+            w_2: path.var("w_2", &[n_expert, hidden, d], uniform(hidden)),
+            b_2: path.var("b_2", &[n_expert, d], uniform(hidden)),
+        }
+    }
+
+    /// The same tensors, for a layer that shares this bank.
+    pub fn share(&self) -> Self {
+        Self {
+            w_1: self.w_1.shallow_clone(),
+            b_1: self.b_1.shallow_clone(),
+            w_2: self.w_2.shallow_clone(),
+            b_2: self.b_2.shallow_clone(),
+        }
+    }
+
+    /// Experts in the bank.
+    pub fn len(&self) -> i64 {
+        self.w_1.size()[0]
+    }
+
+    /// Whether the bank has no expert.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies expert `e` to its `counts[e]` rows of `x` (rows sorted by expert).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        counts: &[i64],
+        activation: Activation,
+        dropout: f64,
+        train: bool,
+        compute: ExpertCompute,
+    ) -> Tensor {
+        let device = x.device();
+        let counts_t = Tensor::from_slice(counts).to_device(device);
+        let rows = x.size()[0];
+        let row_expert = Tensor::arange(self.len(), (Kind::Int64, device))
+            .repeat_interleave_self_tensor(&counts_t, 0, rows);
+        let bias = |b: &Tensor| b.index_select(0, &row_expert);
+        let matmul = |x: &Tensor, w: &Tensor| match compute {
+            ExpertCompute::GroupedMm => grouped_mm(x, w, &counts_t),
+            ExpertCompute::Bmm => padded_bmm(x, w, counts, &row_expert),
+            ExpertCompute::Loop => loop_mm(x, w, counts),
+        };
+        let h = activation
+            .apply(&(matmul(x, &self.w_1) + bias(&self.b_1)))
+            .dropout(dropout, train);
+        matmul(&h, &self.w_2) + bias(&self.b_2)
+    }
+}
+
+fn grouped_mm(x: &Tensor, w: &Tensor, counts: &Tensor) -> Tensor {
+    let offs = counts.cumsum(0, Kind::Int);
+    x.internal_grouped_mm(w, Some(&offs), None::<&Tensor>, None)
+}
+
+fn loop_mm(x: &Tensor, w: &Tensor, counts: &[i64]) -> Tensor {
+    let parts: Vec<Tensor> = x
+        .split_with_sizes(counts, 0)
+        .iter()
+        .enumerate()
+        .map(|(e, xe)| xe.matmul(&w.get(e as i64)))
+        .collect();
+    Tensor::cat(&parts, 0)
+}
+
+fn padded_bmm(x: &Tensor, w: &Tensor, counts: &[i64], row_expert: &Tensor) -> Tensor {
+    let (n_expert, width) = (w.size()[0], x.size()[1]);
+    let longest = counts.iter().copied().max().unwrap_or(0);
+    let starts: Vec<i64> = counts
+        .iter()
+        .scan(0, |s, &c| {
+            let start = *s;
+            *s += c;
+            Some(start)
+        })
+        .collect();
+    let starts = Tensor::from_slice(&starts).to_device(x.device());
+    let rows = x.size()[0];
+    let position =
+        Tensor::arange(rows, (Kind::Int64, x.device())) - starts.index_select(0, row_expert);
+    let slot = row_expert * longest + position;
+    let padded = Tensor::zeros([n_expert * longest, width], (x.kind(), x.device()))
+        .index_copy(0, &slot, x)
+        .view([n_expert, longest, width]);
+    padded
+        .bmm(w)
+        .view([n_expert * longest, -1])
+        .index_select(0, &slot)
+}
+
+/// What one MoE layer's routing did in one forward pass.
+#[derive(Debug)]
+pub struct LayerRouting {
+    /// The layer's parameter path (e.g. `encoder.encoders.0.feed_forward`).
+    pub layer: String,
+    /// Load-balancing loss `E * sum_i f_i * P_i` (differentiable; 1 when balanced).
+    pub balance_loss: Tensor,
+    /// Router z-loss `mean(logsumexp(logits)^2)` (differentiable).
+    pub z_loss: Tensor,
+    /// Token copies each expert computed `[E]` (after dropping).
+    pub tokens_per_expert: Tensor,
+    /// Token copies dropped by the capacity limit.
+    pub dropped: Tensor,
+    /// Mean entropy of the router's distribution over experts, in nats.
+    pub entropy: Tensor,
+}
+
+/// Collects [`LayerRouting`] of every MoE layer through a forward pass; a disabled
+/// collector (decoding) records nothing and costs nothing.
+#[derive(Debug, Default)]
+pub struct Routing {
+    enabled: bool,
+    /// The layers' records, in forward order.
+    pub layers: Vec<LayerRouting>,
+}
+
+impl Routing {
+    /// A collector that records.
+    pub fn recording() -> Self {
+        Self {
+            enabled: true,
+            layers: Vec::new(),
+        }
+    }
+
+    /// A collector that records nothing.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    /// Whether layers should record.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Mean load-balancing loss over the recorded layers (`None` without MoE layers).
+    pub fn balance_loss(&self) -> Option<Tensor> {
+        self.mean(|r| &r.balance_loss)
+    }
+
+    /// Mean router z-loss over the recorded layers.
+    pub fn z_loss(&self) -> Option<Tensor> {
+        self.mean(|r| &r.z_loss)
+    }
+
+    fn mean(&self, part: impl Fn(&LayerRouting) -> &Tensor) -> Option<Tensor> {
+        let parts: Vec<&Tensor> = self.layers.iter().map(part).collect();
+        (!parts.is_empty()).then(|| Tensor::stack(&parts, 0).mean(Kind::Float))
+    }
+}
+
+/// The routing decision for a set of tokens: token copies in dispatch order.
+struct Route {
+    /// Token index of each kept copy, sorted by expert.
+    token: Tensor,
+    /// Routing weight of each kept copy.
+    weight: Tensor,
+    /// Kept copies per expert.
+    counts: Vec<i64>,
+}
+
+/// A mixture-of-experts feed-forward layer.
+#[derive(Debug)]
+pub struct MoeFeedForward {
+    layer: String,
+    router: Tensor,
+    experts: ExpertBank,
+    k: i64,
+    conf: MoeConf,
+    compute: ExpertCompute,
+    activation: Activation,
+    dropout: f64,
+    dispatch: Arc<dyn ExpertDispatch>,
+}
+
+/// What every MoE layer of a model shares: the options and where the experts are.
+#[derive(Debug, Clone)]
+pub struct MoeContext {
+    /// Routing and loss options.
+    pub conf: MoeConf,
+    /// Where the experts are.
+    pub dispatch: Arc<dyn ExpertDispatch>,
+}
+
+impl MoeContext {
+    /// All experts in this process.
+    pub fn local(conf: MoeConf) -> Self {
+        Self {
+            conf,
+            dispatch: Arc::new(LocalDispatch),
+        }
+    }
+}
+
+impl Default for MoeContext {
+    fn default() -> Self {
+        Self::local(MoeConf::default())
+    }
+}
+
+/// Everything an [`MoeFeedForward`] is built from besides its path and bank.
+#[derive(Debug, Clone)]
+pub struct MoeSpec {
+    /// Model width.
+    pub d: i64,
+    /// Experts.
+    pub n_expert: i64,
+    /// Experts per token.
+    pub k: i64,
+    /// Expert activation.
+    pub activation: Activation,
+    /// Dropout between the expert's two products.
+    pub dropout: f64,
+    /// Routing and loss options.
+    pub conf: MoeConf,
+    /// Where the experts are.
+    pub dispatch: Arc<dyn ExpertDispatch>,
+}
+
+impl MoeFeedForward {
+    /// A layer under `path` (router `path.router`) computing with `experts`.
+    pub fn new(path: &nn::Path<'_>, experts: ExpertBank, spec: &MoeSpec) -> Self {
+        let init = match spec.conf.router_init.as_str() {
+            "zero" => Init::Const(0.0),
+            _ => Init::Randn {
+                mean: 0.0,
+                stdev: spec.conf.router_init_std,
+            },
+        };
+        let router = (path / "router").var("weight", &[spec.n_expert, spec.d], init);
+        Self {
+            layer: path.components().collect::<Vec<_>>().join("."),
+            router,
+            experts,
+            k: spec.k,
+            conf: spec.conf.clone(),
+            compute: ExpertCompute::from_name(&spec.conf.expert_compute),
+            activation: spec.activation,
+            dropout: spec.dropout,
+            dispatch: spec.dispatch.clone(),
+        }
+    }
+
+    /// Applies the layer to `x` `[B, T, d]`; only positions where `valid` `[B, T]` is
+    /// true are routed (the others give zeros), all of them when `valid` is `None`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        valid: Option<&Tensor>,
+        train: bool,
+        routing: &mut Routing,
+    ) -> Tensor {
+        let size = x.size();
+        let d = size[size.len() - 1];
+        let flat = x.reshape([-1, d]);
+        let index = valid.map(|m| m.reshape([-1]).nonzero().squeeze_dim(1));
+        let tokens = match &index {
+            Some(i) => flat.index_select(0, i),
+            None => flat.shallow_clone(),
+        };
+        let route = self.route(&tokens, train, routing);
+        let sorted = tokens.index_select(0, &route.token);
+        let local = self.dispatch.dispatch(&sorted, &route.counts);
+        let computed = self.experts.forward(
+            &local.rows,
+            &local.counts,
+            self.activation,
+            self.dropout,
+            train,
+            self.compute,
+        );
+        let back = self.dispatch.combine(&computed, &local);
+        let weighted = back * route.weight.to_kind(x.kind()).unsqueeze(1);
+        let out = tokens.zeros_like().index_add(0, &route.token, &weighted);
+        let out = match &index {
+            Some(i) => flat.zeros_like().index_copy(0, i, &out),
+            None => out,
+        };
+        out.view(size.as_slice())
+    }
+
+    fn route(&self, tokens: &Tensor, train: bool, routing: &mut Routing) -> Route {
+        let n = tokens.size()[0];
+        let (e, k) = (self.router.size()[0], self.k);
+        let mut input = tokens.to_kind(Kind::Float);
+        if train && self.conf.jitter_noise > 0.0 {
+            let j = self.conf.jitter_noise;
+            let noise = Tensor::empty_like(&input).uniform_(1.0 - j, 1.0 + j);
+            input = input * noise;
+        }
+        let logits = input.matmul(&self.router.to_kind(Kind::Float).tr());
+        let probs = logits.softmax(-1, Kind::Float);
+        let (weight, expert) = if self.conf.softmax_before_topk {
+            probs.topk(k, -1, true, true)
+        } else {
+            let (top, expert) = logits.topk(k, -1, true, true);
+            (top.softmax(-1, Kind::Float), expert)
+        };
+        // Token copies in token order (token i's copies at i*k..i*k+k).
+        let copy_expert = expert.reshape([-1]);
+        let copy_weight = weight.reshape([-1]);
+        let device = tokens.device();
+        let routed = copy_expert.bincount(None::<&Tensor>, e);
+        let capacity = (train && self.conf.capacity_factor > 0.0)
+            .then(|| (self.conf.capacity_factor * (n * k) as f64 / e as f64).ceil() as i64);
+        // Copies sorted by expert; with a capacity, by falling weight within an expert.
+        let order = match capacity {
+            None => copy_expert.sort_stable(true, 0, false).1,
+            Some(_) => {
+                let by_weight = copy_weight.sort_stable(true, 0, true).1;
+                let by_expert = copy_expert
+                    .index_select(0, &by_weight)
+                    .sort_stable(true, 0, false)
+                    .1;
+                by_weight.index_select(0, &by_expert)
+            }
+        };
+        let order = match capacity {
+            None => order,
+            Some(cap) => {
+                let sorted_expert = copy_expert.index_select(0, &order);
+                let starts = routed.cumsum(0, Kind::Int64) - &routed;
+                let position = Tensor::arange(n * k, (Kind::Int64, device))
+                    - starts.index_select(0, &sorted_expert);
+                order.masked_select(&position.lt(cap))
+            }
+        };
+        let kept_expert = copy_expert.index_select(0, &order);
+        let kept = kept_expert.bincount(None::<&Tensor>, e);
+        if routing.enabled() {
+            routing
+                .layers
+                .push(self.statistics(&logits, &probs, &routed, &kept, n * k));
+        }
+        Route {
+            token: order.divide_scalar_mode(k, "trunc"),
+            weight: copy_weight.index_select(0, &order),
+            counts: Vec::<i64>::try_from(&kept).expect("int64 counts"),
+        }
+    }
+
+    fn statistics(
+        &self,
+        logits: &Tensor,
+        probs: &Tensor,
+        routed: &Tensor,
+        kept: &Tensor,
+        copies: i64,
+    ) -> LayerRouting {
+        let e = probs.size()[1];
+        let (balance_loss, z_loss, entropy) = if copies == 0 {
+            let zero = || self.router.sum(Kind::Float) * 0.0;
+            (zero(), zero(), Tensor::from(0f32))
+        } else {
+            let fraction = routed.to_kind(Kind::Float) / copies as f64;
+            let mean_prob = probs.mean_dim(0, false, Kind::Float);
+            let entropy = tch::no_grad(|| {
+                -(probs * probs.clamp_min(1e-20).log())
+                    .sum_dim_intlist(-1, false, Kind::Float)
+                    .mean(Kind::Float)
+            });
+            (
+                (fraction * mean_prob).sum(Kind::Float) * e as f64,
+                logits.logsumexp(-1, false).square().mean(Kind::Float),
+                entropy,
+            )
+        };
+        LayerRouting {
+            layer: self.layer.clone(),
+            balance_loss,
+            z_loss,
+            dropped: (routed - kept).sum(Kind::Int64),
+            tokens_per_expert: kept.shallow_clone(),
+            entropy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn layer(vs: &nn::VarStore, conf: MoeConf) -> MoeFeedForward {
+        let spec = MoeSpec {
+            d: 16,
+            n_expert: 4,
+            k: 2,
+            activation: Activation::Swish,
+            dropout: 0.0,
+            conf,
+            dispatch: Arc::new(LocalDispatch),
+        };
+        let path = vs.root() / "ffn";
+        MoeFeedForward::new(&path, ExpertBank::new(&(&path / "experts"), 4, 16, 24), &spec)
+    }
+
+    /// Same input, same gradients, bit for bit (resume and parity rely on it).
+    #[test]
+    fn forward_and_backward_are_deterministic() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let moe = layer(&vs, MoeConf { expert_compute: "loop".into(), ..Default::default() });
+        let x = Tensor::randn([8, 300, 16], (Kind::Float, Device::Cpu));
+        let run = || {
+            for (_, v) in vs.variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let x = x.copy().set_requires_grad(true);
+            let y = moe.forward(&x, None, true, &mut Routing::off());
+            (y.square().sum(Kind::Float)).backward();
+            let mut all = vec![("y".to_string(), y.detach()), ("x".into(), x.grad())];
+            let vars: std::collections::BTreeMap<_, _> = vs.variables().into_iter().collect();
+            all.extend(vars.into_iter().map(|(n, v)| (n, v.grad().copy())));
+            all
+        };
+        let a = run();
+        let b = run();
+        for ((name, a), (_, b)) in a.iter().zip(&b) {
+            assert!(a.equal(b), "{name} differs between two runs");
+        }
+    }
+}
