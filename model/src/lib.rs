@@ -19,6 +19,7 @@
 //! | [`loss`] | target preparation and label smoothing |
 //! | [`asr`] | the whole model and its loss |
 //! | [`search`] | CTC greedy and prefix beam search, attention rescoring |
+//! | [`upcycle`] | dense -> MoE: experts copied from the dense networks |
 //!
 //! Nothing here reads files or knows about processes: the trainer builds a model from
 //! parsed configuration and a `tch::nn::VarStore`.
@@ -39,3 +40,4 @@ pub mod mask;
 pub mod moe;
 pub mod naming;
 pub mod search;
+pub mod upcycle;

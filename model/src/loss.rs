@@ -92,6 +92,17 @@ pub fn label_smoothing_loss(
     kl.sum(Kind::Float) / denom
 }
 
+/// Knowledge distillation (Bai et al.): mean over real frames of the mean squared
+/// difference between student and teacher encoder outputs `[B, T, d]` (mask `[B, 1, T]`).
+pub fn distillation_loss(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Tensor {
+    let valid = mask.transpose(1, 2).to_kind(student.kind());
+    let frames = valid.sum(Kind::Float).clamp_min(1.0);
+    let per_frame = (student - teacher)
+        .square()
+        .mean_dim(-1, true, student.kind());
+    (per_frame * valid).sum(Kind::Float) / frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -509,7 +509,11 @@ mod tests {
             dispatch: Arc::new(LocalDispatch),
         };
         let path = vs.root() / "ffn";
-        MoeFeedForward::new(&path, ExpertBank::new(&(&path / "experts"), 4, 16, 24), &spec)
+        MoeFeedForward::new(
+            &path,
+            ExpertBank::new(&(&path / "experts"), 4, 16, 24),
+            &spec,
+        )
     }
 
     /// Same input, same gradients, bit for bit (resume and parity rely on it).
@@ -517,7 +521,13 @@ mod tests {
     fn forward_and_backward_are_deterministic() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let moe = layer(&vs, MoeConf { expert_compute: "loop".into(), ..Default::default() });
+        let moe = layer(
+            &vs,
+            MoeConf {
+                expert_compute: "loop".into(),
+                ..Default::default()
+            },
+        );
         let x = Tensor::randn([8, 300, 16], (Kind::Float, Device::Cpu));
         let run = || {
             for (_, v) in vs.variables() {

@@ -5,6 +5,7 @@
 //! flushed and renamed; the `latest` and `best` pointers move after. Sharding comes with
 //! the checkpoint issue.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -194,16 +195,39 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
     let units = Arc::new(Units::load(&dir.join("units.txt"))?);
     let vs = nn::VarStore::new(device);
     let model = config.build_model(&vs.root(), units.len() as i64)?;
+    load_weights(&dir, &vs)?;
+    Ok(LoadedModel {
+        config,
+        units,
+        vs,
+        model,
+        dir,
+    })
+}
+
+/// The tensors of a checkpoint directory's `model.safetensors`, by name.
+pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let file = dir.join("model.safetensors");
-    let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+    Ok(Tensor::read_safetensors(&file)
         .with_context(|| format!("reading {}", file.display()))?
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// Copies a checkpoint directory's tensors into every variable of `vs`; a missing
+/// tensor or a shape that differs is an error naming the tensor.
+pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
+    let file = dir.join("model.safetensors");
+    let saved = read_tensors(dir)?;
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vs.variables() {
-            let t = saved
-                .get(&name)
-                .with_context(|| format!("{}: tensor {name} is missing", file.display()))?;
+            let t = saved.get(&name).with_context(|| {
+                format!(
+                    "{}: tensor {name} is missing (is this checkpoint of the same model? \
+                     a dense one becomes MoE with `upcycle convert upcycle`)",
+                    file.display()
+                )
+            })?;
             if t.size() != var.size() {
                 bail!(
                     "{}: tensor {name} has shape {:?}, the model expects {:?}",
@@ -215,12 +239,5 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
             var.copy_(t);
         }
         Ok(())
-    })?;
-    Ok(LoadedModel {
-        config,
-        units,
-        vs,
-        model,
-        dir,
     })
 }

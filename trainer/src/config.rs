@@ -137,6 +137,29 @@ pub struct UpcycleConf {
     /// Checkpoints kept besides the best one (the newest ones).
     #[serde(default = "keep_checkpoints")]
     pub keep_checkpoints: usize,
+    /// Freezing schedule (UME): phases by global step naming the trainable parameters
+    /// by glob; empty: everything trains.
+    #[serde(default)]
+    pub freeze: Vec<crate::freeze::FreezePhase>,
+    /// Knowledge distillation from a frozen dense teacher (Bai et al.).
+    #[serde(default)]
+    pub distill: Option<DistillConf>,
+}
+
+/// `upcycle_conf.distill`: loss += weight * mean squared distance between the student's
+/// and the teacher's encoder outputs over real frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConf {
+    /// The teacher's checkpoint (a run's `checkpoints/` or a `step-N` directory).
+    pub teacher: std::path::PathBuf,
+    /// Weight of the distillation term.
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn keep_checkpoints() -> usize {
@@ -159,6 +182,8 @@ impl Default for UpcycleConf {
             threads: 0,
             full_context_steps: 0,
             keep_checkpoints: keep_checkpoints(),
+            freeze: Vec::new(),
+            distill: None,
         }
     }
 }

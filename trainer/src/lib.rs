@@ -6,7 +6,9 @@
 //! | [`data`] | the speech data pipeline |
 //! | [`optim`] | AdamW with saveable state, clipping, schedules |
 //! | [`train`] | the training loop |
+//! | [`freeze`] | freezing schedules by step and parameter glob |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
+//! | [`convert`] | the conversion tool: dense -> MoE (upcycle) |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
 //! | [`scoring`] | edit distance and error rates |
 //! | [`bench`] | benchmarks of the Rust side |
@@ -14,8 +16,10 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod eval;
+pub mod freeze;
 pub mod optim;
 pub mod scoring;
 pub mod train;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use upcycle_trainer::convert;
 use upcycle_trainer::data::{audio, config::DatasetConf, corpus, fbank, loader, npy, text::Units};
 use upcycle_trainer::eval::{self, DecodeOptions, Method};
 use upcycle_trainer::train::{self, TrainOptions};
@@ -33,6 +34,47 @@ enum Command {
     /// Time parts of the pipeline (see bench/ for side-by-side runs with the peers).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Convert checkpoints (dense -> MoE).
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+}
+
+#[derive(Subcommand)]
+enum ConvertCommand {
+    /// Dense -> MoE: every feed-forward network becomes experts that are copies of it,
+    /// with fresh routers; the result computes its parent's outputs at step 0.
+    Upcycle(UpcycleArgs),
+}
+
+#[derive(Args)]
+struct UpcycleArgs {
+    /// The dense checkpoint (a run's checkpoints/ directory or a step-N directory).
+    #[arg(long)]
+    from: PathBuf,
+    /// Where to write the MoE checkpoint (a new directory: gets step-0/ and latest).
+    #[arg(long)]
+    out: PathBuf,
+    /// Experts per MoE layer.
+    #[arg(long, default_value_t = 8)]
+    experts: i64,
+    /// Experts each token goes to.
+    #[arg(long, default_value_t = 2)]
+    top_k: i64,
+    /// Relative Gaussian noise on each expert copy (0 keeps the parent's outputs exact).
+    #[arg(long, default_value_t = 0.0)]
+    noise: f64,
+    /// Router initialisation: normal (small random, breaks the copies' symmetry) or zero.
+    #[arg(long, default_value = "normal")]
+    router_init: String,
+    /// Standard deviation of a normal router.
+    #[arg(long, default_value_t = 0.02)]
+    router_std: f64,
+    /// Keep the decoder's feed-forward networks dense.
+    #[arg(long)]
+    encoder_only: bool,
+    /// Seed of the routers and the noise.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -55,6 +97,10 @@ struct TrainArgs {
     /// cpu, cuda, or auto (a GPU when there is one).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Start from this checkpoint's weights (step 0, fresh optimizer): a dense parent to
+    /// continue, or its MoE child from `convert upcycle`.
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -308,6 +354,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_steps: a.max_steps,
                 max_minutes: a.max_minutes,
                 device: device(&a.device)?,
+                init: a.init,
             })?;
             println!(
                 "trained {} steps in {:.1} min; dev CER (CTC greedy) last {} best {}; checkpoint {}",
@@ -317,6 +364,34 @@ fn run(cli: Cli) -> Result<()> {
                 report.best_dev_cer.map_or("-".into(), |c| format!("{c:.2}%")),
                 report.last_checkpoint.display()
             );
+        }
+        Command::Convert(ConvertCommand::Upcycle(a)) => {
+            let (dir, r) = convert::upcycle_checkpoint(&convert::UpcycleOptions {
+                from: a.from,
+                out: a.out,
+                experts: a.experts,
+                top_k: a.top_k,
+                noise: a.noise,
+                router_init: a.router_init,
+                router_std: a.router_std,
+                encoder_only: a.encoder_only,
+                seed: a.seed,
+            })?;
+            let (total, active) = convert::parameter_counts(&dir)?;
+            println!(
+                "upcycled: {} expert banks filled, {} fresh routers, {} tensors copied; \
+                 {total} parameters ({active} active per token) -> {}",
+                r.banks,
+                r.routers,
+                r.copied,
+                dir.display()
+            );
+            if !r.unused.is_empty() {
+                println!(
+                    "dense networks not copied (their blocks share another block's bank): {}",
+                    r.unused.join(", ")
+                );
+            }
         }
         Command::Eval(a) => {
             let opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;

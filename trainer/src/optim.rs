@@ -56,6 +56,7 @@ impl AdamW {
         let grads: Vec<Tensor> = self
             .params
             .iter()
+            .filter(|(_, p)| p.requires_grad())
             .map(|(_, p)| p.grad())
             .filter(|g| g.defined())
             .collect();
@@ -78,8 +79,8 @@ impl AdamW {
         total
     }
 
-    /// One update at learning rate `lr`. Parameters without a gradient are skipped
-    /// (they keep no optimizer state).
+    /// One update at learning rate `lr`. Frozen parameters and those without a gradient
+    /// are skipped (they get no optimizer state).
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let (b1, b2) = self.conf.betas;
@@ -88,7 +89,8 @@ impl AdamW {
         let wd = self.conf.weight_decay;
         let eps = self.conf.eps;
         tch::no_grad(|| {
-            for (name, p) in &self.params {
+            // Frozen parameters (requires_grad off) keep a stale gradient: skip them.
+            for (name, p) in self.params.iter().filter(|(_, p)| p.requires_grad()) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;

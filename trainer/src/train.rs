@@ -2,6 +2,7 @@
 //! accumulation and clipping, dynamic chunks, non-finite loss handling, metrics,
 //! periodic dev evaluation and checkpoints.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,9 +12,12 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use tch::{nn, Device, Kind};
+use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::AsrModel;
+use upcycle_model::asr::Losses;
+use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
+use upcycle_model::moe::Routing;
 use upcycle_model::search::ctc_greedy;
 
 use crate::checkpoint::{self, SaveRequest, TrainState};
@@ -21,6 +25,7 @@ use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::loader::{Batch, DataLoader, Mode, Shard};
 use crate::data::text::Units;
+use crate::freeze::FreezeSchedule;
 use crate::optim::{AdamW, Schedule};
 use crate::scoring::ErrorRate;
 
@@ -39,6 +44,9 @@ pub struct TrainOptions {
     pub max_minutes: Option<f64>,
     /// Device to train on.
     pub device: Device,
+    /// Start from this checkpoint's weights (step 0, fresh optimizer), e.g. a dense
+    /// parent or its upcycled MoE.
+    pub init: Option<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -68,6 +76,88 @@ pub fn peak_rss_mib() -> f64 {
             })
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// MoE losses and routing statistics summed over a log interval (tensors, so that the
+/// steps in between do not wait for them).
+#[derive(Default)]
+struct RoutingWindow {
+    balance: Option<Tensor>,
+    z_loss: Option<Tensor>,
+    distill: Option<Tensor>,
+    /// Per layer, in forward order: name, token copies per expert, dropped, entropy sum.
+    layers: Vec<(String, Tensor, Tensor, Tensor)>,
+}
+
+fn accumulate(sum: &mut Option<Tensor>, part: Option<&Tensor>) {
+    if let Some(p) = part {
+        let p = p.detach();
+        *sum = Some(match sum.take() {
+            Some(s) => s + p,
+            None => p,
+        });
+    }
+}
+
+impl RoutingWindow {
+    fn add(&mut self, l: &Losses, distill: Option<&Tensor>) {
+        accumulate(&mut self.balance, l.balance.as_ref());
+        accumulate(&mut self.z_loss, l.z_loss.as_ref());
+        accumulate(&mut self.distill, distill);
+        if self.layers.is_empty() {
+            self.layers = l
+                .routing
+                .layers
+                .iter()
+                .map(|r| {
+                    let zero = r.dropped.zeros_like();
+                    (
+                        r.layer.clone(),
+                        r.tokens_per_expert.zeros_like(),
+                        zero,
+                        Tensor::from(0f64),
+                    )
+                })
+                .collect();
+        }
+        for (acc, r) in self.layers.iter_mut().zip(&l.routing.layers) {
+            acc.1 = &acc.1 + &r.tokens_per_expert;
+            acc.2 = &acc.2 + &r.dropped;
+            acc.3 = &acc.3 + r.entropy.to_kind(Kind::Double);
+        }
+    }
+
+    /// Adds the window's means to a metrics line (`loss_balance`, `loss_z`,
+    /// `loss_distill`, and `moe`: per layer the share of token copies each expert
+    /// computed, copies dropped and mean router entropy) and starts a new window.
+    fn take_into(&mut self, line: &mut serde_json::Value, batches: u64) {
+        let mean = |t: &Option<Tensor>| t.as_ref().map(|t| t.double_value(&[]) / batches as f64);
+        for (key, part) in [
+            ("loss_balance", &self.balance),
+            ("loss_z", &self.z_loss),
+            ("loss_distill", &self.distill),
+        ] {
+            if let Some(v) = mean(part) {
+                line[key] = v.into();
+            }
+        }
+        if !self.layers.is_empty() {
+            let layers: serde_json::Map<String, serde_json::Value> = self
+                .layers
+                .iter()
+                .map(|(name, load, dropped, entropy)| {
+                    let load = Vec::<i64>::try_from(load).unwrap_or_default();
+                    let total = load.iter().sum::<i64>().max(1) as f64;
+                    let share: Vec<f64> = load.iter().map(|&c| c as f64 / total).collect();
+                    let v = json!({"load": share, "dropped": dropped.int64_value(&[]),
+                                   "entropy": entropy.double_value(&[]) / batches as f64});
+                    (name.clone(), v)
+                })
+                .collect();
+            line["moe"] = layers.into();
+        }
+        *self = Self::default();
+    }
 }
 
 /// Dev-set loss and CTC greedy CER.
@@ -176,6 +266,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut model = config.build_model(&vs.root(), vocab)?;
     let (mean, istd) = cmvn.mean_istd();
     model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+    if let Some(init) = &opts.init {
+        let dir = checkpoint::resolve(init)?;
+        checkpoint::load_weights(&dir, &vs)?;
+        tracing::info!(from = %dir.display(), "weights (and CMVN) initialised from the checkpoint");
+    }
+    let teacher = uc
+        .distill
+        .as_ref()
+        .map(|d| -> Result<_> {
+            let t = checkpoint::load_model(&d.teacher, opts.device)
+                .with_context(|| format!("upcycle_conf.distill.teacher {}", d.teacher.display()))?;
+            if t.model.encoder().output_size() != model.encoder().output_size() {
+                bail!(
+                    "upcycle_conf.distill.teacher: its encoder width {} differs from the student's {}",
+                    t.model.encoder().output_size(),
+                    model.encoder().output_size()
+                );
+            }
+            for mut v in t.vs.trainable_variables() {
+                let _ = v.requires_grad_(false);
+            }
+            Ok((t, d.weight))
+        })
+        .transpose()?;
     let n_params: i64 = vs
         .trainable_variables()
         .iter()
@@ -187,7 +301,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     if config.optim == "adam" {
         opt_conf.weight_decay = 0.0;
     }
-    let mut opt = AdamW::new(opt_conf, vs.variables().into_iter().collect());
+    let params: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, v)| v.requires_grad())
+        .collect();
+    let shared = |m: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+        m.iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect()
+    };
+    let freeze = FreezeSchedule::new(&uc.freeze, shared(&params)).map_err(anyhow::Error::msg)?;
+    let mut phase = None;
+    let mut opt = AdamW::new(opt_conf, params.into_iter().collect());
     let schedule = Schedule::new(
         &config.scheduler,
         config.optim_conf.lr,
@@ -242,6 +368,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut window = Instant::now();
     let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) =
         (0usize, 0.0, 0.0, 0.0, 0u64);
+    let mut win_moe = RoutingWindow::default();
     let mut micro = 0u64;
     let mut nonfinite_run = 0u32;
     let mut skipped_total = 0u64;
@@ -262,7 +389,23 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             } else {
                 model.encoder().training_chunk_mode(draw, left_draw)
             };
-            let l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
+            if phase != Some(freeze.phase_at(state.step)) {
+                phase = Some(freeze.phase_at(state.step));
+                let trainable = freeze.apply(state.step);
+                tracing::info!(step = state.step, phase = ?phase.flatten(), trainable, "freezing phase");
+            }
+            let mut l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
+            let distill = teacher.as_ref().map(|(t, weight)| {
+                let (teacher_out, _) = tch::no_grad(|| {
+                    t.model
+                        .encoder()
+                        .forward(&feats, &lens, chunk, false, &mut Routing::off())
+                });
+                let (student_out, mask) = &l.encoder_out;
+                let d = distillation_loss(student_out, &teacher_out, mask);
+                l.loss = &l.loss + &d * *weight;
+                d
+            });
             let loss = l.loss.double_value(&[]);
             if !loss.is_finite() {
                 nonfinite_run += 1;
@@ -286,6 +429,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             win_ctc += l.ctc.double_value(&[]);
             win_att += l.att.double_value(&[]);
             win_n += 1;
+            win_moe.add(&l, distill.as_ref());
             if micro % config.accum_grad != 0 {
                 continue;
             }
@@ -308,12 +452,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 let secs = window.elapsed().as_secs_f64();
                 let fps = win_frames as f64 / secs.max(1e-9);
                 let n = win_n.max(1) as f64;
-                let line = json!({
+                let mut line = json!({
                     "step": state.step, "epoch": epoch, "loss": win_loss / n, "loss_ctc": win_ctc / n,
                     "loss_att": win_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
                     "peak_rss_mib": peak_rss_mib(), "skipped": skipped_total,
-                    "elapsed_s": started.elapsed().as_secs_f64(),
+                    "elapsed_s": started.elapsed().as_secs_f64(), "freeze_phase": phase.flatten(),
                 });
+                win_moe.take_into(&mut line, win_n.max(1));
                 writeln!(metrics, "{line}")?;
                 metrics.flush()?;
                 bar.set_message(format!(

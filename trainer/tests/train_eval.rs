@@ -4,64 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn upcycle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_upcycle"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn configs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
-}
-
-/// The librivox dataset and a tiny config with a short warm-up, in `dir`.
-fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
-    let data = dir.join("data");
-    ok(&upcycle(&[
-        "data",
-        "prepare",
-        "--no-install",
-        "--corpus",
-        "librivox",
-        "--out",
-        data.to_str().unwrap(),
-    ]));
-    let mut text = std::fs::read_to_string(configs().join("tiny.yaml")).unwrap()
-        + "dataset_conf:\n  batch_conf: {batch_type: static, batch_size: 4}\n  filter_conf: {min_length: 0}\n"
-        + "optim: adamw\nlog_interval: 1\n"
-        + extra;
-    // Defaults for keys `extra` does not set.
-    for (key, line) in [
-        ("optim_conf:", "optim_conf: {lr: 0.005}\n"),
-        ("scheduler_conf:", "scheduler_conf: {warmup_steps: 5}\n"),
-    ] {
-        if !extra.contains(key) {
-            text.push_str(line);
-        }
-    }
-    let config = dir.join("tiny.yaml");
-    std::fs::write(&config, text).unwrap();
-    (data, config)
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+mod common;
+use common::*;
 
 #[test]
 fn train_then_eval_then_transcribe() {
