@@ -178,3 +178,85 @@ pub fn train_step(
         losses,
     })
 }
+
+/// Timing of one MoE feed-forward layer's forward and backward.
+#[derive(Debug, Serialize)]
+pub struct MoeLayerTiming {
+    /// `grouped_mm`, `bmm` or `loop`.
+    pub compute: String,
+    /// Tokens routed per pass.
+    pub tokens: i64,
+    /// Wall seconds of each timed pass.
+    pub seconds: Vec<f64>,
+    /// Median pass, seconds.
+    pub median_s: f64,
+}
+
+/// Shapes of the MoE layer benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeLayerShape {
+    /// Tokens per pass.
+    pub tokens: i64,
+    /// Model width.
+    pub d: i64,
+    /// Expert hidden width.
+    pub hidden: i64,
+    /// Experts.
+    pub experts: i64,
+    /// Experts per token.
+    pub k: i64,
+}
+
+/// Times forward + backward (`sum(y * g)`) of one MoE layer (swish experts, no dropout,
+/// WeNet routing) over random tokens, `steps` passes after `warmup`.
+pub fn moe_layer(
+    shape: MoeLayerShape,
+    compute: &str,
+    steps: usize,
+    warmup: usize,
+) -> Result<MoeLayerTiming> {
+    use std::sync::Arc;
+    use tch::{nn, Device, Kind, Tensor};
+    use upcycle_model::activation::Activation;
+    use upcycle_model::config::MoeConf;
+    use upcycle_model::moe::{ExpertBank, LocalDispatch, MoeFeedForward, MoeSpec, Routing};
+
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = MoeSpec {
+        d: shape.d,
+        n_expert: shape.experts,
+        k: shape.k,
+        activation: Activation::Swish,
+        dropout: 0.0,
+        conf: MoeConf {
+            expert_compute: compute.into(),
+            balance_loss_weight: 0.0,
+            ..Default::default()
+        },
+        dispatch: Arc::new(LocalDispatch),
+    };
+    let path = vs.root() / "moe";
+    let bank = ExpertBank::new(&(&path / "experts"), shape.experts, shape.d, shape.hidden);
+    let layer = MoeFeedForward::new(&path, bank, &spec);
+    let x = Tensor::randn([1, shape.tokens, shape.d], (Kind::Float, Device::Cpu))
+        .set_requires_grad(true);
+    let g = Tensor::randn([1, shape.tokens, shape.d], (Kind::Float, Device::Cpu));
+    let mut seconds = Vec::new();
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let y = layer.forward(&x, None, true, &mut Routing::off());
+        (y * &g).sum(Kind::Float).backward();
+        if i >= warmup {
+            seconds.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(MoeLayerTiming {
+        compute: compute.into(),
+        tokens: shape.tokens,
+        median_s: sorted[sorted.len() / 2],
+        seconds,
+    })
+}

@@ -288,6 +288,37 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1e-4)]
         lr: f64,
     },
+    /// Forward + backward of one MoE feed-forward layer on random tokens; prints JSON
+    /// (bench/moe_layer.py runs it beside WeNet's loop over experts).
+    MoeLayer {
+        /// Tokens per pass.
+        #[arg(long, default_value_t = 4096)]
+        tokens: i64,
+        /// Model width.
+        #[arg(long, default_value_t = 144)]
+        d: i64,
+        /// Expert hidden width.
+        #[arg(long, default_value_t = 576)]
+        hidden: i64,
+        /// Experts.
+        #[arg(long, default_value_t = 8)]
+        experts: i64,
+        /// Experts per token.
+        #[arg(long, default_value_t = 2)]
+        top_k: i64,
+        /// grouped_mm, bmm or loop.
+        #[arg(long, default_value = "grouped_mm")]
+        compute: String,
+        /// Timed passes.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed passes first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// libtorch threads (0: default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
     /// Filterbank frames/s on one thread over the given 16 kHz WAVs; prints JSON.
     Fbank {
         /// Input WAVs.
@@ -431,6 +462,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             let timing =
                 upcycle_trainer::bench::train_step(&config, &list, utts, steps, warmup, lr)?;
+            println!("{}", serde_json::to_string(&timing)?);
+        }
+        Command::Bench(BenchCommand::MoeLayer {
+            tokens,
+            d,
+            hidden,
+            experts,
+            top_k,
+            compute,
+            steps,
+            warmup,
+            threads,
+        }) => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let shape = upcycle_trainer::bench::MoeLayerShape {
+                tokens,
+                d,
+                hidden,
+                experts,
+                k: top_k,
+            };
+            let timing = upcycle_trainer::bench::moe_layer(shape, &compute, steps, warmup)?;
             println!("{}", serde_json::to_string(&timing)?);
         }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {

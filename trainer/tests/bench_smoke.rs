@@ -24,16 +24,43 @@ fn benchmark_scripts_run() {
         .unwrap();
     assert!(o.status.success());
     let list = data.join("train/data.list");
+    let list = list.to_str().unwrap();
     let python = root.join(".venv/bin/python");
     for (script, args) in [
-        ("bench/fbank.py", vec!["--files", "3", "--repeat", "1"]),
+        (
+            "bench/fbank.py",
+            vec!["--list", list, "--files", "3", "--repeat", "1"],
+        ),
         (
             "bench/train_step.py",
             vec![
+                "--list",
+                list,
                 "--config",
                 "configs/tiny.yaml",
                 "--utts",
                 "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--repeat",
+                "1",
+                "--threads",
+                "1",
+            ],
+        ),
+        (
+            "bench/moe_layer.py",
+            vec![
+                "--tokens",
+                "64",
+                "--d",
+                "8",
+                "--hidden",
+                "16",
+                "--experts",
+                "4",
                 "--steps",
                 "1",
                 "--warmup",
@@ -50,8 +77,6 @@ fn benchmark_scripts_run() {
             .current_dir(&root)
             .arg(script)
             .args(&args)
-            .arg("--list")
-            .arg(&list)
             .arg("--bin")
             .arg(bin)
             .arg("--json")
