@@ -2,7 +2,7 @@
 //! checkpoint to its MoE child (UME); the sharded layouts and WeNet import/export come
 //! with the checkpoint issue.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device};
@@ -82,30 +82,4 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
         },
     )?;
     Ok((dir, report))
-}
-
-/// Parameters of a checkpoint's model: (total, active per token).
-pub fn parameter_counts(dir: &Path) -> Result<(i64, i64)> {
-    let m = checkpoint::load_model(dir, Device::Cpu)?;
-    let mut total = 0;
-    let mut active = 0;
-    for (name, v) in m.vs.variables() {
-        if !v.requires_grad() {
-            continue;
-        }
-        let n = v.numel() as i64;
-        total += n;
-        active += if name.contains(".experts.") {
-            let experts = v.size()[0];
-            let k = if name.starts_with("decoder.") {
-                m.config.decoder_conf.n_expert_activated
-            } else {
-                m.config.encoder_conf.n_expert_activated
-            };
-            n / experts * k
-        } else {
-            n
-        };
-    }
-    Ok((total, active))
 }

@@ -7,6 +7,7 @@
 //! | [`optim`] | AdamW with saveable state, clipping, schedules |
 //! | [`train`] | the training loop |
 //! | [`freeze`] | freezing schedules by step and parameter glob |
+//! | [`inspect`] | routing tables of checkpoints, comparison tables of runs |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
 //! | [`convert`] | the conversion tool: dense -> MoE (upcycle) |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
@@ -20,6 +21,7 @@ pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod freeze;
+pub mod inspect;
 pub mod optim;
 pub mod scoring;
 pub mod train;

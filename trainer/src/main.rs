@@ -37,6 +37,34 @@ enum Command {
     /// Convert checkpoints (dense -> MoE).
     #[command(subcommand)]
     Convert(ConvertCommand),
+    /// Look into checkpoints and runs.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Subcommand)]
+enum InspectCommand {
+    /// The load table of every MoE layer of a checkpoint on a data set.
+    Routing {
+        /// Checkpoint (a run's checkpoints/ directory or a step-N directory).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Data set directory or data.list.
+        #[arg(long)]
+        data: PathBuf,
+        /// Utterances to route (0: all).
+        #[arg(long, default_value_t = 0)]
+        utterances: usize,
+        /// Chunk size (0: full context).
+        #[arg(long, default_value_t = 0)]
+        chunk: i64,
+    },
+    /// A Markdown table comparing finished runs (NAME=RUN_DIR, each evaluated into
+    /// RUN_DIR/eval-test): parameters, training time, test CER and RTF.
+    Runs {
+        /// NAME=RUN_DIR pairs.
+        runs: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -408,7 +436,7 @@ fn run(cli: Cli) -> Result<()> {
                 encoder_only: a.encoder_only,
                 seed: a.seed,
             })?;
-            let (total, active) = convert::parameter_counts(&dir)?;
+            let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
             println!(
                 "upcycled: {} expert banks filled, {} fresh routers, {} tensors copied; \
                  {total} parameters ({active} active per token) -> {}",
@@ -423,6 +451,32 @@ fn run(cli: Cli) -> Result<()> {
                     r.unused.join(", ")
                 );
             }
+        }
+        Command::Inspect(InspectCommand::Routing {
+            checkpoint,
+            data,
+            utterances,
+            chunk,
+        }) => {
+            print!(
+                "{}",
+                upcycle_trainer::inspect::routing_table(&checkpoint, &data, utterances, chunk)?
+            );
+        }
+        Command::Inspect(InspectCommand::Runs { runs }) => {
+            let rows = runs
+                .iter()
+                .map(|r| {
+                    let (name, dir) = r.split_once('=').with_context(|| {
+                        format!("{r:?}: expected NAME=RUN_DIR, e.g. upcycled=runs/ume/b-upcycled")
+                    })?;
+                    Ok(upcycle_trainer::inspect::RunRow {
+                        name: name.into(),
+                        dir: dir.into(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            print!("{}", upcycle_trainer::inspect::runs_table(&rows)?);
         }
         Command::Eval(a) => {
             let opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;

@@ -197,6 +197,38 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
     assert!((load.iter().sum::<f64>() - 1.0).abs() < 1e-6);
     assert_eq!(lines[0]["freeze_phase"], 0);
 
+    // The load table of the trained child: one row per MoE layer, shares summing to 100.
+    let table = ok(&upcycle(&[
+        "inspect",
+        "routing",
+        "--checkpoint",
+        run.join("checkpoints").to_str().unwrap(),
+        "--data",
+        data.join("train").to_str().unwrap(),
+    ]));
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| encoder.") || l.starts_with("| decoder."))
+        .collect();
+    assert_eq!(rows.len(), 2 * 2 + 2, "{table}");
+    let shares: f64 = rows[0]
+        .split('|')
+        .skip(2)
+        .take(4)
+        .map(|c| c.trim().parse::<f64>().unwrap())
+        .sum();
+    assert!((shares - 100.0).abs() < 0.5, "{table}");
+    // A dense checkpoint has no routing to show.
+    let dense_table = upcycle(&[
+        "inspect",
+        "routing",
+        "--checkpoint",
+        dense.join("checkpoints").to_str().unwrap(),
+        "--data",
+        data.join("train").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&dense_table.stderr).contains("no MoE layer"));
+
     // Distillation from the dense parent: the term is logged and finite.
     let kd_config = tmp.path().join("kd.yaml");
     let text = std::fs::read_to_string(&moe_config).unwrap().replace(

@@ -1,0 +1,210 @@
+//! `upcycle inspect`: what a checkpoint's routers do on a data set, and the comparison
+//! table of finished runs (parameters, training time, CER and RTF per decoding mode).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+use upcycle_model::mask::ChunkMode;
+
+use crate::checkpoint::{self, load_model};
+use crate::data::loader::{DataLoader, Mode, Shard};
+
+/// Parameters of a checkpoint's model: (total, active per token). An expert bank counts
+/// `k` of its `E` experts as active for every layer that uses it.
+pub fn parameter_counts(dir: &Path) -> Result<(i64, i64)> {
+    let m = load_model(dir, Device::Cpu)?;
+    let users = |bank: &str| -> i64 {
+        // Layers that share a bank point at it from other blocks (encoder_conf.expert_sharing).
+        let c = &m.config.encoder_conf;
+        c.expert_sharing
+            .iter()
+            .find(|g| {
+                g.iter()
+                    .min()
+                    .is_some_and(|o| bank.starts_with(&format!("encoder.encoders.{o}.")))
+            })
+            .map_or(1, |g| g.len() as i64)
+    };
+    let (mut total, mut active) = (0, 0);
+    for (name, v) in m.vs.variables() {
+        if !v.requires_grad() {
+            continue;
+        }
+        let n = v.numel() as i64;
+        total += n;
+        active += if name.contains(".experts.") {
+            let k = if name.starts_with("decoder.") {
+                m.config.decoder_conf.n_expert_activated
+            } else {
+                m.config.encoder_conf.n_expert_activated
+            };
+            n / v.size()[0] * k * users(&name)
+        } else {
+            n
+        };
+    }
+    Ok((total, active))
+}
+
+/// The load table of every MoE layer of `checkpoint` over (up to `utterances` of) the
+/// data set `list` (`chunk` 0: full context): share of token copies per expert, the
+/// busiest expert's share over an even share, and the mean router entropy.
+pub fn routing_table(
+    checkpoint: &Path,
+    list: &Path,
+    utterances: usize,
+    chunk: i64,
+) -> Result<String> {
+    let m = load_model(checkpoint, Device::Cpu)?;
+    let list = if list.is_dir() {
+        list.join("data.list")
+    } else {
+        list.to_path_buf()
+    };
+    let loader = DataLoader::new(
+        &list,
+        m.units.clone(),
+        m.config.dataset_conf.clone(),
+        Mode::Eval,
+        Shard::SINGLE,
+        0,
+    )?;
+    let mode = if chunk > 0 {
+        ChunkMode::Chunk {
+            size: chunk,
+            left_chunks: -1,
+        }
+    } else {
+        ChunkMode::Full
+    };
+    let mut layers: Vec<(String, Tensor, f64)> = Vec::new();
+    let (mut seen, mut batches) = (0usize, 0usize);
+    for batch in loader.epoch(0)? {
+        let b = batch?;
+        let l = tch::no_grad(|| {
+            m.model.forward(
+                &b.feats,
+                &b.feats_lengths,
+                &b.target,
+                &b.target_lengths,
+                mode,
+                false,
+            )
+        });
+        if layers.is_empty() {
+            layers = l
+                .routing
+                .layers
+                .iter()
+                .map(|r| (r.layer.clone(), r.tokens_per_expert.zeros_like(), 0.0))
+                .collect();
+        }
+        for (acc, r) in layers.iter_mut().zip(&l.routing.layers) {
+            acc.1 = &acc.1 + &r.tokens_per_expert;
+            acc.2 += r.entropy.double_value(&[]);
+        }
+        batches += 1;
+        seen += b.keys.len();
+        if utterances > 0 && seen >= utterances {
+            break;
+        }
+    }
+    if layers.is_empty() {
+        bail!("{}: the model has no MoE layer", m.dir.display());
+    }
+    let experts = layers[0].1.size()[0];
+    let mut out = format!(
+        "routing of {} on {seen} utterances of {} ({}): share of token copies per expert, %\n\n| layer |",
+        m.dir.display(),
+        list.display(),
+        if chunk > 0 { format!("chunk {chunk}") } else { "full context".into() }
+    );
+    for e in 0..experts {
+        out += &format!(" e{e} |");
+    }
+    out += " max/even | entropy |\n|---|";
+    out += &"---:|".repeat(experts as usize + 2);
+    out.push('\n');
+    for (name, load, entropy) in &layers {
+        let load = Vec::<f64>::try_from(&load.to_kind(Kind::Double)).unwrap_or_default();
+        let total: f64 = load.iter().sum::<f64>().max(1.0);
+        out += &format!("| {name} |");
+        for c in &load {
+            out += &format!(" {:.1} |", 100.0 * c / total);
+        }
+        let max = load.iter().cloned().fold(0.0, f64::max);
+        out += &format!(
+            " {:.2} | {:.3} |\n",
+            max / (total / load.len() as f64),
+            entropy / batches as f64
+        );
+    }
+    Ok(out)
+}
+
+/// One row of [`runs_table`]: a name and a run directory (`metrics.jsonl`,
+/// `checkpoints/`, `eval-test/results.json`).
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    /// Label in the table.
+    pub name: String,
+    /// The run directory.
+    pub dir: PathBuf,
+}
+
+fn last_elapsed(dir: &Path) -> Result<f64> {
+    let file = dir.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["elapsed_s"].as_f64())
+        .fold(0.0, f64::max))
+}
+
+/// A Markdown table comparing finished runs: parameters (total, active), training
+/// minutes, test CER and RTF of attention rescoring in full context and at chunk 16.
+pub fn runs_table(rows: &[RunRow]) -> Result<String> {
+    let mut out = String::from(
+        "| run | params | active | train min | CER full | CER chunk16 | RTF full | RTF chunk16 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let ckpt = checkpoint::resolve(&r.dir.join("checkpoints"))?;
+        let (total, active) = parameter_counts(&ckpt)?;
+        let minutes = last_elapsed(&r.dir)? / 60.0;
+        let file = r.dir.join("eval-test/results.json");
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| {
+                format!("reading {} (run `upcycle eval` first)", file.display())
+            })?)?;
+        let pick = |chunk: i64, key: &str| -> String {
+            results
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|m| m["method"] == "attention_rescoring" && m["chunk"] == chunk)
+                })
+                .and_then(|m| m[key].as_f64())
+                .map_or("-".into(), |v| {
+                    if key == "cer" {
+                        format!("{v:.2}")
+                    } else {
+                        format!("{v:.4}")
+                    }
+                })
+        };
+        out += &format!(
+            "| {} | {:.2}M | {:.2}M | {minutes:.1} | {} | {} | {} | {} |\n",
+            r.name,
+            total as f64 / 1e6,
+            active as f64 / 1e6,
+            pick(0, "cer"),
+            pick(16, "cer"),
+            pick(0, "rtf"),
+            pick(16, "rtf"),
+        );
+    }
+    Ok(out)
+}
