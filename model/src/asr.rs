@@ -163,7 +163,7 @@ impl AsrModel {
             (&z_loss, moe.z_loss_weight),
         ] {
             if let Some(part) = part.as_ref().filter(|_| weight > 0.0) {
-                loss = loss + part * weight;
+                loss += part * weight;
             }
         }
         Losses {

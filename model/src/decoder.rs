@@ -55,10 +55,11 @@ impl DecoderLayer {
         tgt_mask: &Tensor,
         memory: &Tensor,
         memory_mask: &Tensor,
-        valid: &Tensor,
         train: bool,
         routing: &mut Routing,
     ) -> Tensor {
+        // Position i is real iff it may attend to itself.
+        let valid = tgt_mask.diagonal(0, 1, 2);
         let h = self.norm1.forward(x);
         let x = x + self
             .self_attn
@@ -73,7 +74,7 @@ impl DecoderLayer {
         let h = self.norm3.forward(&x);
         &x + self
             .feed_forward
-            .forward(&h, Some(valid), train, routing)
+            .forward(&h, Some(&valid), train, routing)
             .dropout(self.dropout, train)
     }
 }
@@ -130,15 +131,15 @@ impl TransformerDecoder {
         routing: &mut Routing,
     ) -> Tensor {
         let l = ys_in.size()[1];
-        let valid = make_pad_mask(ys_in_lens, l).logical_not();
-        let tgt_mask = valid
+        let tgt_mask = make_pad_mask(ys_in_lens, l)
+            .logical_not()
             .unsqueeze(1)
             .logical_and(&subsequent_mask(l, ys_in.device()).unsqueeze(0));
         let x = self.embed.forward(ys_in) * (self.d as f64).sqrt()
             + sinusoid(0, l, self.d, ys_in.device());
         let mut x = x.dropout(self.positional_dropout, train);
         for layer in &self.decoders {
-            x = layer.forward(&x, &tgt_mask, memory, memory_mask, &valid, train, routing);
+            x = layer.forward(&x, &tgt_mask, memory, memory_mask, train, routing);
         }
         self.output_layer.forward(&self.after_norm.forward(&x))
     }

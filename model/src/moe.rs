@@ -403,7 +403,7 @@ impl MoeFeedForward {
         if train && self.conf.jitter_noise > 0.0 {
             let j = self.conf.jitter_noise;
             let noise = Tensor::empty_like(&input).uniform_(1.0 - j, 1.0 + j);
-            input = input * noise;
+            input *= noise;
         }
         let logits = input.matmul(&self.router.to_kind(Kind::Float).tr());
         let probs = logits.softmax(-1, Kind::Float);

@@ -55,7 +55,7 @@ impl FreezeSchedule {
     /// A schedule over `params` (the model's trainable parameters). Phases must start at
     /// increasing steps and every pattern must match some parameter; the error names the
     /// pattern. An empty list trains everything always.
-    pub fn new(phases: &[FreezePhase], params: BTreeMap<String, Tensor>) -> Result<Self, String> {
+    pub fn new(phases: &[FreezePhase], params: &BTreeMap<String, Tensor>) -> Result<Self, String> {
         for w in phases.windows(2) {
             if w[1].from_step <= w[0].from_step {
                 return Err(format!(
@@ -78,7 +78,10 @@ impl FreezeSchedule {
         }
         Ok(Self {
             phases: phases.to_vec(),
-            params,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
         })
     }
 
@@ -152,7 +155,7 @@ mod tests {
                 trainable: vec!["*".into()],
             },
         ];
-        let s = FreezeSchedule::new(&phases, params.clone()).unwrap();
+        let s = FreezeSchedule::new(&phases, &params).unwrap();
         assert_eq!(s.apply(0), 2);
         assert!(!params["l.norm.weight"].requires_grad());
         assert_eq!(s.apply(9), 2);
@@ -162,7 +165,7 @@ mod tests {
             from_step: 0,
             trainable: vec!["*.expert.*".into()],
         }];
-        let e = FreezeSchedule::new(&bad, params).unwrap_err();
+        let e = FreezeSchedule::new(&bad, &params).unwrap_err();
         assert!(e.contains("*.expert.*"), "{e}");
     }
 }

@@ -306,12 +306,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .into_iter()
         .filter(|(_, v)| v.requires_grad())
         .collect();
-    let shared = |m: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
-        m.iter()
-            .map(|(k, v)| (k.clone(), v.shallow_clone()))
-            .collect()
-    };
-    let freeze = FreezeSchedule::new(&uc.freeze, shared(&params)).map_err(anyhow::Error::msg)?;
+    let freeze = FreezeSchedule::new(&uc.freeze, &params).map_err(anyhow::Error::msg)?;
     let mut phase = None;
     let mut opt = AdamW::new(opt_conf, params.into_iter().collect());
     let schedule = Schedule::new(

@@ -1,9 +1,6 @@
 //! `upcycle train`, `eval` and `transcribe` through the binary, on real recordings
 //! (pocketsphinx's LibriVox and cards clips) with the tiny config.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 mod common;
 use common::*;
 
