@@ -236,3 +236,58 @@ impl ConformerEncoder {
         (self.after_norm.forward(&x), masks)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MoeConf;
+    use tch::{Device, Kind};
+
+    fn conf(extra: &str) -> EncoderConf {
+        serde_yaml::from_str(&format!(
+            "output_size: 16\nattention_heads: 2\nlinear_units: 24\nnum_blocks: 4\n\
+             mlp_type: moe\nn_expert: 4\nn_expert_activated: 2\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    /// Bai et al.: blocks of a group share one expert bank per FFN position (stored once,
+    /// in the group's first block) and keep their own routers.
+    #[test]
+    fn shared_expert_banks_are_stored_once_with_a_router_per_block() {
+        let c = conf("expert_sharing: [[0, 1], [2, 3]]\n");
+        c.validate().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let enc = ConformerEncoder::new(&vs.root(), 8, &c, &MoeContext::local(MoeConf::default()));
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        let banks = |block: usize| {
+            names
+                .iter()
+                .filter(|n| n.starts_with(&format!("encoders.{block}.")) && n.contains(".experts."))
+                .count()
+        };
+        assert_eq!((banks(0), banks(1), banks(2), banks(3)), (8, 0, 8, 0));
+        for block in 0..4 {
+            for ffn in ["feed_forward", "feed_forward_macaron"] {
+                let router = format!("encoders.{block}.{ffn}.router.weight");
+                assert!(names.contains(&router), "{router}");
+            }
+        }
+        // The one stored bank is what both blocks compute with: it gets their gradient.
+        let x = Tensor::randn([2, 40, 8], (Kind::Float, Device::Cpu));
+        let lens = Tensor::from_slice(&[40i64, 30]);
+        let (y, _) = enc.forward(&x, &lens, ChunkMode::Full, true, &mut Routing::recording());
+        y.square().sum(Kind::Float).backward();
+        let g = vs.variables()["encoders.0.feed_forward.experts.w_1"].grad();
+        assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        // Unknown or overlapping groups are refused by name.
+        assert!(conf("expert_sharing: [[0, 1], [1, 2]]\n")
+            .validate()
+            .unwrap_err()
+            .contains("block 1 is in two groups"));
+        assert!(conf("moe_layers: [0]\nexpert_sharing: [[0, 1]]\n")
+            .validate()
+            .unwrap_err()
+            .contains("block 1 is not an MoE block"));
+    }
+}

@@ -550,4 +550,43 @@ mod tests {
             assert!(a.equal(b), "{name} differs between two runs");
         }
     }
+
+    /// Jitter noise changes routing inputs in training only; a capacity drops copies and
+    /// says how many.
+    #[test]
+    fn jitter_is_training_only_and_dropped_copies_are_counted() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let moe = layer(
+            &vs,
+            MoeConf {
+                jitter_noise: 0.5,
+                capacity_factor: 0.5,
+                ..Default::default()
+            },
+        );
+        let x = Tensor::randn([2, 50, 16], (Kind::Float, Device::Cpu));
+        let run = |train: bool| {
+            let mut r = Routing::recording();
+            let y = moe.forward(&x, None, train, &mut r);
+            (y, r)
+        };
+        let (eval_a, r) = run(false);
+        let (eval_b, _) = run(false);
+        assert!(eval_a.equal(&eval_b));
+        assert_eq!(
+            r.layers[0].dropped.int64_value(&[]),
+            0,
+            "evaluation is dropless"
+        );
+        let (train_a, r) = run(true);
+        let (train_b, _) = run(true);
+        assert!(!train_a.equal(&train_b), "jitter differs between passes");
+        // 100 tokens x 2 copies over 4 experts at capacity factor 0.5: 25 per expert.
+        let kept = Vec::<i64>::try_from(&r.layers[0].tokens_per_expert).unwrap();
+        assert!(kept.iter().all(|&c| c <= 25), "{kept:?}");
+        let dropped = r.layers[0].dropped.int64_value(&[]);
+        assert_eq!(dropped + kept.iter().sum::<i64>(), 200);
+        assert!(dropped >= 100);
+    }
 }
