@@ -9,19 +9,7 @@ fn train_then_eval_then_transcribe() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 3, eval_interval: 15}\n");
     let out = tmp.path().join("run");
-    let stdout = ok(&upcycle(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "30",
-        "--device",
-        "cpu",
-    ]));
+    let stdout = train(&config, &data, &out, 30, None);
     assert!(stdout.contains("trained 30 steps"), "{stdout}");
 
     // Metrics: one line per step with the loss parts, and dev evaluations.
@@ -115,19 +103,7 @@ fn training_is_reproducible() {
     let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 7}\n");
     let run = |name: &str| {
         let out = tmp.path().join(name);
-        ok(&upcycle(&[
-            "train",
-            "--config",
-            config.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "6",
-            "--device",
-            "cpu",
-        ]));
+        train(&config, &data, &out, 6, None);
         let losses: Vec<f64> = metrics(&out)
             .iter()
             .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))

@@ -13,27 +13,6 @@ use upcycle_trainer::data::loader::{DataLoader, Mode, Shard};
 mod common;
 use common::*;
 
-fn train(config: &Path, data: &Path, out: &Path, steps: u64, init: Option<&Path>) {
-    let steps = steps.to_string();
-    let mut args = vec![
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        &steps,
-        "--device",
-        "cpu",
-    ];
-    if let Some(init) = init {
-        args.extend(["--init", init.to_str().unwrap()]);
-    }
-    ok(&upcycle(&args));
-}
-
 fn tensors(dir: &Path) -> BTreeMap<String, Tensor> {
     checkpoint::read_tensors(dir).unwrap()
 }

@@ -63,3 +63,31 @@ pub(crate) fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `upcycle train` on the CPU for `steps` steps (from `init`'s weights); its stdout.
+pub(crate) fn train(
+    config: &Path,
+    data: &Path,
+    out: &Path,
+    steps: u64,
+    init: Option<&Path>,
+) -> String {
+    let steps = steps.to_string();
+    let mut args = vec![
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps,
+        "--device",
+        "cpu",
+    ];
+    if let Some(init) = init {
+        args.extend(["--init", init.to_str().unwrap()]);
+    }
+    ok(&upcycle(&args))
+}
