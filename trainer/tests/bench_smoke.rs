@@ -51,6 +51,25 @@ fn benchmark_scripts_run() {
             ],
         ),
         (
+            "bench/moe_cost.py",
+            vec![
+                "--list",
+                list,
+                "--config",
+                "configs/tiny.yaml",
+                "--utts",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--repeat",
+                "1",
+                "--threads",
+                "1",
+            ],
+        ),
+        (
             "bench/moe_layer.py",
             vec![
                 "--tokens",
