@@ -115,3 +115,53 @@ pub fn upcycle(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffn::FfnFactory;
+    use crate::moe::MoeContext;
+    use tch::{Device, Kind};
+
+    fn dense_and_moe() -> (BTreeMap<String, Tensor>, nn::VarStore) {
+        let ctx = MoeContext::default();
+        let act = crate::activation::Activation::Swish;
+        let dense = nn::VarStore::new(Device::Cpu);
+        FfnFactory::new(8, 12, act, 0.0, (4, 2), &ctx).dense(&(dense.root() / "ff"));
+        let moe = nn::VarStore::new(Device::Cpu);
+        let root = moe.root();
+        FfnFactory::new(8, 12, act, 0.0, (4, 2), &ctx)
+            .moe(&(&root / "ff"), &(&root / "ff" / "experts"));
+        (dense.variables().into_iter().collect(), moe)
+    }
+
+    #[test]
+    fn experts_are_exact_copies_unless_noise_is_asked_for() {
+        let (dense, moe) = dense_and_moe();
+        let r = upcycle(&dense, &moe, 0.0).unwrap();
+        assert_eq!((r.banks, r.routers, r.unused.len()), (1, 1, 0));
+        let w_1 = moe.variables()["ff.experts.w_1"].shallow_clone();
+        for e in 0..4 {
+            assert!(w_1.get(e).equal(&dense["ff.w_1.weight"].tr()), "expert {e}");
+        }
+        upcycle(&dense, &moe, 0.1).unwrap();
+        let w_1 = moe.variables()["ff.experts.w_1"].shallow_clone();
+        assert!(!w_1.get(0).equal(&w_1.get(1)));
+        let rel = ((w_1.get(0) - dense["ff.w_1.weight"].tr()).abs()
+            / dense["ff.w_1.weight"].tr().abs())
+        .mean(Kind::Float)
+        .double_value(&[]);
+        assert!((0.03..0.2).contains(&rel), "{rel}");
+    }
+
+    #[test]
+    fn a_missing_or_misshapen_source_is_named() {
+        let (mut dense, moe) = dense_and_moe();
+        let w = dense.remove("ff.w_2.weight").unwrap();
+        let e = upcycle(&dense, &moe, 0.0).unwrap_err();
+        assert!(e.contains("ff.w_2.weight"), "{e}");
+        dense.insert("ff.w_2.weight".into(), w.narrow(1, 0, 5));
+        let e = upcycle(&dense, &moe, 0.0).unwrap_err();
+        assert!(e.contains("ff.experts.w_2"), "{e}");
+    }
+}
