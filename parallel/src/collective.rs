@@ -1,0 +1,466 @@
+//! Collective communication on tch tensors, behind one trait with a backend per
+//! transport: [`Single`] (a world of one: every operation is the identity) and, with the
+//! `mpi` feature, [`MpiCollective`] (CPU tensors through MPI). NCCL comes next.
+//!
+//! Every rank of a group must issue the same collectives in the same order (as in MPI and
+//! NCCL); tensors are contiguous and on the backend's device. Rows: all-to-all and
+//! all-gather work on the first dimension, every row the same size.
+
+use std::fmt::Debug;
+
+use tch::{Kind, Tensor};
+
+/// How [`Collective::all_reduce`] combines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise mean over the ranks.
+    Avg,
+    /// Elementwise maximum.
+    Max,
+}
+
+/// A collective operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// The call's arguments cannot work (shapes, counts, kinds); names the operation.
+    #[error("{op}: {message}")]
+    Invalid {
+        /// The operation.
+        op: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
+    CollectiveError::Invalid {
+        op,
+        message: message.into(),
+    }
+}
+
+/// A group of ranks that communicate.
+pub trait Collective: Debug + Send + Sync {
+    /// This rank in the group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// A name for messages (`world`, `ep`, ...).
+    fn name(&self) -> &str;
+
+    /// Combines `t` over the group, in place.
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError>;
+
+    /// Sends `send_counts[r]` rows of `send` (in rank order) to rank `r` and returns the
+    /// rows received, `recv_counts[r]` from rank `r`, in rank order.
+    fn all_to_all(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor, CollectiveError>;
+
+    /// Every rank's `t`, concatenated along the first dimension in rank order (shapes
+    /// equal on every rank).
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+
+    /// Copies `root`'s `t` into every rank's `t`.
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+
+    /// Waits until every rank of the group is here.
+    fn barrier(&self) -> Result<(), CollectiveError>;
+
+    /// The subgroup of the ranks that pass the same `color`, ordered by `key` then rank.
+    fn split(
+        &self,
+        color: usize,
+        key: usize,
+        name: &str,
+    ) -> Result<Box<dyn Collective>, CollectiveError>;
+
+    /// Exchanges per-peer counts (one `i64` to each rank) and returns what each rank sent
+    /// here: the split sizes an uneven all-to-all needs.
+    fn exchange_counts(&self, counts: &[i64]) -> Result<Vec<i64>, CollectiveError> {
+        let ones = vec![1; self.size()];
+        let got = self.all_to_all(&Tensor::from_slice(counts), &ones, &ones)?;
+        Ok(Vec::<i64>::try_from(&got).expect("int64 counts"))
+    }
+}
+
+fn check_counts(
+    op: &'static str,
+    size: usize,
+    rows: i64,
+    send: &[i64],
+    recv: &[i64],
+) -> Result<(), CollectiveError> {
+    if send.len() != size || recv.len() != size {
+        return Err(invalid(
+            op,
+            format!(
+                "{} send and {} receive counts for a group of {size}",
+                send.len(),
+                recv.len()
+            ),
+        ));
+    }
+    if send.iter().chain(recv).any(|&c| c < 0) || send.iter().sum::<i64>() != rows {
+        return Err(invalid(
+            op,
+            format!("send counts {send:?} do not split {rows} rows (or a count is negative)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A world of one: every collective is the identity.
+#[derive(Debug, Default)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn name(&self) -> &str {
+        "single"
+    }
+    fn all_reduce(&self, _t: &mut Tensor, _op: ReduceOp) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_to_all(
+        &self,
+        send: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor, CollectiveError> {
+        let rows = send.size().first().copied().unwrap_or(0);
+        check_counts("all_to_all", 1, rows, send_counts, recv_counts)?;
+        if send_counts != recv_counts {
+            return Err(invalid(
+                "all_to_all",
+                "a world of one receives what it sends",
+            ));
+        }
+        Ok(send.shallow_clone())
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.shallow_clone())
+    }
+    fn broadcast(&self, _t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        if root != 0 {
+            return Err(invalid(
+                "broadcast",
+                format!("root {root} in a world of one"),
+            ));
+        }
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn split(
+        &self,
+        _color: usize,
+        _key: usize,
+        _name: &str,
+    ) -> Result<Box<dyn Collective>, CollectiveError> {
+        Ok(Box::new(Single))
+    }
+}
+
+/// Elements per row of a tensor (1 for a vector).
+fn row_len(t: &Tensor) -> i64 {
+    t.size().iter().skip(1).product()
+}
+
+/// Refuses what a host-memory transport cannot carry.
+fn host_tensor(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
+    if t.device() != tch::Device::Cpu {
+        return Err(invalid(
+            op,
+            "the MPI backend takes CPU tensors (GPU tensors go through NCCL)",
+        ));
+    }
+    if !matches!(
+        t.kind(),
+        Kind::Float | Kind::Double | Kind::Int64 | Kind::Int
+    ) {
+        return Err(invalid(
+            op,
+            format!(
+                "{:?} tensors are not supported (float, double, int, int64)",
+                t.kind()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_backend {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use mpi::collective::SystemOperation;
+    use mpi::datatype::{Partition, PartitionMut};
+    use mpi::topology::{Color, SimpleCommunicator};
+    use mpi::traits::*;
+    use tch::{Kind, Tensor};
+
+    use super::*;
+
+    /// The MPI environment: initialised by the first [`MpiCollective::world`], finalised
+    /// by [`finalize_mpi`] (MPI cannot start again after that).
+    static UNIVERSE: Mutex<Option<mpi::environment::Universe>> = Mutex::new(None);
+    static STARTED: AtomicBool = AtomicBool::new(false);
+
+    /// Finalises MPI (every rank must call it before exiting, after its last collective);
+    /// nothing when MPI was not started.
+    pub fn finalize_mpi() {
+        drop(UNIVERSE.lock().expect("MPI universe").take());
+    }
+
+    struct Comm(SimpleCommunicator);
+    // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `world`), and every
+    // use of the communicator goes through the Mutex around it.
+    unsafe impl Send for Comm {}
+
+    /// A group of MPI ranks exchanging CPU tensors.
+    pub struct MpiCollective {
+        comm: Arc<Mutex<Comm>>,
+        rank: usize,
+        size: usize,
+        name: String,
+    }
+
+    impl std::fmt::Debug for MpiCollective {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "MpiCollective({} rank {}/{})",
+                self.name, self.rank, self.size
+            )
+        }
+    }
+
+    impl MpiCollective {
+        /// `MPI_COMM_WORLD`, initialising MPI on first use. Fails when MPI cannot start or
+        /// does not give `MPI_THREAD_MULTIPLE`.
+        pub fn world() -> Result<Self, CollectiveError> {
+            let mut universe = UNIVERSE.lock().expect("MPI universe");
+            if universe.is_none() && !STARTED.swap(true, Ordering::SeqCst) {
+                *universe = mpi::initialize_with_threading(mpi::Threading::Multiple)
+                    .filter(|(_, t)| *t == mpi::Threading::Multiple)
+                    .map(|(u, _)| u);
+            }
+            let universe = universe.as_ref().ok_or_else(|| {
+                invalid(
+                    "init",
+                    "MPI is finalised, or did not initialise with MPI_THREAD_MULTIPLE",
+                )
+            })?;
+            Ok(Self::wrap(universe.world(), "world"))
+        }
+
+        fn wrap(comm: SimpleCommunicator, name: &str) -> Self {
+            Self {
+                rank: comm.rank() as usize,
+                size: comm.size() as usize,
+                comm: Arc::new(Mutex::new(Comm(comm))),
+                name: name.to_string(),
+            }
+        }
+
+        fn with<R>(&self, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+            f(&self.comm.lock().expect("MPI communicator").0)
+        }
+    }
+
+    /// Runs `$body` with `$T` the element type of `$kind`.
+    macro_rules! with_kind {
+        ($kind:expr, $T:ident, $body:block) => {
+            match $kind {
+                Kind::Float => {
+                    type $T = f32;
+                    $body
+                }
+                Kind::Double => {
+                    type $T = f64;
+                    $body
+                }
+                Kind::Int64 => {
+                    type $T = i64;
+                    $body
+                }
+                _ => {
+                    type $T = i32;
+                    $body
+                }
+            }
+        };
+    }
+
+    /// The elements of a contiguous CPU tensor.
+    ///
+    /// # Safety
+    /// `t` must be contiguous, on the CPU and of element type `T`.
+    unsafe fn slice<T>(t: &Tensor) -> &[T] {
+        match t.numel() {
+            0 => &[],
+            n => unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) },
+        }
+    }
+
+    /// The elements of a contiguous CPU tensor, to write.
+    ///
+    /// # Safety
+    /// As [`slice`]; and no other handle reads the storage while the slice lives.
+    unsafe fn slice_mut<T>(t: &mut Tensor) -> &mut [T] {
+        match t.numel() {
+            0 => &mut [],
+            n => unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) },
+        }
+    }
+
+    impl Collective for MpiCollective {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
+            host_tensor("all_reduce", t)?;
+            let input = t.contiguous().copy();
+            let mut out = input.empty_like();
+            let mpi_op = match op {
+                ReduceOp::Max => SystemOperation::max(),
+                _ => SystemOperation::sum(),
+            };
+            self.with(|c| {
+                with_kind!(out.kind(), T, {
+                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    let (send, recv) = unsafe { (slice::<T>(&input), slice_mut::<T>(&mut out)) };
+                    c.all_reduce_into(send, recv, mpi_op)
+                })
+            });
+            let out = if op == ReduceOp::Avg {
+                out / self.size as f64
+            } else {
+                out
+            };
+            tch::no_grad(|| t.copy_(&out.to_kind(t.kind())));
+            Ok(())
+        }
+
+        fn all_to_all(
+            &self,
+            send: &Tensor,
+            send_counts: &[i64],
+            recv_counts: &[i64],
+        ) -> Result<Tensor, CollectiveError> {
+            host_tensor("all_to_all", send)?;
+            let size = send.size();
+            let rows = size.first().copied().unwrap_or(0);
+            check_counts("all_to_all", self.size, rows, send_counts, recv_counts)?;
+            let width = row_len(send);
+            let scale = |c: &[i64]| -> Vec<i32> { c.iter().map(|&r| (r * width) as i32).collect() };
+            let displs = |c: &[i32]| -> Vec<i32> {
+                c.iter()
+                    .scan(0, |s, &n| {
+                        let d = *s;
+                        *s += n;
+                        Some(d)
+                    })
+                    .collect()
+            };
+            let (sc, rc) = (scale(send_counts), scale(recv_counts));
+            let (sd, rd) = (displs(&sc), displs(&rc));
+            let send = send.contiguous();
+            let mut shape = size.clone();
+            if shape.is_empty() {
+                return Err(invalid("all_to_all", "a 0-d tensor has no rows"));
+            }
+            shape[0] = recv_counts.iter().sum();
+            let mut out = Tensor::empty(shape.as_slice(), (send.kind(), send.device()));
+            self.with(|c| {
+                with_kind!(out.kind(), T, {
+                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    let (s, recv) = unsafe { (slice::<T>(&send), slice_mut::<T>(&mut out)) };
+                    let sp = Partition::new(s, &sc[..], &sd[..]);
+                    let mut rp = PartitionMut::new(recv, &rc[..], &rd[..]);
+                    c.all_to_all_varcount_into(&sp, &mut rp)
+                })
+            });
+            Ok(out)
+        }
+
+        fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+            host_tensor("all_gather", t)?;
+            let t = t.contiguous();
+            let mut shape = t.size();
+            if shape.is_empty() {
+                shape = vec![1];
+            }
+            shape[0] *= self.size as i64;
+            let mut out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
+            self.with(|c| {
+                with_kind!(out.kind(), T, {
+                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    let (s, recv) = unsafe { (slice::<T>(&t), slice_mut::<T>(&mut out)) };
+                    c.all_gather_into(s, recv)
+                })
+            });
+            Ok(out)
+        }
+
+        fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+            host_tensor("broadcast", t)?;
+            if root >= self.size {
+                return Err(invalid(
+                    "broadcast",
+                    format!("root {root} in a group of {}", self.size),
+                ));
+            }
+            let mut buf = t.contiguous().copy();
+            self.with(|c| {
+                with_kind!(buf.kind(), T, {
+                    // SAFETY: a contiguous CPU tensor of kind T, owned here.
+                    let b = unsafe { slice_mut::<T>(&mut buf) };
+                    c.process_at_rank(root as i32).broadcast_into(b)
+                })
+            });
+            tch::no_grad(|| t.copy_(&buf));
+            Ok(())
+        }
+
+        fn barrier(&self) -> Result<(), CollectiveError> {
+            self.with(|c| c.barrier());
+            Ok(())
+        }
+
+        fn split(
+            &self,
+            color: usize,
+            key: usize,
+            name: &str,
+        ) -> Result<Box<dyn Collective>, CollectiveError> {
+            let sub = self
+                .with(|c| c.split_by_color_with_key(Color::with_value(color as i32), key as i32))
+                .ok_or_else(|| invalid("split", format!("no communicator for color {color}")))?;
+            Ok(Box::new(Self::wrap(sub, name)))
+        }
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use mpi_backend::{finalize_mpi, MpiCollective};
