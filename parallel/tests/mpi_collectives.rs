@@ -1,13 +1,15 @@
 //! The MPI backend as real processes: this test binary starts itself under
 //! `mpirun -np 2` and `-np 4` (oversubscribed on a 2-core machine); each rank checks every
 //! collective against the value it can compute alone, on float, double and int64
-//! tensors, with uneven and zero all-to-all counts and on split subgroups.
+//! tensors, with uneven and zero all-to-all counts, on split subgroups, and the
+//! expert-parallel process groups for ep = 2.
 
 use std::process::Command;
 
 use tch::{Kind, Tensor};
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::WorldInfo;
+use upcycle_parallel::groups::ProcessGroups;
 
 const WORKER: &str = "UPCYCLE_MPI_TEST_WORKER";
 
@@ -92,6 +94,28 @@ fn worker() {
         .map(|r| r as i64)
         .sum();
     assert_eq!(s.int64_value(&[0]), want);
+
+    // Process groups for ep = 2: blocks of consecutive ranks exchange tokens, ranks
+    // with the same position in their block share experts.
+    let groups = ProcessGroups::new(Box::new(MpiCollective::world().unwrap()), 2).unwrap();
+    assert_eq!((groups.ep.size(), groups.edp.size()), (2, size / 2));
+    assert_eq!(
+        groups.local_experts(8),
+        (rank % 2) as i64 * 4..(rank % 2) as i64 * 4 + 4
+    );
+    let mut members = Tensor::from_slice(&[rank as i64]);
+    let ep_members = groups.ep.all_gather(&members).unwrap();
+    assert_eq!(
+        Vec::<i64>::try_from(&ep_members).unwrap(),
+        [(rank - rank % 2) as i64, (rank - rank % 2 + 1) as i64]
+    );
+    groups.edp.all_reduce(&mut members, ReduceOp::Sum).unwrap();
+    let want: i64 = (0..size)
+        .filter(|r| r % 2 == rank % 2)
+        .map(|r| r as i64)
+        .sum();
+    assert_eq!(members.int64_value(&[0]), want);
+    drop(groups);
 
     // Bad calls are refused by name, before any communication.
     let e = world
