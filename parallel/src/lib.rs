@@ -3,10 +3,12 @@
 //! It owns, as `../shared/design/ARCHITECTURE.md` describes: the worker's identity
 //! ([`env`]: rank, world, local rank from the launcher, `mpirun` or `srun`) and the
 //! [`collective`] operations on tensors (single-rank and MPI backends) and the process
-//! [`groups`] (world, expert-parallel, expert-data-parallel); next the NCCL backend,
-//! gradient all-reduce in buckets and the differentiable all-to-all. Nothing here knows what a
+//! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
+//! [`grads`] synchronisation in flat buckets; next the NCCL backend and the
+//! differentiable all-to-all. Nothing here knows what a
 //! Conformer is.
 
 pub mod collective;
 pub mod env;
+pub mod grads;
 pub mod groups;

@@ -9,6 +9,7 @@ use std::process::Command;
 use tch::{Kind, Tensor};
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::WorldInfo;
+use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
 
 const WORKER: &str = "UPCYCLE_MPI_TEST_WORKER";
@@ -115,6 +116,63 @@ fn worker() {
         .map(|r| r as i64)
         .sum();
     assert_eq!(members.int64_value(&[0]), want);
+
+    // Gradient synchronisation: dense gradients averaged over the world, expert ones
+    // summed over edp and divided by the world; frozen ones untouched; a gradient that
+    // never appeared on rank 0 takes part as zeros.
+    let param = |n: i64| Tensor::zeros([n], tch::kind::FLOAT_CPU).set_requires_grad(true);
+    let params: Vec<(String, Tensor)> = vec![
+        ("enc.norm.weight".into(), param(3)),
+        ("enc.ff.experts.w_1".into(), param(5)),
+        ("enc.ff.router.weight".into(), param(2)),
+        ("enc.frozen.weight".into(), param(2)),
+    ];
+    let r = (rank + 1) as f64;
+    for (name, p) in &params {
+        let value = if name.contains("experts") {
+            10.0 * r
+        } else {
+            r
+        };
+        if !(rank == 0 && name.contains("router")) {
+            (p * value).sum(Kind::Float).backward();
+        }
+    }
+    let _ = params[3].1.shallow_clone().requires_grad_(false);
+    GradSync::new(1e-5).sync(&params, &groups).unwrap();
+    let got = |i: usize| params[i].1.grad().double_value(&[0]);
+    let n = size as f64;
+    assert!(
+        (got(0) - (n + 1.0) / 2.0).abs() < 1e-6,
+        "dense mean {}",
+        got(0)
+    );
+    let edp_sum: f64 = (0..size)
+        .filter(|q| q % 2 == rank % 2)
+        .map(|q| 10.0 * (q + 1) as f64)
+        .sum();
+    assert!((got(1) - edp_sum / n).abs() < 1e-5, "expert {}", got(1));
+    let without_rank_0: f64 = (1..size).map(|q| (q + 1) as f64).sum();
+    assert!(
+        (got(2) - without_rank_0 / n).abs() < 1e-6,
+        "router {}",
+        got(2)
+    );
+    assert_eq!(got(3), r, "frozen gradients are not communicated");
+    // The global norm counts dense gradients once and every expert once.
+    let norm = global_grad_norm(&params, &groups).unwrap();
+    let experts_sq: f64 = (0..2)
+        .map(|pos| {
+            let s: f64 = (0..size)
+                .filter(|q| q % 2 == pos)
+                .map(|q| 10.0 * (q + 1) as f64)
+                .sum();
+            5.0 * (s / n).powi(2)
+        })
+        .sum();
+    let want =
+        (3.0 * ((n + 1.0) / 2.0).powi(2) + 2.0 * (without_rank_0 / n).powi(2) + experts_sq).sqrt();
+    assert!((norm - want).abs() < 1e-4 * want, "norm {norm} vs {want}");
     drop(groups);
 
     // Bad calls are refused by name, before any communication.

@@ -1,0 +1,130 @@
+//! Data-parallel gradient synchronisation: after `loss.backward()` every rank holds the
+//! gradient of its own batch's mean loss. Dense gradients are summed over the world and
+//! expert gradients over the expert-data-parallel group, both in flat buckets (one
+//! collective per bucket, not per tensor), then divided by the global data-parallel size.
+//! Frozen parameters (`requires_grad` off) are skipped; every rank issues the same
+//! collectives in the same order, so a parameter that got no gradient here (an expert
+//! without tokens) takes part with zeros.
+
+use tch::{Kind, Tensor};
+
+use crate::collective::{CollectiveError, ReduceOp};
+use crate::groups::ProcessGroups;
+
+/// Whether a parameter belongs to an expert bank (synchronised over `edp`).
+pub fn is_expert(name: &str) -> bool {
+    name.contains(".experts.")
+}
+
+/// Gradients grouped into buckets of at most `bucket_elements` (a tensor larger than
+/// that is a bucket of its own).
+#[derive(Debug)]
+pub struct GradSync {
+    bucket_elements: i64,
+}
+
+impl GradSync {
+    /// Buckets of up to `bucket_mib` MiB of fp32.
+    pub fn new(bucket_mib: f64) -> Self {
+        Self {
+            bucket_elements: ((bucket_mib * 1024.0 * 1024.0 / 4.0) as i64).max(1),
+        }
+    }
+
+    /// All-reduces the gradients of `params` (name, tensor; the same list, in the same
+    /// order, on every rank) and divides them by the global data-parallel size.
+    pub fn sync(
+        &self,
+        params: &[(String, Tensor)],
+        groups: &ProcessGroups,
+    ) -> Result<(), CollectiveError> {
+        let scale = 1.0 / groups.data_parallel_size() as f64;
+        for experts in [false, true] {
+            let group = if experts { &groups.edp } else { &groups.world };
+            let chosen: Vec<&Tensor> = params
+                .iter()
+                .filter(|(n, p)| is_expert(n) == experts && p.requires_grad())
+                .map(|(_, p)| p)
+                .collect();
+            for bucket in self.buckets(&chosen) {
+                let grads: Vec<Tensor> = bucket.iter().map(|p| grad_or_zeros(p)).collect();
+                let mut flat = Tensor::cat(
+                    &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                );
+                if group.size() > 1 {
+                    group.all_reduce(&mut flat, ReduceOp::Sum)?;
+                }
+                let _ = flat.g_mul_scalar_(scale);
+                let mut offset = 0;
+                tch::no_grad(|| {
+                    for (p, g) in bucket.iter().zip(&grads) {
+                        let n = g.numel() as i64;
+                        let mut target = p.grad();
+                        if !target.defined() {
+                            // No gradient reached this parameter here (tch cannot assign
+                            // one): a zero backward defines it, then it takes the sum.
+                            tch::with_grad(|| (*p * 0.0).sum(Kind::Float).backward());
+                            target = p.grad();
+                        }
+                        target.copy_(&flat.narrow(0, offset, n).view_as(g));
+                        offset += n;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn buckets<'a>(&self, params: &[&'a Tensor]) -> Vec<Vec<&'a Tensor>> {
+        let mut out: Vec<Vec<&Tensor>> = Vec::new();
+        let mut filled = 0;
+        for &p in params {
+            let n = p.numel() as i64;
+            if out.is_empty() || filled + n > self.bucket_elements {
+                out.push(Vec::new());
+                filled = 0;
+            }
+            out.last_mut().expect("a bucket").push(p);
+            filled += n;
+        }
+        out
+    }
+}
+
+fn grad_or_zeros(p: &Tensor) -> Tensor {
+    let g = p.grad();
+    if g.defined() {
+        g
+    } else {
+        Tensor::zeros(p.size().as_slice(), (Kind::Float, p.device())).to_kind(p.kind())
+    }
+}
+
+/// The global L2 norm of the trainable gradients after [`GradSync::sync`]: dense ones
+/// are equal on every rank and counted once; each expert lives on one rank of every
+/// expert-parallel group, so their squares are summed over `ep`.
+pub fn global_grad_norm(
+    params: &[(String, Tensor)],
+    groups: &ProcessGroups,
+) -> Result<f64, CollectiveError> {
+    let square = |experts: bool| -> f64 {
+        params
+            .iter()
+            .filter(|(n, p)| is_expert(n) == experts && p.requires_grad())
+            .map(|(_, p)| p.grad())
+            .filter(|g| g.defined())
+            .map(|g| {
+                g.to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum()
+    };
+    let mut experts = Tensor::from_slice(&[square(true)]);
+    if groups.ep.size() > 1 {
+        groups.ep.all_reduce(&mut experts, ReduceOp::Sum)?;
+    }
+    Ok((square(false) + experts.double_value(&[0])).sqrt())
+}
