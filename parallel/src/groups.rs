@@ -8,6 +8,8 @@
 //!   `r % ep`); expert gradients are all-reduced here, divided by the **global**
 //!   data-parallel size N.
 
+use std::sync::Arc;
+
 use crate::collective::{Collective, CollectiveError};
 
 /// A layout that cannot work, named before any work starts.
@@ -34,11 +36,11 @@ pub fn validate_layout(world: usize, ep: usize, expert_counts: &[i64]) -> Result
 #[derive(Debug)]
 pub struct ProcessGroups {
     /// All ranks.
-    pub world: Box<dyn Collective>,
+    pub world: Arc<dyn Collective>,
     /// The ranks exchanging tokens with this one.
-    pub ep: Box<dyn Collective>,
+    pub ep: Arc<dyn Collective>,
     /// The ranks holding the same experts.
-    pub edp: Box<dyn Collective>,
+    pub edp: Arc<dyn Collective>,
     /// Expert-parallel size.
     pub ep_size: usize,
 }
@@ -51,9 +53,9 @@ impl ProcessGroups {
         let ep_group = world.split(rank / ep, rank, "ep")?;
         let edp_group = world.split(rank % ep, rank, "edp")?;
         Ok(Self {
-            world,
-            ep: ep_group,
-            edp: edp_group,
+            world: Arc::from(world),
+            ep: Arc::from(ep_group),
+            edp: Arc::from(edp_group),
             ep_size: ep,
         })
     }

@@ -4,10 +4,11 @@
 //! ([`env`]: rank, world, local rank from the launcher, `mpirun` or `srun`) and the
 //! [`collective`] operations on tensors (single-rank and MPI backends) and the process
 //! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
-//! [`grads`] synchronisation in flat buckets; next the NCCL backend and the
-//! differentiable all-to-all. Nothing here knows what a
+//! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
+//! autograd node in C++ calling back into Rust); next the NCCL backend. Nothing here knows what a
 //! Conformer is.
 
+pub mod alltoall;
 pub mod collective;
 pub mod env;
 pub mod grads;

@@ -2,11 +2,13 @@
 //! `mpirun -np 2` and `-np 4` (oversubscribed on a 2-core machine); each rank checks every
 //! collective against the value it can compute alone, on float, double and int64
 //! tensors, with uneven and zero all-to-all counts, on split subgroups, and the
-//! expert-parallel process groups for ep = 2.
+//! expert-parallel process groups for ep = 2, gradient synchronisation, and the
+//! differentiable all-to-all's backward against the transposed exchange.
 
 use std::process::Command;
 
 use tch::{Kind, Tensor};
+use upcycle_parallel::alltoall::all_to_all;
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::WorldInfo;
 use upcycle_parallel::grads::{global_grad_norm, GradSync};
@@ -174,6 +176,39 @@ fn worker() {
         (3.0 * ((n + 1.0) / 2.0).powi(2) + 2.0 * (without_rank_0 / n).powi(2) + experts_sq).sqrt();
     assert!((norm - want).abs() < 1e-4 * want, "norm {norm} vs {want}");
     drop(groups);
+
+    // The differentiable all-to-all: forward equals the plain exchange, and the
+    // gradient of the input is the output's gradient exchanged back (splits swapped).
+    // Counts (r*3 + q) % 4 include zeros; the last case sends nothing from rank 0.
+    let world_arc: std::sync::Arc<dyn Collective> =
+        std::sync::Arc::new(MpiCollective::world().unwrap());
+    for case in 0..2 {
+        let send: Vec<i64> = (0..size)
+            .map(|q| {
+                if case == 1 && rank == 0 {
+                    0
+                } else {
+                    ((rank * 3 + q) % 4) as i64
+                }
+            })
+            .collect();
+        let recv = world_arc.exchange_counts(&send).unwrap();
+        tch::manual_seed((rank * 10 + case) as i64);
+        let x = Tensor::randn([send.iter().sum::<i64>(), 4], tch::kind::FLOAT_CPU)
+            .set_requires_grad(true);
+        let y = all_to_all(&x, world_arc.clone(), &send, &recv);
+        assert!(y.equal(&world_arc.all_to_all(&x.detach(), &send, &recv).unwrap()));
+        let g = Tensor::randn(y.size().as_slice(), tch::kind::FLOAT_CPU);
+        (&y * &g).sum(Kind::Float).backward();
+        let want = world_arc.all_to_all(&g, &recv, &send).unwrap();
+        let got = x.grad();
+        let got = if got.defined() { got } else { x.zeros_like() };
+        assert!(
+            got.equal(&want),
+            "all_to_all backward, case {case}, rank {rank}"
+        );
+    }
+    drop(world_arc);
 
     // Bad calls are refused by name, before any communication.
     let e = world
