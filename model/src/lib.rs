@@ -10,6 +10,7 @@
 //! | [`attention`] | multi-head and relative-position multi-head attention |
 //! | [`ffn`] | the feed-forward network of every block, dense or MoE |
 //! | [`moe`] | router, dispatch, stacked experts, routing statistics |
+//! | [`dispatch`] | expert-parallel dispatch by differentiable all-to-all |
 //! | [`naming`] | WeNet's parameter names and ours (stacked experts) |
 //! | [`init`] | layers initialised as PyTorch does |
 //! | [`convolution`] | the Conformer convolution module |
@@ -21,7 +22,8 @@
 //! | [`search`] | CTC greedy and prefix beam search, attention rescoring |
 //! | [`upcycle`] | dense -> MoE: experts copied from the dense networks |
 //!
-//! Nothing here reads files or knows about processes: the trainer builds a model from
+//! Nothing here reads files; processes appear only through the expert-parallel dispatch
+//! ([`dispatch`], over a group from `upcycle-parallel`). The trainer builds a model from
 //! parsed configuration and a `tch::nn::VarStore`.
 
 pub mod activation;
@@ -31,6 +33,7 @@ pub mod config;
 pub mod convolution;
 pub mod ctc;
 pub mod decoder;
+pub mod dispatch;
 pub mod embedding;
 pub mod encoder;
 pub mod ffn;
