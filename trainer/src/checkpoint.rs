@@ -73,15 +73,15 @@ pub struct SaveRequest<'a> {
     pub is_best: bool,
 }
 
-/// Writes `root/step-<N>/` and moves `latest` (and `best`) to it.
-pub fn save(root: &Path, vs: &nn::VarStore, req: SaveRequest<'_>) -> Result<PathBuf> {
+/// Writes `root/step-<N>/` with the `model` tensors (the whole model, every expert) and
+/// moves `latest` (and `best`) to it.
+pub fn save(root: &Path, model: Vec<(String, Tensor)>, req: SaveRequest<'_>) -> Result<PathBuf> {
     std::fs::create_dir_all(root)?;
     let name = format!("step-{}", req.state.step);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let cpu: Vec<(String, Tensor)> = vs
-        .variables()
+    let cpu: Vec<(String, Tensor)> = model
         .into_iter()
         .map(|(k, v)| (k, v.to_device(Device::Cpu)))
         .collect();

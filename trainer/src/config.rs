@@ -317,6 +317,16 @@ impl TrainConfig {
         root: &tch::nn::Path<'_>,
         vocab: i64,
     ) -> Result<AsrModel, upcycle_model::asr::ConfigError> {
+        self.build_model_with(root, vocab, &MoeContext::local(self.moe_conf.clone()))
+    }
+
+    /// Builds the model with its experts where `moe` says (e.g. spread over ranks).
+    pub fn build_model_with(
+        &self,
+        root: &tch::nn::Path<'_>,
+        vocab: i64,
+        moe: &MoeContext,
+    ) -> Result<AsrModel, upcycle_model::asr::ConfigError> {
         AsrModel::new(
             root,
             self.input_dim,
@@ -324,7 +334,7 @@ impl TrainConfig {
             &self.encoder_conf,
             &self.decoder_conf,
             &self.model_conf,
-            &MoeContext::local(self.moe_conf.clone()),
+            moe,
         )
     }
 

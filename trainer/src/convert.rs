@@ -71,7 +71,7 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
     let cmvn = CmvnStats::load(&dense.dir.join("global_cmvn"))?;
     let dir = checkpoint::save(
         &o.out,
-        &vs,
+        vs.variables().into_iter().collect(),
         SaveRequest {
             config: &config,
             state: &TrainState::default(),

@@ -6,6 +6,7 @@
 //! | [`data`] | the speech data pipeline |
 //! | [`optim`] | AdamW with saveable state, clipping, schedules |
 //! | [`train`] | the training loop |
+//! | [`distributed`] | the loop's view of the job: groups, gradient sync, agreements |
 //! | [`freeze`] | freezing schedules by step and parameter glob |
 //! | [`inspect`] | routing tables of checkpoints, comparison tables of runs |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod distributed;
 pub mod eval;
 pub mod freeze;
 pub mod inspect;

@@ -129,6 +129,10 @@ struct TrainArgs {
     /// continue, or its MoE child from `convert upcycle`.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Expert-parallel size: workers (started by `mpirun -np N`) that share one copy of
+    /// the experts; it must divide N and every n_expert.
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
 }
 
 #[derive(Args)]
@@ -414,7 +418,11 @@ fn run(cli: Cli) -> Result<()> {
                 max_minutes: a.max_minutes,
                 device: device(&a.device)?,
                 init: a.init,
-            })?;
+                ep: a.ep,
+            });
+            // Every rank finalises MPI (a no-op in one process), error or not.
+            upcycle_parallel::collective::finalize_mpi();
+            let report = report?;
             println!(
                 "trained {} steps in {:.1} min; dev CER (CTC greedy) last {} best {}; checkpoint {}",
                 report.steps,

@@ -50,33 +50,42 @@ impl AdamW {
         }
     }
 
-    /// The global L2 norm of all gradients, then scales them so that it is at most
-    /// `max_norm` (as `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self
-            .params
+    fn grads(&self) -> Vec<Tensor> {
+        self.params
             .iter()
             .filter(|(_, p)| p.requires_grad())
             .map(|(_, p)| p.grad())
             .filter(|g| g.defined())
-            .collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let norms: Vec<Tensor> = grads
+            .collect()
+    }
+
+    /// The global L2 norm of all gradients, then scales them so that it is at most
+    /// `max_norm` (as `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norms: Vec<Tensor> = self
+            .grads()
             .iter()
             .map(|g| g.norm().to_kind(Kind::Double))
             .collect();
+        if norms.is_empty() {
+            return 0.0;
+        }
         let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        self.clip_to(total, max_norm);
+        total
+    }
+
+    /// Scales the gradients whose global norm is `total` (computed elsewhere, e.g.
+    /// across ranks) so that it is at most `max_norm`.
+    pub fn clip_to(&mut self, total: f64, max_norm: f64) {
         let coef = max_norm / (total + 1e-6);
         if coef < 1.0 {
             tch::no_grad(|| {
-                for mut g in grads {
+                for mut g in self.grads() {
                     let _ = g.g_mul_scalar_(coef);
                 }
             });
         }
-        total
     }
 
     /// One update at learning rate `lr`. Frozen parameters and those without a gradient

@@ -19,12 +19,14 @@ use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::Routing;
 use upcycle_model::search::ctc_greedy;
+use upcycle_parallel::groups::validate_layout;
 
 use crate::checkpoint::{self, SaveRequest, TrainState};
 use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::loader::{Batch, DataLoader, Mode, Shard};
 use crate::data::text::Units;
+use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
 use crate::optim::{AdamW, Schedule};
 use crate::scoring::ErrorRate;
@@ -47,6 +49,8 @@ pub struct TrainOptions {
     /// Start from this checkpoint's weights (step 0, fresh optimizer), e.g. a dense
     /// parent or its upcycled MoE.
     pub init: Option<PathBuf>,
+    /// Expert-parallel size (workers sharing one copy of the experts); 1 in one process.
+    pub ep: usize,
 }
 
 /// What a finished run reports.
@@ -233,6 +237,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         tracing::info!("config key {k} is WeNet's and has no effect here");
     }
     let uc = config.upcycle_conf.clone();
+    let dist = Distributed::new(opts.ep)?;
+    let expert_counts: Vec<i64> = [
+        (
+            config.encoder_conf.mlp_type.as_str(),
+            config.encoder_conf.n_expert,
+        ),
+        (
+            config.decoder_conf.mlp_type.as_str(),
+            config.decoder_conf.n_expert,
+        ),
+    ]
+    .iter()
+    .filter(|(t, _)| *t == "moe")
+    .map(|&(_, e)| e)
+    .collect();
+    validate_layout(dist.world(), dist.ep(), &expert_counts)?;
     if uc.threads > 0 {
         tch::set_num_threads(uc.threads);
     }
@@ -256,21 +276,42 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             config.input_dim
         );
     }
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
-    std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(&config)?)?;
+    if dist.is_main() {
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("creating {}", opts.out.display()))?;
+        std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(&config)?)?;
+    }
 
     tch::manual_seed(uc.seed as i64);
     let vs = nn::VarStore::new(opts.device);
     let vocab = units.len() as i64;
-    let mut model = config.build_model(&vs.root(), vocab)?;
+    let moe = dist.moe_context(config.moe_conf.clone());
+    let mut model = config.build_model_with(&vs.root(), vocab, &moe)?;
     let (mean, istd) = cmvn.mean_istd();
     model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
-    if let Some(init) = &opts.init {
+    // The whole model this worker holds a part of: a checkpoint, or (experts spread
+    // over ranks) the one a single process would build from this seed.
+    let whole = if let Some(init) = &opts.init {
         let dir = checkpoint::resolve(init)?;
-        checkpoint::load_weights(&dir, &vs)?;
         tracing::info!(from = %dir.display(), "weights (and CMVN) initialised from the checkpoint");
+        Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
+    } else if dist.ep() > 1 {
+        tch::manual_seed(uc.seed as i64);
+        let full = nn::VarStore::new(opts.device);
+        let mut m = config.build_model(&full.root(), vocab)?;
+        m.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+        Some((
+            full.variables().into_iter().collect(),
+            "the seeded model".into(),
+        ))
+    } else {
+        None
+    };
+    if let Some((tensors, from)) = whole {
+        dist.load_global(&tensors, &vs)
+            .with_context(|| format!("loading {from}"))?;
     }
+    dist.broadcast_parameters(&vs)?;
     let teacher = uc
         .distill
         .as_ref()
@@ -308,6 +349,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .collect();
     let freeze = FreezeSchedule::new(&uc.freeze, &params).map_err(anyhow::Error::msg)?;
     let mut phase = None;
+    // In name order: every worker synchronises the same gradients in the same order.
+    let param_list: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.shallow_clone()))
+        .collect();
     let mut opt = AdamW::new(opt_conf, params.into_iter().collect());
     let schedule = Schedule::new(
         &config.scheduler,
@@ -319,7 +365,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         units.clone(),
         config.dataset_conf.clone(),
         Mode::Train,
-        Shard::SINGLE,
+        dist.shard(),
         uc.seed,
     )?;
     let dev_loader = DataLoader::new(
@@ -343,13 +389,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         steps_per_epoch.max(1)
     };
 
-    let mut metrics = std::io::BufWriter::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(opts.out.join("metrics.jsonl"))?,
-    );
-    let bar = indicatif::ProgressBar::new(total_steps);
+    // Rank 0 writes the metrics and shows progress.
+    let mut metrics = dist
+        .is_main()
+        .then(|| -> Result<_> {
+            Ok(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(opts.out.join("metrics.jsonl"))?,
+            ))
+        })
+        .transpose()?;
+    let mut log = |line: serde_json::Value| -> Result<()> {
+        if let Some(m) = metrics.as_mut() {
+            writeln!(m, "{line}")?;
+            m.flush()?;
+        }
+        Ok(())
+    };
+    let bar = if dist.is_main() {
+        indicatif::ProgressBar::new(total_steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
             .expect("valid template")
@@ -402,7 +465,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 d
             });
             let loss = l.loss.double_value(&[]);
-            if !loss.is_finite() {
+            if dist.any(!loss.is_finite())? {
                 nonfinite_run += 1;
                 skipped_total += 1;
                 tracing::warn!(step = state.step, keys = ?b.keys, "non-finite loss {loss}; batch skipped");
@@ -428,7 +491,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             if micro % config.accum_grad != 0 {
                 continue;
             }
-            let grad_norm = opt.clip_grad_norm(config.grad_clip);
+            dist.sync_gradients(&param_list)?;
+            let grad_norm = match dist.grad_norm(&param_list)? {
+                Some(norm) => {
+                    opt.clip_to(norm, config.grad_clip);
+                    norm
+                }
+                None => opt.clip_grad_norm(config.grad_clip),
+            };
             let lr = schedule.lr(state.step);
             if grad_norm.is_finite() {
                 opt.step(lr);
@@ -445,25 +515,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
 
             if state.step % config.log_interval.max(1) == 0 || state.step == total_steps {
                 let secs = window.elapsed().as_secs_f64();
-                let fps = win_frames as f64 / secs.max(1e-9);
-                let n = win_n.max(1) as f64;
+                // Means over every worker's batches; frames/s of the whole job.
+                let totals =
+                    dist.sum(&[win_frames as f64, win_loss, win_ctc, win_att, win_n as f64])?;
+                let [frames, total_loss, total_ctc, total_att, batches] = totals[..] else {
+                    unreachable!("five sums")
+                };
+                let fps = frames / secs.max(1e-9);
+                let n = batches.max(1.0);
                 let mut line = json!({
-                    "step": state.step, "epoch": epoch, "loss": win_loss / n, "loss_ctc": win_ctc / n,
-                    "loss_att": win_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
+                    "step": state.step, "epoch": epoch, "loss": total_loss / n, "loss_ctc": total_ctc / n,
+                    "loss_att": total_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
                     "peak_rss_mib": peak_rss_mib(), "skipped": skipped_total,
                     "elapsed_s": started.elapsed().as_secs_f64(), "freeze_phase": phase.flatten(),
                 });
                 win_moe.take_into(&mut line, win_n.max(1));
-                writeln!(metrics, "{line}")?;
-                metrics.flush()?;
+                log(line)?;
                 bar.set_message(format!(
                     "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
-                    win_loss / n
+                    total_loss / n
                 ));
                 (win_frames, win_loss, win_ctc, win_att, win_n) = (0, 0.0, 0.0, 0.0, 0);
                 window = Instant::now();
             }
-            let done = state.step >= total_steps || out_of_time(&started);
+            let done = dist.any(state.step >= total_steps || out_of_time(&started))?;
             if state.step % eval_interval == 0 || done {
                 let (dev_loss, er) =
                     evaluate(&model, &dev_loader, &units, opts.device, uc.eval_utterances)?;
@@ -476,31 +551,35 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 state.dev_cer = Some(cer);
                 last_dev_cer = Some(cer);
                 state.train_seconds = started.elapsed().as_secs_f64();
-                writeln!(
-                    metrics,
-                    "{}",
+                log(
                     json!({"step": state.step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
-                           "dev_wer": er.wer(), "elapsed_s": state.train_seconds})
+                           "dev_wer": er.wer(), "elapsed_s": state.train_seconds}),
                 )?;
-                metrics.flush()?;
                 bar.println(format!(
                     "step {:>6}  dev loss {dev_loss:.3}  dev CER {cer:.2}% (CTC greedy){}",
                     state.step,
                     if is_best { "  best" } else { "" }
                 ));
-                last_ckpt = checkpoint::save(
-                    &ckpt_root,
-                    &vs,
-                    SaveRequest {
-                        config: &config,
-                        state: &state,
-                        units: &units,
-                        cmvn: &cmvn,
-                        optimizer: opt.state(),
-                        is_best,
-                    },
-                )?;
-                checkpoint::prune(&ckpt_root, uc.keep_checkpoints)?;
+                // Every worker takes part in gathering the experts; rank 0 writes.
+                let tensors: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+                let tensors = dist.gather_experts(tensors.into_iter().collect())?;
+                let (opt_step, moments) = opt.state();
+                let moments = dist.gather_experts(moments)?;
+                if dist.is_main() {
+                    last_ckpt = checkpoint::save(
+                        &ckpt_root,
+                        tensors,
+                        SaveRequest {
+                            config: &config,
+                            state: &state,
+                            units: &units,
+                            cmvn: &cmvn,
+                            optimizer: (opt_step, moments),
+                            is_best,
+                        },
+                    )?;
+                    checkpoint::prune(&ckpt_root, uc.keep_checkpoints)?;
+                }
                 window = Instant::now();
             }
             if done {

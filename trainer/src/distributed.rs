@@ -1,0 +1,208 @@
+//! The training loop's view of the job: which worker this is (from the environment
+//! `mpirun`, `srun` or the launcher left), the process groups for data + expert
+//! parallelism, and the agreements the loop needs: parameters equal at the start,
+//! gradients synchronised, stop and skip decisions taken together, and whole tensors
+//! (every expert) for the checkpoint that rank 0 writes.
+//!
+//! A single process (no starter variables) needs none of it: every method is then the
+//! identity and no collective runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Kind, Tensor};
+use upcycle_model::config::MoeConf;
+use upcycle_model::dispatch::EpDispatch;
+use upcycle_model::moe::MoeContext;
+use upcycle_parallel::collective::{Collective, MpiCollective, ReduceOp};
+use upcycle_parallel::env::WorldInfo;
+use upcycle_parallel::grads::{global_grad_norm, is_expert, GradSync};
+use upcycle_parallel::groups::ProcessGroups;
+
+use crate::data::loader::Shard;
+
+/// Gradient buckets of this many MiB (one all-reduce each).
+const BUCKET_MIB: f64 = 25.0;
+
+/// This worker's place in the job and its communicators.
+#[derive(Debug)]
+pub struct Distributed {
+    /// Rank, world, local rank, node.
+    pub info: WorldInfo,
+    groups: Option<ProcessGroups>,
+}
+
+impl Distributed {
+    /// Reads the environment and, in a world of several workers, joins it over MPI and
+    /// builds the process groups for expert-parallel size `ep`.
+    pub fn new(ep: usize) -> Result<Self> {
+        let info = WorldInfo::from_env()?;
+        if info.world == 1 {
+            if ep != 1 {
+                bail!(
+                    "--ep {ep}: this is a single process; start {ep} (or a multiple of {ep}) \
+                     workers with `mpirun -np N upcycle train ...`"
+                );
+            }
+            return Ok(Self { info, groups: None });
+        }
+        let world = MpiCollective::world().context("joining the workers over MPI")?;
+        if world.size() != info.world || world.rank() != info.rank {
+            bail!(
+                "the environment says rank {} of {} but MPI sees rank {} of {}: start the \
+                 workers under mpirun (or `upcycle launch --backend mpi`)",
+                info.rank,
+                info.world,
+                world.rank(),
+                world.size()
+            );
+        }
+        let groups = ProcessGroups::new(Box::new(world), ep)?;
+        Ok(Self {
+            info,
+            groups: Some(groups),
+        })
+    }
+
+    /// Whether this worker writes files (rank 0).
+    pub fn is_main(&self) -> bool {
+        self.info.rank == 0
+    }
+
+    /// Workers in the job.
+    pub fn world(&self) -> usize {
+        self.info.world
+    }
+
+    /// Expert-parallel size.
+    pub fn ep(&self) -> usize {
+        self.groups.as_ref().map_or(1, |g| g.ep_size)
+    }
+
+    /// This worker's share of the training list.
+    pub fn shard(&self) -> Shard {
+        Shard {
+            rank: self.info.rank,
+            world: self.info.world,
+        }
+    }
+
+    /// Where the model's experts are: all here, or spread over the expert-parallel group.
+    pub fn moe_context(&self, conf: MoeConf) -> MoeContext {
+        match &self.groups {
+            Some(g) if g.ep_size > 1 => MoeContext {
+                conf,
+                dispatch: Arc::new(EpDispatch::new(g.ep.clone())),
+            },
+            _ => MoeContext::local(conf),
+        }
+    }
+
+    /// Copies whole-model tensors (a freshly built full model or a checkpoint) into this
+    /// worker's variables, expert banks narrowed to the local experts; a missing tensor or
+    /// a shape that differs is named.
+    pub fn load_global(&self, global: &BTreeMap<String, Tensor>, vs: &nn::VarStore) -> Result<()> {
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                let t = global
+                    .get(&name)
+                    .with_context(|| format!("tensor {name} is missing"))?;
+                let t = match &self.groups {
+                    Some(g) if g.ep_size > 1 && is_expert(&name) => {
+                        let local = var.size()[0];
+                        let first = g.ep.rank() as i64 * local;
+                        if t.size()[0] != local * g.ep_size as i64 {
+                            bail!(
+                                "tensor {name}: {} experts do not split over ep {}",
+                                t.size()[0],
+                                g.ep_size
+                            );
+                        }
+                        t.narrow(0, first, local)
+                    }
+                    _ => t.shallow_clone(),
+                };
+                if t.size() != var.size() {
+                    bail!(
+                        "tensor {name} has shape {:?}, the model expects {:?}",
+                        t.size(),
+                        var.size()
+                    );
+                }
+                var.copy_(&t);
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes every worker's parameters rank 0's: dense ones over the world, expert banks
+    /// over their expert-data-parallel group.
+    pub fn broadcast_parameters(&self, vs: &nn::VarStore) -> Result<()> {
+        let Some(g) = &self.groups else {
+            return Ok(());
+        };
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        for (name, var) in vars {
+            let group = if is_expert(&name) { &g.edp } else { &g.world };
+            let mut t = var.detach();
+            group.broadcast(&mut t, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Whole tensors for a checkpoint: expert tensors (parameters or optimizer moments,
+    /// by name) all-gathered over the expert-parallel group. Every worker calls it.
+    pub fn gather_experts(&self, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        match &self.groups {
+            Some(g) if g.ep_size > 1 => tensors
+                .into_iter()
+                .map(|(n, t)| {
+                    if is_expert(&n) {
+                        Ok((n, g.ep.all_gather(&t.detach().contiguous())?))
+                    } else {
+                        Ok((n, t))
+                    }
+                })
+                .collect(),
+            _ => Ok(tensors),
+        }
+    }
+
+    /// After `backward`: gradients all-reduced and divided by the data-parallel size.
+    pub fn sync_gradients(&self, params: &[(String, Tensor)]) -> Result<()> {
+        if let Some(g) = &self.groups {
+            GradSync::new(BUCKET_MIB).sync(params, g)?;
+        }
+        Ok(())
+    }
+
+    /// The gradient norm over the whole model (every expert once), or `None` in a single
+    /// process (the optimizer computes it).
+    pub fn grad_norm(&self, params: &[(String, Tensor)]) -> Result<Option<f64>> {
+        match &self.groups {
+            Some(g) => Ok(Some(global_grad_norm(params, g)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// True on every worker when `flag` is true on any (so that all skip or stop together).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let Some(g) = &self.groups else {
+            return Ok(flag);
+        };
+        let mut t = Tensor::from_slice(&[i64::from(flag)]);
+        g.world.all_reduce(&mut t, ReduceOp::Max)?;
+        Ok(t.int64_value(&[0]) > 0)
+    }
+
+    /// Elementwise sums of `values` over the workers (losses and frames of a log window).
+    pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let Some(g) = &self.groups else {
+            return Ok(values.to_vec());
+        };
+        let mut t = Tensor::from_slice(values).to_kind(Kind::Double);
+        g.world.all_reduce(&mut t, ReduceOp::Sum)?;
+        Ok(Vec::<f64>::try_from(&t)?)
+    }
+}
