@@ -212,7 +212,14 @@ mod mpi_backend {
     use mpi::traits::*;
     use tch::{Kind, Tensor};
 
+    use std::time::Duration;
+
     use super::*;
+    use crate::watchdog::watch;
+
+    /// Deadline of a blocking call unless [`MpiCollective::with_timeout`] says otherwise
+    /// (as NCCL's default in PyTorch: a first step or a checkpoint write can be long).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
     /// The MPI environment: initialised by the first [`MpiCollective::world`], finalised
     /// by [`finalize_mpi`] (MPI cannot start again after that).
@@ -236,6 +243,7 @@ mod mpi_backend {
         rank: usize,
         size: usize,
         name: String,
+        timeout: Duration,
     }
 
     impl std::fmt::Debug for MpiCollective {
@@ -264,19 +272,35 @@ mod mpi_backend {
                     "MPI is finalised, or did not initialise with MPI_THREAD_MULTIPLE",
                 )
             })?;
-            Ok(Self::wrap(universe.world(), "world"))
+            Ok(Self::wrap(universe.world(), "world", DEFAULT_TIMEOUT))
         }
 
-        fn wrap(comm: SimpleCommunicator, name: &str) -> Self {
+        fn wrap(comm: SimpleCommunicator, name: &str, timeout: Duration) -> Self {
             Self {
                 rank: comm.rank() as usize,
                 size: comm.size() as usize,
                 comm: Arc::new(Mutex::new(Comm(comm))),
                 name: name.to_string(),
+                timeout,
             }
         }
 
-        fn with<R>(&self, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+        /// Every blocking call of this group (and of groups split from it) must finish
+        /// within `timeout`, or the process ends with a message (see [`crate::watchdog`]).
+        pub fn with_timeout(mut self, timeout: Duration) -> Self {
+            self.timeout = timeout;
+            self
+        }
+
+        /// Runs one blocking MPI call under the group's deadline.
+        fn with<R>(&self, op: &str, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+            let _deadline = watch(
+                format!(
+                    "{op} on group {} (rank {} of {})",
+                    self.name, self.rank, self.size
+                ),
+                self.timeout,
+            );
             f(&self.comm.lock().expect("MPI communicator").0)
         }
     }
@@ -346,7 +370,7 @@ mod mpi_backend {
                 ReduceOp::Max => SystemOperation::max(),
                 _ => SystemOperation::sum(),
             };
-            self.with(|c| {
+            self.with("all_reduce", |c| {
                 with_kind!(out.kind(), T, {
                     // SAFETY: both contiguous CPU tensors of kind T, owned here.
                     let (send, recv) = unsafe { (slice::<T>(&input), slice_mut::<T>(&mut out)) };
@@ -392,7 +416,7 @@ mod mpi_backend {
             }
             shape[0] = recv_counts.iter().sum();
             let mut out = Tensor::empty(shape.as_slice(), (send.kind(), send.device()));
-            self.with(|c| {
+            self.with("all_to_all", |c| {
                 with_kind!(out.kind(), T, {
                     // SAFETY: both contiguous CPU tensors of kind T, owned here.
                     let (s, recv) = unsafe { (slice::<T>(&send), slice_mut::<T>(&mut out)) };
@@ -413,7 +437,7 @@ mod mpi_backend {
             }
             shape[0] *= self.size as i64;
             let mut out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
-            self.with(|c| {
+            self.with("all_gather", |c| {
                 with_kind!(out.kind(), T, {
                     // SAFETY: both contiguous CPU tensors of kind T, owned here.
                     let (s, recv) = unsafe { (slice::<T>(&t), slice_mut::<T>(&mut out)) };
@@ -432,7 +456,7 @@ mod mpi_backend {
                 ));
             }
             let mut buf = t.contiguous().copy();
-            self.with(|c| {
+            self.with("broadcast", |c| {
                 with_kind!(buf.kind(), T, {
                     // SAFETY: a contiguous CPU tensor of kind T, owned here.
                     let b = unsafe { slice_mut::<T>(&mut buf) };
@@ -444,7 +468,7 @@ mod mpi_backend {
         }
 
         fn barrier(&self) -> Result<(), CollectiveError> {
-            self.with(|c| c.barrier());
+            self.with("barrier", |c| c.barrier());
             Ok(())
         }
 
@@ -455,12 +479,14 @@ mod mpi_backend {
             name: &str,
         ) -> Result<Box<dyn Collective>, CollectiveError> {
             let sub = self
-                .with(|c| c.split_by_color_with_key(Color::with_value(color as i32), key as i32))
+                .with("split", |c| {
+                    c.split_by_color_with_key(Color::with_value(color as i32), key as i32)
+                })
                 .ok_or_else(|| invalid("split", format!("no communicator for color {color}")))?;
-            Ok(Box::new(Self::wrap(sub, name)))
+            Ok(Box::new(Self::wrap(sub, name, self.timeout)))
         }
     }
 }
 
 #[cfg(feature = "mpi")]
-pub use mpi_backend::{finalize_mpi, MpiCollective};
+pub use mpi_backend::{finalize_mpi, MpiCollective, DEFAULT_TIMEOUT};

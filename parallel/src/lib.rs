@@ -5,7 +5,8 @@
 //! [`collective`] operations on tensors (single-rank and MPI backends) and the process
 //! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
 //! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
-//! autograd node in C++ calling back into Rust); next the NCCL backend. Nothing here knows what a
+//! autograd node in C++ calling back into Rust), every blocking call under a
+//! [`watchdog`] deadline; next the NCCL backend. Nothing here knows what a
 //! Conformer is.
 
 pub mod alltoall;
@@ -13,3 +14,4 @@ pub mod collective;
 pub mod env;
 pub mod grads;
 pub mod groups;
+pub mod watchdog;

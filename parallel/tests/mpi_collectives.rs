@@ -221,6 +221,55 @@ fn worker() {
     assert!(MpiCollective::world().is_err(), "MPI cannot start again");
 }
 
+const TIMEOUT_WORKER: &str = "UPCYCLE_MPI_TIMEOUT_WORKER";
+
+/// Rank 1 never reaches the barrier: rank 0's deadline ends the job with a message.
+fn timeout_worker() {
+    let world = MpiCollective::world()
+        .unwrap()
+        .with_timeout(std::time::Duration::from_secs(2));
+    if world.rank() == 1 {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+    world.barrier().unwrap();
+    unreachable!("rank 0 is stopped by the watchdog");
+}
+
+#[test]
+fn timeout_worker_entry() {
+    if std::env::var_os(TIMEOUT_WORKER).is_some() {
+        timeout_worker();
+    }
+}
+
+#[test]
+fn a_collective_past_its_deadline_ends_the_job_naming_it() {
+    let exe = std::env::current_exe().unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .args(["-x", &format!("{TIMEOUT_WORKER}=1")])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "timeout_worker_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("mpirun");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("barrier on group world (rank 0 of 2) did not complete within 2 s"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 50,
+        "the hung rank was not waited for"
+    );
+}
+
 #[test]
 fn mpi_worker() {
     if std::env::var_os(WORKER).is_some() {

@@ -144,6 +144,14 @@ pub struct UpcycleConf {
     /// Knowledge distillation from a frozen dense teacher (Bai et al.).
     #[serde(default)]
     pub distill: Option<DistillConf>,
+    /// Seconds a blocking collective may take before the worker stops with a message
+    /// naming it (a dead or hung peer), so that the job can restart.
+    #[serde(default = "collective_timeout")]
+    pub collective_timeout_s: f64,
+}
+
+fn collective_timeout() -> f64 {
+    1800.0
 }
 
 /// `upcycle_conf.distill`: loss += weight * mean squared distance between the student's
@@ -184,6 +192,7 @@ impl Default for UpcycleConf {
             keep_checkpoints: keep_checkpoints(),
             freeze: Vec::new(),
             distill: None,
+            collective_timeout_s: collective_timeout(),
         }
     }
 }

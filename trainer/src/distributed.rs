@@ -35,8 +35,9 @@ pub struct Distributed {
 
 impl Distributed {
     /// Reads the environment and, in a world of several workers, joins it over MPI and
-    /// builds the process groups for expert-parallel size `ep`.
-    pub fn new(ep: usize) -> Result<Self> {
+    /// builds the process groups for expert-parallel size `ep`; every blocking collective
+    /// must finish within `timeout`.
+    pub fn new(ep: usize, timeout: std::time::Duration) -> Result<Self> {
         let info = WorldInfo::from_env()?;
         if info.world == 1 {
             if ep != 1 {
@@ -47,7 +48,9 @@ impl Distributed {
             }
             return Ok(Self { info, groups: None });
         }
-        let world = MpiCollective::world().context("joining the workers over MPI")?;
+        let world = MpiCollective::world()
+            .context("joining the workers over MPI")?
+            .with_timeout(timeout);
         if world.size() != info.world || world.rank() != info.rank {
             bail!(
                 "the environment says rank {} of {} but MPI sees rank {} of {}: start the \

@@ -237,7 +237,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         tracing::info!("config key {k} is WeNet's and has no effect here");
     }
     let uc = config.upcycle_conf.clone();
-    let dist = Distributed::new(opts.ep)?;
+    if !(uc.collective_timeout_s > 0.0 && uc.collective_timeout_s.is_finite()) {
+        bail!("upcycle_conf.collective_timeout_s must be a positive number of seconds");
+    }
+    let dist = Distributed::new(
+        opts.ep,
+        std::time::Duration::from_secs_f64(uc.collective_timeout_s),
+    )?;
     let expert_counts: Vec<i64> = [
         (
             config.encoder_conf.mlp_type.as_str(),
