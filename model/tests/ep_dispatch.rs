@@ -5,7 +5,6 @@
 //! computing the whole layer on all the tokens, with an expert that gets no token.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::Arc;
 
 use tch::{nn, Device, Kind, Tensor};
@@ -16,6 +15,7 @@ use upcycle_model::moe::{
     ExpertBank, ExpertDispatch, LocalDispatch, MoeFeedForward, MoeSpec, Routing,
 };
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
+use upcycle_parallel::testing::mpirun_self;
 
 const WORKER: &str = "UPCYCLE_EP_TEST_WORKER";
 const E: i64 = 4;
@@ -123,25 +123,14 @@ fn ep_worker() {
 
 #[test]
 fn expert_parallel_layer_equals_one_process() {
-    let exe = std::env::current_exe().unwrap();
-    for np in ["2", "4"] {
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
-            .args(["-x", &format!("{WORKER}=1")])
-            .arg(&exe)
-            .args(["--exact", "ep_worker", "--nocapture", "--test-threads=1"])
-            .output()
-            .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)");
+    for np in [2, 4] {
+        let out = mpirun_self("ep_worker", np, WORKER);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "mpirun -np {np} failed:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(
-            stdout.matches("layer matches").count().to_string(),
-            np,
-            "{stdout}"
-        );
+        assert_eq!(stdout.matches("layer matches").count(), np, "{stdout}");
     }
 }

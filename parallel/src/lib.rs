@@ -14,4 +14,5 @@ pub mod collective;
 pub mod env;
 pub mod grads;
 pub mod groups;
+pub mod testing;
 pub mod watchdog;

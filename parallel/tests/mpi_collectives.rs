@@ -5,14 +5,13 @@
 //! expert-parallel process groups for ep = 2, gradient synchronisation, and the
 //! differentiable all-to-all's backward against the transposed exchange.
 
-use std::process::Command;
-
 use tch::{Kind, Tensor};
 use upcycle_parallel::alltoall::all_to_all;
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::WorldInfo;
 use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
+use upcycle_parallel::testing::mpirun_self;
 
 const WORKER: &str = "UPCYCLE_MPI_TEST_WORKER";
 
@@ -244,20 +243,8 @@ fn timeout_worker_entry() {
 
 #[test]
 fn a_collective_past_its_deadline_ends_the_job_naming_it() {
-    let exe = std::env::current_exe().unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .args(["-x", &format!("{TIMEOUT_WORKER}=1")])
-        .arg(&exe)
-        .args([
-            "--exact",
-            "timeout_worker_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .expect("mpirun");
+    let out = mpirun_self("timeout_worker_entry", 2, TIMEOUT_WORKER);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -279,15 +266,8 @@ fn mpi_worker() {
 
 #[test]
 fn collectives_under_mpirun() {
-    let exe = std::env::current_exe().unwrap();
-    for np in ["2", "4"] {
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
-            .args(["-x", &format!("{WORKER}=1")])
-            .arg(&exe)
-            .args(["--exact", "mpi_worker", "--nocapture", "--test-threads=1"])
-            .output()
-            .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)");
+    for np in [2, 4] {
+        let out = mpirun_self("mpi_worker", np, WORKER);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -295,6 +275,6 @@ fn collectives_under_mpirun() {
             String::from_utf8_lossy(&out.stderr)
         );
         let ok = stdout.matches("all collectives correct").count();
-        assert_eq!(ok.to_string(), np, "{stdout}");
+        assert_eq!(ok, np, "{stdout}");
     }
 }
