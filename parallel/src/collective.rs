@@ -1,6 +1,7 @@
 //! Collective communication on tch tensors, behind one trait with a backend per
 //! transport: [`Single`] (a world of one: every operation is the identity) and, with the
-//! `mpi` feature, [`MpiCollective`] (CPU tensors through MPI). NCCL comes next.
+//! `mpi` feature, [`MpiCollective`] (CPU tensors through MPI; GPU tensors staged through
+//! host memory). NCCL comes next.
 //!
 //! Every rank of a group must issue the same collectives in the same order (as in MPI and
 //! NCCL); tensors are contiguous and on the backend's device. Rows: all-to-all and
@@ -179,13 +180,7 @@ fn row_len(t: &Tensor) -> i64 {
 }
 
 /// Refuses what a host-memory transport cannot carry.
-fn host_tensor(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
-    if t.device() != tch::Device::Cpu {
-        return Err(invalid(
-            op,
-            "the MPI backend takes CPU tensors (GPU tensors go through NCCL)",
-        ));
-    }
+fn host_kind(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
     if !matches!(
         t.kind(),
         Kind::Float | Kind::Double | Kind::Int64 | Kind::Int
@@ -199,6 +194,17 @@ fn host_tensor(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
         ));
     }
     Ok(())
+}
+
+/// A contiguous host copy of `t` that the caller owns: GPU tensors are staged through
+/// host memory (MPI here is not assumed CUDA-aware), CPU tensors copied so that the
+/// transport never writes into storage that autograd or another view still reads.
+fn host_copy(t: &Tensor) -> Tensor {
+    if t.device() == tch::Device::Cpu {
+        t.contiguous().copy()
+    } else {
+        t.to_device(tch::Device::Cpu).contiguous()
+    }
 }
 
 #[cfg(feature = "mpi")]
@@ -215,7 +221,7 @@ mod mpi_backend {
     use std::time::Duration;
 
     use super::*;
-    use crate::watchdog::watch;
+    use crate::watchdog::{set_responder, watch_diagnosed};
 
     /// Deadline of a blocking call unless [`MpiCollective::with_timeout`] says otherwise
     /// (as NCCL's default in PyTorch: a first step or a checkpoint write can be long).
@@ -229,6 +235,7 @@ mod mpi_backend {
     /// Finalises MPI (every rank must call it before exiting, after its last collective);
     /// nothing when MPI was not started.
     pub fn finalize_mpi() {
+        OBSERVERS.lock().expect("observers").clear();
         drop(UNIVERSE.lock().expect("MPI universe").take());
     }
 
@@ -244,6 +251,11 @@ mod mpi_backend {
         size: usize,
         name: String,
         timeout: Duration,
+        /// World rank of each rank of the group (for messages).
+        world_ranks: Arc<Vec<usize>>,
+        /// This group's entry in [`OBSERVERS`].
+        observer: usize,
+        progress: Arc<Mutex<Progress>>,
     }
 
     impl std::fmt::Debug for MpiCollective {
@@ -272,16 +284,35 @@ mod mpi_backend {
                     "MPI is finalised, or did not initialise with MPI_THREAD_MULTIPLE",
                 )
             })?;
-            Ok(Self::wrap(universe.world(), "world", DEFAULT_TIMEOUT))
+            let world = universe.world();
+            let world_ranks = (0..world.size() as usize).collect();
+            set_responder(answer_probes);
+            Ok(Self::wrap(world, world_ranks, "world", DEFAULT_TIMEOUT))
         }
 
-        fn wrap(comm: SimpleCommunicator, name: &str, timeout: Duration) -> Self {
+        /// `world_ranks`: the world rank of each rank of `comm`. Collective over `comm`
+        /// (duplicates it for the watchdog's probes).
+        fn wrap(
+            comm: SimpleCommunicator,
+            world_ranks: Vec<usize>,
+            name: &str,
+            timeout: Duration,
+        ) -> Self {
+            let progress = Arc::new(Mutex::new(Progress::default()));
+            let mut observers = OBSERVERS.lock().expect("observers");
+            observers.push(Observer {
+                side: Comm(comm.duplicate()),
+                progress: progress.clone(),
+            });
             Self {
                 rank: comm.rank() as usize,
                 size: comm.size() as usize,
                 comm: Arc::new(Mutex::new(Comm(comm))),
                 name: name.to_string(),
                 timeout,
+                world_ranks: Arc::new(world_ranks),
+                observer: observers.len() - 1,
+                progress,
             }
         }
 
@@ -292,17 +323,190 @@ mod mpi_backend {
             self
         }
 
-        /// Runs one blocking MPI call under the group's deadline.
-        fn with<R>(&self, op: &str, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
-            let _deadline = watch(
+        /// Runs one blocking MPI call under the group's deadline; on expiry the other
+        /// ranks of the group are asked where they are (see [`diagnose`]).
+        fn with<R>(&self, op: &'static str, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+            let (op_code, seq) = self.progress.lock().expect("progress").enter(op);
+            let probe = Probe {
+                observer: self.observer,
+                rank: self.rank,
+                world_ranks: self.world_ranks.clone(),
+                op_code,
+                seq,
+            };
+            let _deadline = watch_diagnosed(
                 format!(
                     "{op} on group {} (rank {} of {})",
                     self.name, self.rank, self.size
                 ),
                 self.timeout,
+                Some(Box::new(move || diagnose(&probe))),
             );
-            f(&self.comm.lock().expect("MPI communicator").0)
+            let result = f(&self.comm.lock().expect("MPI communicator").0);
+            self.progress.lock().expect("progress").in_flight = None;
+            result
         }
+    }
+
+    /// The blocking operations, by the code a probe's answer carries.
+    const OPS: [&str; 6] = [
+        "all_reduce",
+        "all_to_all",
+        "all_gather",
+        "broadcast",
+        "barrier",
+        "split",
+    ];
+    const PROBE_TAG: i32 = 0x7570;
+    const ANSWER_TAG: i32 = 0x7571;
+    /// How long a rank whose call expired collects the others' answers.
+    const PROBE_GRACE: Duration = Duration::from_secs(3);
+
+    /// Where a rank is in a group's sequence of collectives.
+    #[derive(Debug, Default)]
+    struct Progress {
+        /// Collectives started on the group.
+        started: u64,
+        /// The one running now: (index in [`OPS`], its number).
+        in_flight: Option<(usize, u64)>,
+    }
+
+    impl Progress {
+        /// Starts `op`; returns its code and number.
+        fn enter(&mut self, op: &str) -> (usize, u64) {
+            self.started += 1;
+            let code = OPS.iter().position(|o| *o == op).expect("a known op");
+            self.in_flight = Some((code, self.started));
+            (code, self.started)
+        }
+
+        /// The answer to a probe: `[op code or -1, its number or -1, started]`.
+        fn answer(&self) -> [i64; 3] {
+            let (op, seq) = self
+                .in_flight
+                .map_or((-1, -1), |(op, seq)| (op as i64, seq as i64));
+            [op, seq, self.started as i64]
+        }
+    }
+
+    /// A group as the watchdog thread sees it: a duplicate communicator for probes (so
+    /// they never match the group's own traffic) and the group's progress.
+    struct Observer {
+        side: Comm,
+        progress: Arc<Mutex<Progress>>,
+    }
+
+    /// Every group made by this process, until [`finalize_mpi`].
+    static OBSERVERS: Mutex<Vec<Observer>> = Mutex::new(Vec::new());
+
+    /// What an expired call needs to ask the others about.
+    struct Probe {
+        observer: usize,
+        rank: usize,
+        world_ranks: Arc<Vec<usize>>,
+        /// Index in [`OPS`].
+        op_code: usize,
+        seq: u64,
+    }
+
+    /// Answers the probes waiting on one group.
+    fn answer_on(observer: &Observer) {
+        let side = &observer.side.0;
+        while let Some((msg, status)) = side
+            .any_process()
+            .immediate_matched_probe_with_tag(PROBE_TAG)
+        {
+            let mut asked = [0i64; 1];
+            msg.matched_receive_into(&mut asked[..]);
+            let answer = observer.progress.lock().expect("progress").answer();
+            side.process_at_rank(status.source_rank())
+                .send_with_tag(&answer[..], ANSWER_TAG);
+        }
+    }
+
+    /// Run by the watchdog thread on every tick: tells the ranks whose calls expired
+    /// where this one is.
+    fn answer_probes() {
+        for observer in OBSERVERS.lock().expect("observers").iter() {
+            answer_on(observer);
+        }
+    }
+
+    /// Asks every other rank of the group where it is and says who did not arrive at
+    /// `probe`'s call: ranks busy elsewhere, ranks waiting in another collective of the
+    /// group, and ranks that do not answer (dead, or their watchdog cannot run).
+    fn diagnose(probe: &Probe) -> String {
+        let observers = OBSERVERS.lock().expect("observers");
+        let Some(observer) = observers.get(probe.observer) else {
+            return String::new();
+        };
+        let side = &observer.side.0;
+        let size = probe.world_ranks.len();
+        for r in (0..size).filter(|&r| r != probe.rank) {
+            side.process_at_rank(r as i32)
+                .send_with_tag(&[probe.seq as i64][..], PROBE_TAG);
+        }
+        let mut answers: Vec<Option<[i64; 3]>> = vec![None; size];
+        let deadline = std::time::Instant::now() + PROBE_GRACE;
+        let waiting = |a: &[Option<[i64; 3]>]| (0..size).any(|r| r != probe.rank && a[r].is_none());
+        while waiting(&answers) && std::time::Instant::now() < deadline {
+            // Ranks whose calls expired at the same time ask us too.
+            answer_on(observer);
+            match side
+                .any_process()
+                .immediate_matched_probe_with_tag(ANSWER_TAG)
+            {
+                Some((msg, status)) => {
+                    let mut answer = [0i64; 3];
+                    msg.matched_receive_into(&mut answer[..]);
+                    answers[status.source_rank() as usize] = Some(answer);
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let op = OPS[probe.op_code];
+        let who = |r: usize| format!("rank {r} (world rank {})", probe.world_ranks[r]);
+        let mut missing = Vec::new();
+        let mut arrived = Vec::new();
+        for (r, answer) in answers.iter().enumerate() {
+            if r == probe.rank {
+                continue;
+            }
+            match answer {
+                None => missing.push(format!(
+                    "{} did not answer within {} s (dead, or stuck outside MPI)",
+                    who(r),
+                    PROBE_GRACE.as_secs()
+                )),
+                Some([-1, _, started]) => missing.push(format!(
+                    "{} is outside this group's collectives (it has entered {started} of \
+                     them; this is #{})",
+                    who(r),
+                    probe.seq
+                )),
+                Some([op, seq, _]) if (*op as usize, *seq as u64) != (probe.op_code, probe.seq) => {
+                    missing.push(format!(
+                        "{} waits in {} #{seq} instead",
+                        who(r),
+                        OPS.get(*op as usize).unwrap_or(&"?")
+                    ))
+                }
+                Some(_) => arrived.push(who(r)),
+            }
+        }
+        if missing.is_empty() {
+            return format!("Every rank of the group is in this {op} (#{}).", probe.seq);
+        }
+        format!(
+            "Ranks that did not arrive at this {op} (#{} of the group): {}.{}",
+            probe.seq,
+            missing.join("; "),
+            if arrived.is_empty() {
+                String::new()
+            } else {
+                format!(" Arrived: {}.", arrived.join(", "))
+            }
+        )
     }
 
     /// Runs `$body` with `$T` the element type of `$kind`.
@@ -363,8 +567,8 @@ mod mpi_backend {
         }
 
         fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
-            host_tensor("all_reduce", t)?;
-            let input = t.contiguous().copy();
+            host_kind("all_reduce", t)?;
+            let input = host_copy(t);
             let mut out = input.empty_like();
             let mpi_op = match op {
                 ReduceOp::Max => SystemOperation::max(),
@@ -392,7 +596,7 @@ mod mpi_backend {
             send_counts: &[i64],
             recv_counts: &[i64],
         ) -> Result<Tensor, CollectiveError> {
-            host_tensor("all_to_all", send)?;
+            host_kind("all_to_all", send)?;
             let size = send.size();
             let rows = size.first().copied().unwrap_or(0);
             check_counts("all_to_all", self.size, rows, send_counts, recv_counts)?;
@@ -409,7 +613,8 @@ mod mpi_backend {
             };
             let (sc, rc) = (scale(send_counts), scale(recv_counts));
             let (sd, rd) = (displs(&sc), displs(&rc));
-            let send = send.contiguous();
+            let device = send.device();
+            let send = host_copy(send);
             let mut shape = size.clone();
             if shape.is_empty() {
                 return Err(invalid("all_to_all", "a 0-d tensor has no rows"));
@@ -425,12 +630,13 @@ mod mpi_backend {
                     c.all_to_all_varcount_into(&sp, &mut rp)
                 })
             });
-            Ok(out)
+            Ok(out.to_device(device))
         }
 
         fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-            host_tensor("all_gather", t)?;
-            let t = t.contiguous();
+            host_kind("all_gather", t)?;
+            let device = t.device();
+            let t = host_copy(t);
             let mut shape = t.size();
             if shape.is_empty() {
                 shape = vec![1];
@@ -444,18 +650,18 @@ mod mpi_backend {
                     c.all_gather_into(s, recv)
                 })
             });
-            Ok(out)
+            Ok(out.to_device(device))
         }
 
         fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-            host_tensor("broadcast", t)?;
+            host_kind("broadcast", t)?;
             if root >= self.size {
                 return Err(invalid(
                     "broadcast",
                     format!("root {root} in a group of {}", self.size),
                 ));
             }
-            let mut buf = t.contiguous().copy();
+            let mut buf = host_copy(t);
             self.with("broadcast", |c| {
                 with_kind!(buf.kind(), T, {
                     // SAFETY: a contiguous CPU tensor of kind T, owned here.
@@ -478,12 +684,18 @@ mod mpi_backend {
             key: usize,
             name: &str,
         ) -> Result<Box<dyn Collective>, CollectiveError> {
-            let sub = self
+            let my_world_rank = self.world_ranks[self.rank];
+            let (sub, world_ranks) = self
                 .with("split", |c| {
-                    c.split_by_color_with_key(Color::with_value(color as i32), key as i32)
+                    let sub =
+                        c.split_by_color_with_key(Color::with_value(color as i32), key as i32)?;
+                    let mut world_ranks = vec![0u64; sub.size() as usize];
+                    sub.all_gather_into(&(my_world_rank as u64), &mut world_ranks[..]);
+                    Some((sub, world_ranks))
                 })
                 .ok_or_else(|| invalid("split", format!("no communicator for color {color}")))?;
-            Ok(Box::new(Self::wrap(sub, name, self.timeout)))
+            let world_ranks = world_ranks.into_iter().map(|r| r as usize).collect();
+            Ok(Box::new(Self::wrap(sub, world_ranks, name, self.timeout)))
         }
     }
 }

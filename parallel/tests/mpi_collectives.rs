@@ -11,7 +11,7 @@ use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, Redu
 use upcycle_parallel::env::WorldInfo;
 use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
-use upcycle_parallel::testing::mpirun_self;
+use upcycle_parallel::testing::{mpirun_self, mpirun_self_with};
 
 const WORKER: &str = "UPCYCLE_MPI_TEST_WORKER";
 
@@ -221,17 +221,35 @@ fn worker() {
 }
 
 const TIMEOUT_WORKER: &str = "UPCYCLE_MPI_TIMEOUT_WORKER";
+const SCENARIO: &str = "UPCYCLE_MPI_TIMEOUT_SCENARIO";
 
-/// Rank 1 never reaches the barrier: rank 0's deadline ends the job with a message.
+/// `world`: rank 1 never reaches a world barrier; ranks 0 and 2 time out together and
+/// must each name rank 1 and each other. `split`: in the group of even world ranks, world
+/// rank 2 never arrives; world rank 0 must name it by its world rank.
 fn timeout_worker() {
-    let world = MpiCollective::world()
-        .unwrap()
-        .with_timeout(std::time::Duration::from_secs(2));
-    if world.rank() == 1 {
-        std::thread::sleep(std::time::Duration::from_secs(60));
+    let secs = |s| std::time::Duration::from_secs(s);
+    let world = MpiCollective::world().unwrap().with_timeout(secs(2));
+    let scenario = std::env::var(SCENARIO).unwrap();
+    let rank = world.rank();
+    if scenario == "world" {
+        if rank == 1 {
+            std::thread::sleep(secs(60));
+        }
+        world.barrier().unwrap();
+    } else {
+        let even = world.split(rank % 2, rank, "even").unwrap();
+        match rank {
+            0 => even.barrier().unwrap(),
+            // Outlives rank 0's deadline and diagnosis: rank 0 reports first.
+            1 => MpiCollective::world()
+                .unwrap()
+                .with_timeout(secs(30))
+                .barrier()
+                .unwrap(),
+            _ => std::thread::sleep(secs(60)),
+        }
     }
-    world.barrier().unwrap();
-    unreachable!("rank 0 is stopped by the watchdog");
+    unreachable!("the watchdog ends the job");
 }
 
 #[test]
@@ -241,19 +259,52 @@ fn timeout_worker_entry() {
     }
 }
 
-#[test]
-fn a_collective_past_its_deadline_ends_the_job_naming_it() {
+fn timeout_run(scenario: &str) -> String {
     let started = std::time::Instant::now();
-    let out = mpirun_self("timeout_worker_entry", 2, TIMEOUT_WORKER);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("barrier on group world (rank 0 of 2) did not complete within 2 s"),
-        "{stderr}"
+    let out = mpirun_self_with(
+        "timeout_worker_entry",
+        3,
+        TIMEOUT_WORKER,
+        &[(SCENARIO, scenario)],
     );
+    assert!(!out.status.success());
     assert!(
         started.elapsed().as_secs() < 50,
         "the hung rank was not waited for"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_collective_past_its_deadline_ends_the_job_naming_who_did_not_arrive() {
+    let stderr = timeout_run("world");
+    for (me, other) in [(0, 2), (2, 0)] {
+        let line = stderr
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "barrier on group world (rank {me} of 3) did not complete within 2 s"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no message from rank {me}:\n{stderr}"));
+        assert!(
+            line.contains("Ranks that did not arrive at this barrier (#1 of the group): rank 1 (world rank 1) is outside this group's collectives"),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("Arrived: rank {other} (world rank {other})")),
+            "{line}"
+        );
+    }
+
+    let stderr = timeout_run("split");
+    assert!(
+        stderr.contains("barrier on group even (rank 0 of 2) did not complete within 2 s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rank 1 (world rank 2) is outside this group's collectives"),
+        "{stderr}"
     );
 }
 
