@@ -2,7 +2,8 @@
 //! global batches trained by one process, by 2 data-parallel workers, by 2 expert-parallel
 //! workers (4 experts, 2 each) and by 4 workers (EP 2 x DP 2) give the same losses at
 //! every step and the same parameters (every expert, gathered into the checkpoint) after
-//! 10 AdamW steps. Real recordings (pocketsphinx's LibriVox clips, 8 in train).
+//! 10 AdamW steps, some of which leave an expert without any token (checked from the
+//! routing metrics). Real recordings (pocketsphinx's LibriVox clips, 8 in train).
 //!
 //! What makes the runs comparable: no dropout, SpecAugment or dither; no shuffling or
 //! sorting; static batches whose union over the workers is the single process's batch
@@ -91,6 +92,20 @@ fn losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// (step, MoE layer) pairs in which some expert received no token from any worker.
+fn idle_experts(out: &Path) -> usize {
+    metrics(out)
+        .iter()
+        .filter_map(|l| l.get("moe").and_then(|m| m.as_object()))
+        .flat_map(|layers| layers.values())
+        .filter(|layer| {
+            layer["load"]
+                .as_array()
+                .is_some_and(|load| load.iter().any(|s| s.as_f64() == Some(0.0)))
+        })
+        .count()
+}
+
 #[test]
 fn data_and_expert_parallel_runs_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
@@ -113,6 +128,11 @@ fn data_and_expert_parallel_runs_equal_one_process() {
                 step + 1
             );
         }
+        let idle = idle_experts(&out);
+        eprintln!("np {np} ep {ep}: {idle} (step, layer) pairs with an expert that got no token");
+        // The case that must not break expert parallelism: a rank's expert receives no
+        // row from any worker, yet joins every exchange and gets a zero gradient.
+        assert!(idle > 0, "np {np} ep {ep}: no step left an expert idle");
         let params = checkpoint::read_tensors(&out.join("checkpoints/step-10")).unwrap();
         // Data parallelism: every parameter. Expert parallelism: the experts (the rest
         // follows AdamW, whose update of a near-zero gradient is sensitive to rounding).
