@@ -43,6 +43,10 @@ fi
 torch_dir=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 # .cargo/config.toml points LIBTORCH at this link, so plain `cargo` commands work.
 ln -sfn "$torch_dir" .venv/libtorch
+# NCCL for the GPU backend: the wheel ships libnccl.so.2, cudarc opens libnccl.so; the
+# binaries' run path includes libtorch's lib folder, so the link goes there.
+nccl=$(ls "$torch_dir"/../nvidia/nccl/lib/libnccl.so.2 2>/dev/null || true)
+if [ -n "$nccl" ]; then ln -sfn "$(realpath "$nccl")" "$torch_dir/lib/libnccl.so"; fi
 
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install the Rust toolchain (https://rustup.rs) and rerun"; exit 1

@@ -1,7 +1,7 @@
 //! Collective communication on tch tensors, behind one trait with a backend per
 //! transport: [`Single`] (a world of one: every operation is the identity) and, with the
 //! `mpi` feature, [`MpiCollective`] (CPU tensors through MPI; GPU tensors staged through
-//! host memory). NCCL comes next.
+//! host memory); with the `nccl` feature, [`crate::nccl::NcclCollective`] (GPU tensors).
 //!
 //! Every rank of a group must issue the same collectives in the same order (as in MPI and
 //! NCCL); tensors are contiguous and on the backend's device. Rows: all-to-all and
@@ -9,7 +9,7 @@
 
 use std::fmt::Debug;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// How [`Collective::all_reduce`] combines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub trait Collective: Debug + Send + Sync {
     }
 }
 
-fn check_counts(
+pub(crate) fn check_counts(
     op: &'static str,
     size: usize,
     rows: i64,
@@ -175,15 +175,17 @@ impl Collective for Single {
 }
 
 /// Elements per row of a tensor (1 for a vector).
-fn row_len(t: &Tensor) -> i64 {
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn row_len(t: &Tensor) -> i64 {
     t.size().iter().skip(1).product()
 }
 
 /// Refuses what a host-memory transport cannot carry.
+#[cfg(feature = "mpi")]
 fn host_kind(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
     if !matches!(
         t.kind(),
-        Kind::Float | Kind::Double | Kind::Int64 | Kind::Int
+        tch::Kind::Float | tch::Kind::Double | tch::Kind::Int64 | tch::Kind::Int
     ) {
         return Err(invalid(
             op,
@@ -199,6 +201,7 @@ fn host_kind(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
 /// A contiguous host copy of `t` that the caller owns: GPU tensors are staged through
 /// host memory (MPI here is not assumed CUDA-aware), CPU tensors copied so that the
 /// transport never writes into storage that autograd or another view still reads.
+#[cfg(feature = "mpi")]
 fn host_copy(t: &Tensor) -> Tensor {
     if t.device() == tch::Device::Cpu {
         t.contiguous().copy()

@@ -6,13 +6,15 @@
 //! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
 //! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
 //! autograd node in C++ calling back into Rust), every blocking call under a
-//! [`watchdog`] deadline; next the NCCL backend. Nothing here knows what a
-//! Conformer is.
+//! [`watchdog`] deadline. With the `nccl` feature, the NCCL backend for GPUs (loaded at
+//! run time). Nothing here knows what a Conformer is.
 
 pub mod alltoall;
 pub mod collective;
 pub mod env;
 pub mod grads;
 pub mod groups;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod testing;
 pub mod watchdog;

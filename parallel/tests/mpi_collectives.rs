@@ -11,23 +11,9 @@ use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, Redu
 use upcycle_parallel::env::WorldInfo;
 use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
-use upcycle_parallel::testing::{mpirun_self, mpirun_self_with};
+use upcycle_parallel::testing::{check_collectives, mpirun_self, mpirun_self_with};
 
 const WORKER: &str = "UPCYCLE_MPI_TEST_WORKER";
-
-/// What one rank sends to rank `to`: `2 * from + to` rows (rank 0 sends none to itself),
-/// each row `[from, to, i]`.
-fn rows(from: usize, to: usize) -> Tensor {
-    let n = if from == 0 && to == 0 {
-        0
-    } else {
-        2 * from + to
-    } as i64;
-    let data: Vec<f32> = (0..n)
-        .flat_map(|i| [from as f32, to as f32, i as f32])
-        .collect();
-    Tensor::from_slice(&data).view([n, 3])
-}
 
 fn worker() {
     let world = MpiCollective::world().unwrap();
@@ -39,63 +25,7 @@ fn worker() {
         "environment and MPI agree"
     );
 
-    for kind in [Kind::Float, Kind::Double, Kind::Int64] {
-        let mut t = Tensor::full([3, 2], (rank + 1) as f64, (kind, tch::Device::Cpu));
-        world.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-        let want = (size * (size + 1) / 2) as f64;
-        assert_eq!(t.max().double_value(&[]), want, "{kind:?} sum");
-        assert_eq!(t.min().double_value(&[]), want, "{kind:?} sum");
-        let mut m = Tensor::full([4], rank as f64, (kind, tch::Device::Cpu));
-        world.all_reduce(&mut m, ReduceOp::Max).unwrap();
-        assert_eq!(m.min().double_value(&[]), (size - 1) as f64);
-    }
-    let mut avg = Tensor::from_slice(&[rank as f32, 1.0]);
-    world.all_reduce(&mut avg, ReduceOp::Avg).unwrap();
-    let mean = (size - 1) as f64 / 2.0;
-    assert!(
-        (avg.double_value(&[0]) - mean).abs() < 1e-6 && (avg.double_value(&[1]) - 1.0).abs() < 1e-6
-    );
-
-    // Uneven all-to-all with a zero count, counts exchanged first.
-    let parts: Vec<Tensor> = (0..size).map(|to| rows(rank, to)).collect();
-    let send_counts: Vec<i64> = parts.iter().map(|p| p.size()[0]).collect();
-    let recv_counts = world.exchange_counts(&send_counts).unwrap();
-    let want_counts: Vec<i64> = (0..size).map(|from| rows(from, rank).size()[0]).collect();
-    assert_eq!(recv_counts, want_counts);
-    let got = world
-        .all_to_all(&Tensor::cat(&parts, 0), &send_counts, &recv_counts)
-        .unwrap();
-    let want = Tensor::cat(
-        &(0..size).map(|from| rows(from, rank)).collect::<Vec<_>>(),
-        0,
-    );
-    assert!(got.equal(&want), "all_to_all on rank {rank}");
-
-    let gathered = world
-        .all_gather(&Tensor::from_slice(&[rank as i64, 7]))
-        .unwrap();
-    let want: Vec<i64> = (0..size as i64).flat_map(|r| [r, 7]).collect();
-    assert_eq!(Vec::<i64>::try_from(&gathered).unwrap(), want);
-
-    let mut b = Tensor::full([5], rank as f64, (Kind::Float, tch::Device::Cpu));
-    world.broadcast(&mut b, size - 1).unwrap();
-    assert_eq!(b.min().double_value(&[]), (size - 1) as f64);
-    world.barrier().unwrap();
-
-    // Subgroups: even and odd ranks.
-    let sub = world.split(rank % 2, rank, "parity").unwrap();
-    assert_eq!(sub.rank(), rank / 2);
-    assert_eq!(
-        sub.size(),
-        size / 2 + usize::from(rank % 2 == 0 && size % 2 == 1)
-    );
-    let mut s = Tensor::from_slice(&[rank as i64]);
-    sub.all_reduce(&mut s, ReduceOp::Sum).unwrap();
-    let want: i64 = (0..size)
-        .filter(|r| r % 2 == rank % 2)
-        .map(|r| r as i64)
-        .sum();
-    assert_eq!(s.int64_value(&[0]), want);
+    check_collectives(&world, tch::Device::Cpu);
 
     // Process groups for ep = 2: blocks of consecutive ranks exchange tokens, ranks
     // with the same position in their block share experts.
@@ -215,7 +145,7 @@ fn worker() {
         .unwrap_err();
     assert!(e.to_string().starts_with("all_to_all:"), "{e}");
     println!("rank {rank}/{size}: all collectives correct");
-    drop((world, sub));
+    drop(world);
     finalize_mpi();
     assert!(MpiCollective::world().is_err(), "MPI cannot start again");
 }

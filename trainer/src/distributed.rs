@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;
@@ -25,20 +25,48 @@ use crate::data::loader::Shard;
 /// Gradient buckets of this many MiB (one all-reduce each).
 const BUCKET_MIB: f64 = 25.0;
 
+/// The world as an NCCL communicator, its id sent over `mpi`.
+#[cfg(feature = "nccl")]
+fn nccl_world(
+    mpi: &MpiCollective,
+    device: Device,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    let world = upcycle_parallel::nccl::NcclCollective::new(mpi, device, timeout)
+        .context("joining the workers over NCCL")?;
+    Ok(Box::new(world))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_world(
+    _mpi: &MpiCollective,
+    device: Device,
+    _timeout: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    bail!("--device {device:?} with several workers needs NCCL: build with the `nccl` feature")
+}
+
 /// This worker's place in the job and its communicators.
 #[derive(Debug)]
 pub struct Distributed {
     /// Rank, world, local rank, node.
     pub info: WorldInfo,
+    /// The device this worker trains on.
+    pub device: Device,
     groups: Option<ProcessGroups>,
 }
 
 impl Distributed {
     /// Reads the environment and, in a world of several workers, joins it over MPI and
     /// builds the process groups for expert-parallel size `ep`; every blocking collective
-    /// must finish within `timeout`.
-    pub fn new(ep: usize, timeout: std::time::Duration) -> Result<Self> {
+    /// must finish within `timeout`. On `device` CUDA, each worker takes the GPU of its
+    /// local rank and the groups communicate through NCCL (bootstrapped over MPI).
+    pub fn new(ep: usize, timeout: std::time::Duration, device: Device) -> Result<Self> {
         let info = WorldInfo::from_env()?;
+        let device = match device {
+            Device::Cuda(_) => Device::Cuda(info.local_rank % tch::Cuda::device_count() as usize),
+            other => other,
+        };
         if info.world == 1 {
             if ep != 1 {
                 bail!(
@@ -46,7 +74,11 @@ impl Distributed {
                      workers with `mpirun -np N upcycle train ...`"
                 );
             }
-            return Ok(Self { info, groups: None });
+            return Ok(Self {
+                info,
+                device,
+                groups: None,
+            });
         }
         let world = MpiCollective::world()
             .context("joining the workers over MPI")?
@@ -61,9 +93,14 @@ impl Distributed {
                 world.size()
             );
         }
-        let groups = ProcessGroups::new(Box::new(world), ep)?;
+        let world: Box<dyn Collective> = match device {
+            Device::Cuda(_) => nccl_world(&world, device, timeout)?,
+            _ => Box::new(world),
+        };
+        let groups = ProcessGroups::new(world, ep)?;
         Ok(Self {
             info,
+            device,
             groups: Some(groups),
         })
     }

@@ -243,7 +243,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let dist = Distributed::new(
         opts.ep,
         std::time::Duration::from_secs_f64(uc.collective_timeout_s),
+        opts.device,
     )?;
+    let device = dist.device;
     let expert_counts: Vec<i64> = [
         (
             config.encoder_conf.mlp_type.as_str(),
@@ -289,7 +291,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
 
     tch::manual_seed(uc.seed as i64);
-    let vs = nn::VarStore::new(opts.device);
+    let vs = nn::VarStore::new(device);
     let vocab = units.len() as i64;
     let moe = dist.moe_context(config.moe_conf.clone());
     let mut model = config.build_model_with(&vs.root(), vocab, &moe)?;
@@ -303,7 +305,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
     } else if dist.ep() > 1 {
         tch::manual_seed(uc.seed as i64);
-        let full = nn::VarStore::new(opts.device);
+        let full = nn::VarStore::new(device);
         let mut m = config.build_model(&full.root(), vocab)?;
         m.encoder_mut().global_cmvn_mut().set(&mean, &istd);
         Some((
@@ -322,7 +324,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .distill
         .as_ref()
         .map(|d| -> Result<_> {
-            let t = checkpoint::load_model(&d.teacher, opts.device)
+            let t = checkpoint::load_model(&d.teacher, device)
                 .with_context(|| format!("upcycle_conf.distill.teacher {}", d.teacher.display()))?;
             if t.model.encoder().output_size() != model.encoder().output_size() {
                 bail!(
@@ -342,7 +344,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    tracing::info!(params = n_params, vocab, device = ?opts.device, "model built");
+    tracing::info!(params = n_params, vocab, device = ?device, "model built");
 
     let mut opt_conf = config.optim_conf.clone();
     if config.optim == "adam" {
@@ -446,7 +448,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         bar.set_prefix(format!("epoch {epoch}"));
         for batch in train_loader.epoch(epoch)? {
             let b = batch?;
-            let [feats, lens, target, tlens] = to_device(&b, opts.device);
+            let [feats, lens, target, tlens] = to_device(&b, device);
             let (draw, left_draw) = (chunk_rng.random(), chunk_rng.random());
             let chunk = if state.step < uc.full_context_steps {
                 ChunkMode::Full
@@ -547,7 +549,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let done = dist.any(state.step >= total_steps || out_of_time(&started))?;
             if state.step % eval_interval == 0 || done {
                 let (dev_loss, er) =
-                    evaluate(&model, &dev_loader, &units, opts.device, uc.eval_utterances)?;
+                    evaluate(&model, &dev_loader, &units, device, uc.eval_utterances)?;
                 let cer = er.cer();
                 // Ties go to the newer checkpoint.
                 let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);
