@@ -198,9 +198,16 @@ fn host_kind(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
     Ok(())
 }
 
-/// A contiguous host copy of `t` that the caller owns: GPU tensors are staged through
-/// host memory (MPI here is not assumed CUDA-aware), CPU tensors copied so that the
-/// transport never writes into storage that autograd or another view still reads.
+/// `t`'s elements, contiguous in host memory, for MPI to read: `t` itself when it is a
+/// contiguous CPU tensor (no copy), else a copy (GPU tensors are staged through host
+/// memory: MPI here is not assumed CUDA-aware).
+#[cfg(feature = "mpi")]
+fn host_view(t: &Tensor) -> Tensor {
+    t.to_device(tch::Device::Cpu).contiguous()
+}
+
+/// A contiguous host copy of `t` that MPI may write into (the caller's tensor is then
+/// updated by `copy_`, which autograd's version counter sees).
 #[cfg(feature = "mpi")]
 fn host_copy(t: &Tensor) -> Tensor {
     if t.device() == tch::Device::Cpu {
@@ -259,6 +266,9 @@ mod mpi_backend {
         /// This group's entry in [`OBSERVERS`].
         observer: usize,
         progress: Arc<Mutex<Progress>>,
+        /// The receive buffer of all-reduce, kept between calls (fresh large buffers
+        /// cost page faults every time).
+        scratch: Mutex<Option<Tensor>>,
     }
 
     impl std::fmt::Debug for MpiCollective {
@@ -316,6 +326,7 @@ mod mpi_backend {
                 world_ranks: Arc::new(world_ranks),
                 observer: observers.len() - 1,
                 progress,
+                scratch: Mutex::new(None),
             }
         }
 
@@ -571,25 +582,33 @@ mod mpi_backend {
 
         fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
             host_kind("all_reduce", t)?;
-            let input = host_copy(t);
-            let mut out = input.empty_like();
+            let input = host_view(t);
+            let mut scratch = self.scratch.lock().expect("all_reduce scratch");
+            let n = input.numel() as i64;
+            let buffer = match scratch.take() {
+                Some(b) if b.kind() == input.kind() && b.numel() >= n as usize => b,
+                _ => Tensor::empty([n], (input.kind(), tch::Device::Cpu)),
+            };
+            let mut out = buffer.narrow(0, 0, n);
+            *scratch = Some(buffer);
             let mpi_op = match op {
                 ReduceOp::Max => SystemOperation::max(),
                 _ => SystemOperation::sum(),
             };
             self.with("all_reduce", |c| {
                 with_kind!(out.kind(), T, {
-                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    // SAFETY: both contiguous CPU tensors of kind T; MPI only reads the
+                    // first (alive for the call), the second is owned here.
                     let (send, recv) = unsafe { (slice::<T>(&input), slice_mut::<T>(&mut out)) };
                     c.all_reduce_into(send, recv, mpi_op)
                 })
             });
-            let out = if op == ReduceOp::Avg {
-                out / self.size as f64
-            } else {
-                out
+            let out = out.view(input.size().as_slice());
+            let out = match op {
+                ReduceOp::Avg => out / self.size as f64,
+                _ => out,
             };
-            tch::no_grad(|| t.copy_(&out.to_kind(t.kind())));
+            tch::no_grad(|| t.copy_(&out));
             Ok(())
         }
 
@@ -617,7 +636,7 @@ mod mpi_backend {
             let (sc, rc) = (scale(send_counts), scale(recv_counts));
             let (sd, rd) = (displs(&sc), displs(&rc));
             let device = send.device();
-            let send = host_copy(send);
+            let send = host_view(send);
             let mut shape = size.clone();
             if shape.is_empty() {
                 return Err(invalid("all_to_all", "a 0-d tensor has no rows"));
@@ -626,7 +645,8 @@ mod mpi_backend {
             let mut out = Tensor::empty(shape.as_slice(), (send.kind(), send.device()));
             self.with("all_to_all", |c| {
                 with_kind!(out.kind(), T, {
-                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    // SAFETY: both contiguous CPU tensors of kind T; MPI only reads the
+                    // first (alive for the call), the second is owned here.
                     let (s, recv) = unsafe { (slice::<T>(&send), slice_mut::<T>(&mut out)) };
                     let sp = Partition::new(s, &sc[..], &sd[..]);
                     let mut rp = PartitionMut::new(recv, &rc[..], &rd[..]);
@@ -639,7 +659,7 @@ mod mpi_backend {
         fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
             host_kind("all_gather", t)?;
             let device = t.device();
-            let t = host_copy(t);
+            let t = host_view(t);
             let mut shape = t.size();
             if shape.is_empty() {
                 shape = vec![1];
@@ -648,7 +668,8 @@ mod mpi_backend {
             let mut out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
             self.with("all_gather", |c| {
                 with_kind!(out.kind(), T, {
-                    // SAFETY: both contiguous CPU tensors of kind T, owned here.
+                    // SAFETY: both contiguous CPU tensors of kind T; MPI only reads the
+                    // first (alive for the call), the second is owned here.
                     let (s, recv) = unsafe { (slice::<T>(&t), slice_mut::<T>(&mut out)) };
                     c.all_gather_into(s, recv)
                 })

@@ -10,6 +10,8 @@
 //! run time). Nothing here knows what a Conformer is.
 
 pub mod alltoall;
+#[cfg(feature = "mpi")]
+pub mod bench;
 pub mod collective;
 pub mod env;
 pub mod grads;

@@ -296,6 +296,20 @@ struct CheckArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// All-reduce and uneven all-to-all through `parallel/` against raw MPI calls on the
+    /// same sizes, and the autograd all-to-all's cost; run under `mpirun -np 2`, rank 0
+    /// prints JSON (bench/collectives.py prints the table).
+    Collectives {
+        /// Bytes per rank.
+        #[arg(long, value_delimiter = ',', default_values_t = [65536usize, 1 << 20, 16 << 20, 64 << 20])]
+        sizes: Vec<usize>,
+        /// Bytes per rank of the autograd comparison.
+        #[arg(long, value_delimiter = ',', default_values_t = [65536usize, 1 << 20])]
+        autograd_sizes: Vec<usize>,
+        /// Timed repetitions each way (interleaved).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Training-step frames/s and peak memory on a fixed batch; prints JSON (bench/train_step.py runs it beside PyTorch).
     TrainStep {
         /// Training configuration.
@@ -549,6 +563,29 @@ fn run(cli: Cli) -> Result<()> {
             };
             let timing = upcycle_trainer::bench::moe_layer(shape, &compute, steps, warmup)?;
             println!("{}", serde_json::to_string(&timing)?);
+        }
+        Command::Bench(BenchCommand::Collectives {
+            sizes,
+            autograd_sizes,
+            repeat,
+        }) => {
+            use upcycle_parallel::collective::{Collective, MpiCollective};
+            let world: Arc<dyn Collective> = Arc::new(MpiCollective::world()?);
+            let collectives = upcycle_parallel::bench::collectives(world.as_ref(), &sizes, repeat);
+            let autograd: Vec<_> = autograd_sizes
+                .iter()
+                .map(|&b| upcycle_parallel::bench::autograd_cost(world.clone(), b, repeat))
+                .collect();
+            if world.rank() == 0 {
+                let json = serde_json::json!({
+                    "ranks": world.size(),
+                    "collectives": collectives,
+                    "autograd": autograd,
+                });
+                println!("{json}");
+            }
+            drop(world);
+            upcycle_parallel::collective::finalize_mpi();
         }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {
             let timing = upcycle_trainer::bench::fbank(&files, repeat)?;

@@ -90,6 +90,17 @@ fn benchmark_scripts_run() {
                 "1",
             ],
         ),
+        (
+            "bench/collectives.py",
+            vec![
+                "--sizes",
+                "65536",
+                "--autograd-sizes",
+                "65536",
+                "--repeat",
+                "1",
+            ],
+        ),
     ] {
         let json = tmp.path().join("out.json");
         let o = Command::new(&python)
