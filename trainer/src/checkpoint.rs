@@ -1,9 +1,23 @@
-//! Checkpoints, single-file for now: a directory `step-<N>/` holding the model
-//! (`model.safetensors`, WeNet parameter names), the optimizer moments
-//! (`optimizer.safetensors`), the config that ran (`train.yaml`), the units and CMVN
-//! of the data, and the trainer state (`state.json`). Written under a temporary name,
-//! flushed and renamed; the `latest` and `best` pointers move after. Sharding comes with
-//! the checkpoint issue.
+//! Sharded checkpoints. A checkpoint is a directory `step-<N>/`:
+//!
+//! - `rank-<r>.safetensors`: what worker `r` owns: its expert slices (rows of the stacked
+//!   banks, named by their **global** expert range in the manifest) if it is in the first
+//!   expert-data-parallel copy, and its share of the replicated dense tensors (spread over
+//!   the workers by size, so no single worker writes them all); model parameters under
+//!   `model/<name>`, optimizer moments under `optim/<name>`, sharded the same way.
+//! - `manifest.json`: format, step, layout (world, ep, dp), the config, and for every
+//!   tensor its global shape, dtype, and which file holds which rows, with a SHA-256 of
+//!   each slice's bytes.
+//! - `train.yaml`, `units.txt`, `global_cmvn` (the data's), `state.json` (step, epoch,
+//!   position in the epoch, best CER, time: what an exact resume needs; every random
+//!   draw of training is keyed by seed, epoch and batch index, so no generator state).
+//!
+//! Written under `.step-<N>.tmp`, every file flushed, then renamed; `latest` (and `best`)
+//! move last, so a crash at any moment leaves the previous checkpoint whole. Reading
+//! checks every checksum and shape and assembles whole tensors, whatever the layout that
+//! wrote them: a run resumes on another number of workers (resharding by global expert
+//! id happens when each worker takes its rows). Only safetensors and JSON are read: no
+//! code runs from a checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,12 +25,18 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Tensor};
+use sha2::{Digest, Sha256};
+use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::AsrModel;
+use upcycle_parallel::grads::is_expert;
 
 use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::text::Units;
+use crate::distributed::Distributed;
+
+/// The manifest's `format`.
+const FORMAT: &str = "upcycle-checkpoint/1";
 
 /// Where training stands, saved with every checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,12 +45,87 @@ pub struct TrainState {
     pub step: u64,
     /// Epoch being trained.
     pub epoch: u64,
+    /// Batches of `epoch` consumed by each worker (the next one to train is this index).
+    #[serde(default)]
+    pub batches_in_epoch: u64,
+    /// Batches of `epoch` each worker had in all (a run resumed with another layout or
+    /// batch size starts at the same fraction of the epoch).
+    #[serde(default)]
+    pub epoch_batches: u64,
     /// Best dev CER so far (percent), if evaluated.
     pub best_dev_cer: Option<f64>,
     /// Dev CER of this checkpoint, if evaluated.
     pub dev_cer: Option<f64>,
     /// Seconds of training so far.
     pub train_seconds: f64,
+    /// Batches or updates skipped for non-finite values so far.
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+/// How the workers that wrote a checkpoint were arranged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Workers.
+    pub world: usize,
+    /// Expert-parallel size.
+    pub ep: usize,
+    /// Data-parallel size (dense parameters are replicated on all `world`).
+    pub dp: usize,
+}
+
+impl Layout {
+    /// `world` workers with experts spread over groups of `ep`.
+    pub fn new(world: usize, ep: usize) -> Self {
+        Self {
+            world,
+            ep,
+            dp: world,
+        }
+    }
+}
+
+/// Rows `[start, end)` of a tensor held under `key` in `file`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Slice {
+    /// File in the checkpoint directory.
+    pub file: String,
+    /// Tensor name inside the file.
+    pub key: String,
+    /// First row (of the first dimension; experts for a stacked bank).
+    pub start: i64,
+    /// One past the last row.
+    pub end: i64,
+    /// SHA-256 of the slice's bytes (little-endian, row-major).
+    pub sha256: String,
+}
+
+/// One tensor of the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// Global shape.
+    pub shape: Vec<i64>,
+    /// Element type (`float32`, ...).
+    pub dtype: String,
+    /// Where its rows are, in order, covering the first dimension.
+    pub slices: Vec<Slice>,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Optimizer's own step count (bias correction).
+    pub optimizer_step: u64,
+    /// Who wrote it.
+    pub layout: Layout,
+    /// The configuration that ran.
+    pub config: serde_json::Value,
+    /// Every tensor, `model/<name>` and `optim/<name>`.
+    pub tensors: BTreeMap<String, TensorEntry>,
 }
 
 fn fsync_dir(dir: &Path) {
@@ -39,7 +134,7 @@ fn fsync_dir(dir: &Path) {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -55,6 +150,109 @@ fn set_pointer(root: &Path, name: &str, target: &str) -> Result<()> {
     std::fs::rename(&tmp, root.join(name))?;
     fsync_dir(root);
     Ok(())
+}
+
+fn dtype_name(kind: Kind) -> Result<&'static str> {
+    Ok(match kind {
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Int64 => "int64",
+        Kind::Int => "int32",
+        other => bail!("{other:?} tensors cannot be checkpointed"),
+    })
+}
+
+/// SHA-256 of a CPU tensor's elements, row-major.
+fn digest(t: &Tensor) -> String {
+    let t = t.contiguous();
+    let bytes = t.numel() * t.kind().elt_size_in_bytes();
+    let data: &[u8] = if bytes == 0 {
+        &[]
+    } else {
+        // SAFETY: a contiguous CPU tensor of `bytes` bytes, alive while `data` is used.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) }
+    };
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// The worker that writes each replicated (dense) tensor: largest first, each to the
+/// worker with the fewest bytes so far, so the writing is spread evenly. Every worker
+/// computes the same assignment from the same names and sizes.
+fn dense_owners(tensors: &[(String, i64)], world: usize) -> BTreeMap<String, usize> {
+    let mut order: Vec<&(String, i64)> = tensors.iter().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut load = vec![0i64; world];
+    let mut owners = BTreeMap::new();
+    for (name, bytes) in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).expect("a worker");
+        load[r] += bytes;
+        owners.insert(name.clone(), r);
+    }
+    owners
+}
+
+/// What one worker wrote: its file's entries, by tensor.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Part {
+    /// `model/<name>` or `optim/<name>` -> (global shape, dtype, the slice written).
+    pub entries: Vec<(String, Vec<i64>, String, Slice)>,
+}
+
+/// Writes worker `rank`'s file into `dir`: `tensors` are this worker's (expert banks
+/// hold its local experts, named `model/...` or `optim/...`). Experts are written by the
+/// first expert-data-parallel copy (ranks `0..ep`), dense tensors by their owner.
+pub fn write_part(
+    dir: &Path,
+    layout: Layout,
+    rank: usize,
+    tensors: &[(String, Tensor)],
+) -> Result<Part> {
+    let dense: Vec<(String, i64)> = tensors
+        .iter()
+        .filter(|(n, _)| !is_expert(n))
+        .map(|(n, t)| (n.clone(), (t.numel() * t.kind().elt_size_in_bytes()) as i64))
+        .collect();
+    let owners = dense_owners(&dense, layout.world);
+    let file = format!("rank-{rank}.safetensors");
+    let mut part = Part::default();
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t.detach().to_device(Device::Cpu).contiguous();
+        let rows = t.size().first().copied().unwrap_or(1);
+        let (start, global) = if is_expert(name) {
+            if rank >= layout.ep {
+                continue;
+            }
+            let mut g = t.size();
+            g[0] *= layout.ep as i64;
+            (rank as i64 * rows, g)
+        } else {
+            if owners[name] != rank {
+                continue;
+            }
+            (0, t.size())
+        };
+        part.entries.push((
+            name.clone(),
+            global,
+            dtype_name(t.kind())?.to_string(),
+            Slice {
+                file: file.clone(),
+                key: name.clone(),
+                start,
+                end: start + rows,
+                sha256: digest(&t),
+            },
+        ));
+        out.push((name.clone(), t));
+    }
+    let path = dir.join(&file);
+    Tensor::write_safetensors(&out, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(&path)?.sync_all()?;
+    Ok(part)
 }
 
 /// Everything a checkpoint holds besides the tensors.
@@ -73,57 +271,154 @@ pub struct SaveRequest<'a> {
     pub is_best: bool,
 }
 
-/// Writes `root/step-<N>/` with the `model` tensors (the whole model, every expert) and
-/// moves `latest` (and `best`) to it.
-pub fn save(root: &Path, model: Vec<(String, Tensor)>, req: SaveRequest<'_>) -> Result<PathBuf> {
-    std::fs::create_dir_all(root)?;
-    let name = format!("step-{}", req.state.step);
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+/// The temporary directory a checkpoint of `step` is written in (the same name on every
+/// worker).
+pub fn staging_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!(".step-{step}.tmp"))
+}
+
+/// Prepares `staging_dir` (removing a leftover of a crashed save). Rank 0 only.
+pub fn begin(root: &Path, step: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let tmp = staging_dir(root, step);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
     std::fs::create_dir_all(&tmp)?;
-    let cpu: Vec<(String, Tensor)> = model
-        .into_iter()
-        .map(|(k, v)| (k, v.to_device(Device::Cpu)))
-        .collect();
-    Tensor::write_safetensors(&cpu, tmp.join("model.safetensors"))?;
-    let (opt_step, moments) = req.optimizer;
-    let moments: Vec<(String, Tensor)> = moments
-        .into_iter()
-        .map(|(k, v)| (k, v.to_device(Device::Cpu)))
-        .collect();
-    Tensor::write_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
+    Ok(tmp)
+}
+
+/// Rank 0, after every worker wrote its part into `tmp`: the manifest and the other
+/// files, then the rename and the pointers.
+pub fn commit(
+    root: &Path,
+    tmp: &Path,
+    layout: Layout,
+    parts: Vec<Part>,
+    req: &SaveRequest<'_>,
+) -> Result<PathBuf> {
+    let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
+    for (name, shape, dtype, slice) in parts.into_iter().flat_map(|p| p.entries) {
+        let e = tensors.entry(name).or_insert_with(|| TensorEntry {
+            shape,
+            dtype,
+            slices: Vec::new(),
+        });
+        e.slices.push(slice);
+    }
+    for e in tensors.values_mut() {
+        e.slices.sort_by_key(|s| s.start);
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step: req.state.step,
+        optimizer_step: req.optimizer.0,
+        layout,
+        config: serde_json::to_value(req.config)?,
+        tensors,
+    };
+    write_synced(
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     write_synced(
         &tmp.join("train.yaml"),
         serde_yaml::to_string(req.config)?.as_bytes(),
     )?;
-    let mut state = serde_json::to_value(req.state)?;
-    state["optimizer_step"] = opt_step.into();
     write_synced(
         &tmp.join("state.json"),
-        serde_json::to_string_pretty(&state)?.as_bytes(),
+        serde_json::to_string_pretty(req.state)?.as_bytes(),
     )?;
     req.units.save(&tmp.join("units.txt"))?;
     req.cmvn.save(&tmp.join("global_cmvn"))?;
-    for f in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "units.txt",
-        "global_cmvn",
-    ] {
+    for f in ["units.txt", "global_cmvn"] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
-    fsync_dir(&tmp);
+    fsync_dir(tmp);
+    let name = format!("step-{}", req.state.step);
     let dst = root.join(&name);
     if dst.exists() {
         std::fs::remove_dir_all(&dst)?;
     }
-    std::fs::rename(&tmp, &dst)?;
+    std::fs::rename(tmp, &dst)?;
     fsync_dir(root);
     set_pointer(root, "latest", &name)?;
     if req.is_best {
         set_pointer(root, "best", &name)?;
     }
     Ok(dst)
+}
+
+fn shallow(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect()
+}
+
+/// `model/<name>` for parameters, `optim/<name>` for optimizer moments.
+fn tagged(model: Vec<(String, Tensor)>, moments: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    model
+        .into_iter()
+        .map(|(n, t)| (format!("model/{n}"), t))
+        .chain(moments.into_iter().map(|(n, t)| (format!("optim/{n}"), t)))
+        .collect()
+}
+
+/// Writes `root/step-<N>/` from every worker of the job: each writes its part (`model`:
+/// its parameters, expert banks holding its local experts; the moments of `req`), rank 0
+/// the manifest and the rest, then moves the pointers. Every worker calls it; all return
+/// the error if any worker failed, and the previous checkpoint stays the latest.
+pub fn save_distributed(
+    root: &Path,
+    dist: &Distributed,
+    model: Vec<(String, Tensor)>,
+    req: SaveRequest<'_>,
+) -> Result<PathBuf> {
+    let tensors = tagged(model, shallow(&req.optimizer.1));
+    let layout = Layout::new(dist.world(), dist.ep());
+    let step = req.state.step;
+    let began = if dist.is_main() {
+        begin(root, step).map(|_| ())
+    } else {
+        Ok(())
+    };
+    if dist.any(began.is_err())? {
+        return Err(began
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("rank 0 could not prepare the checkpoint")));
+    }
+    let tmp = staging_dir(root, step);
+    let part = write_part(&tmp, layout, dist.rank(), &tensors).map_err(|e| format!("{e:#}"));
+    let parts = dist.gather_strings(&serde_json::to_string(&part)?)?;
+    let committed = if dist.is_main() {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(r, text)| {
+                let part: std::result::Result<Part, String> = serde_json::from_str(text)?;
+                part.map_err(|e| anyhow::anyhow!("rank {r} could not write its part: {e}"))
+            })
+            .collect::<Result<Vec<Part>>>()
+            .and_then(|parts| commit(root, &tmp, layout, parts, &req))
+    } else {
+        part.map(|_| root.to_path_buf()).map_err(anyhow::Error::msg)
+    };
+    if dist.any(committed.is_err())? {
+        return Err(committed.err().unwrap_or_else(|| {
+            anyhow::anyhow!("checkpoint step-{step} was not written (see rank 0's error)")
+        }));
+    }
+    Ok(root.join(format!("step-{step}")))
+}
+
+/// Writes `root/step-<N>/` from one process holding the whole model (every expert), and
+/// moves `latest` (and `best`) to it.
+pub fn save(root: &Path, model: Vec<(String, Tensor)>, req: SaveRequest<'_>) -> Result<PathBuf> {
+    let tmp = begin(root, req.state.step)?;
+    let layout = Layout::new(1, 1);
+    let part = write_part(&tmp, layout, 0, &tagged(model, shallow(&req.optimizer.1)))?;
+    commit(root, &tmp, layout, vec![part], &req)
 }
 
 /// Removes `step-*` checkpoints except the newest `keep` and the one `best` names.
@@ -139,6 +434,14 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     steps.sort();
+    // Staging directories of saves that crashed.
+    for e in std::fs::read_dir(root)?.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
     let cut = steps.len().saturating_sub(keep.max(1));
     for (_, path) in &steps[..cut] {
         let name = path
@@ -152,26 +455,162 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether `dir` is a checkpoint: a manifest, or the single-file layout of earlier
+/// versions (`model.safetensors`).
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("manifest.json").is_file() || dir.join("model.safetensors").is_file()
+}
+
 /// The checkpoint directory that `path` names: a checkpoint itself, or a training
 /// output directory (its `best`, else `latest`), or a checkpoints folder.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join("model.safetensors").is_file() {
+    resolve_with(path, &["best", "latest"])
+}
+
+/// The newest checkpoint under `path` (a training output or a checkpoints folder, its
+/// `latest`), or `path` itself if it is one: where a run resumes.
+pub fn resolve_latest(path: &Path) -> Result<PathBuf> {
+    resolve_with(path, &["latest"])
+}
+
+fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
+    if is_checkpoint(path) {
         return Ok(path.to_path_buf());
     }
     for root in [path.join("checkpoints"), path.to_path_buf()] {
-        for pointer in ["best", "latest"] {
+        for pointer in pointers {
             if let Ok(name) = std::fs::read_to_string(root.join(pointer)) {
                 let dir = root.join(name.trim());
-                if dir.join("model.safetensors").is_file() {
+                if is_checkpoint(&dir) {
                     return Ok(dir);
                 }
             }
         }
     }
     bail!(
-        "{} is neither a checkpoint (no model.safetensors) nor a training output with checkpoints/best or checkpoints/latest",
-        path.display()
+        "{} is neither a checkpoint (no manifest.json) nor a training output with checkpoints/{}",
+        path.display(),
+        pointers.join(" or checkpoints/")
     )
+}
+
+/// A checkpoint's manifest; refuses another format.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a checkpoint?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let m: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid manifest", path.display()))?;
+    if m.format != FORMAT {
+        bail!(
+            "{}: format {:?}, this version reads {FORMAT:?}",
+            path.display(),
+            m.format
+        );
+    }
+    Ok(m)
+}
+
+/// The trainer state saved with a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join("state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid trainer state", path.display()))
+}
+
+/// The whole tensors of one group (`model` or `optim`) of a checkpoint, by name, put
+/// together from every worker's slices; each slice's checksum, shape and dtype are
+/// checked, and a missing file or tensor is named.
+pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
+    if !dir.join("manifest.json").is_file() && group == "model" {
+        // The single-file layout of earlier versions.
+        let file = dir.join("model.safetensors");
+        return Ok(Tensor::read_safetensors(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .into_iter()
+            .collect());
+    }
+    let manifest = read_manifest(dir)?;
+    let prefix = format!("{group}/");
+    let mut files: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (tagged, entry) in manifest.tensors.iter() {
+        let Some(name) = tagged.strip_prefix(&prefix) else {
+            continue;
+        };
+        let mut rows = Vec::new();
+        let mut next = 0;
+        for slice in &entry.slices {
+            if !files.contains_key(&slice.file) {
+                let path = dir.join(&slice.file);
+                if !path.is_file() {
+                    bail!(
+                        "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
+                        dir.display(),
+                        slice.file
+                    );
+                }
+                let tensors = Tensor::read_safetensors(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                files.insert(slice.file.clone(), tensors.into_iter().collect());
+            }
+            let t = files[&slice.file].get(&slice.key).with_context(|| {
+                format!(
+                    "{}: {} does not hold {}",
+                    dir.display(),
+                    slice.file,
+                    slice.key
+                )
+            })?;
+            let mut want = entry.shape.clone();
+            if let Some(first) = want.first_mut() {
+                *first = slice.end - slice.start;
+            }
+            if slice.start != next || t.size() != want || dtype_name(t.kind())? != entry.dtype {
+                bail!(
+                    "{}: tensor {tagged} in {}: rows {}..{} of shape {:?} {}, the manifest says \
+                     rows from {next}, shape {want:?} {}",
+                    dir.display(),
+                    slice.file,
+                    slice.start,
+                    slice.end,
+                    t.size(),
+                    dtype_name(t.kind())?,
+                    entry.dtype
+                );
+            }
+            if digest(t) != slice.sha256 {
+                bail!(
+                    "{}: tensor {tagged} in {} does not match its checksum: the file is \
+                     damaged; use another checkpoint",
+                    dir.display(),
+                    slice.file
+                );
+            }
+            next = slice.end;
+            rows.push(t.shallow_clone());
+        }
+        if next != entry.shape.first().copied().unwrap_or(1) {
+            bail!(
+                "{}: tensor {tagged} has rows up to {next} of {:?}",
+                dir.display(),
+                entry.shape
+            );
+        }
+        let whole = match rows.len() {
+            1 => rows.pop().expect("one slice"),
+            _ => Tensor::cat(&rows, 0),
+        };
+        out.insert(name.to_string(), whole);
+    }
+    Ok(out)
 }
 
 /// A model loaded for decoding.
@@ -205,19 +644,15 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
     })
 }
 
-/// The tensors of a checkpoint directory's `model.safetensors`, by name.
+/// The model parameters of a checkpoint, whole (every expert), by name.
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let file = dir.join("model.safetensors");
-    Ok(Tensor::read_safetensors(&file)
-        .with_context(|| format!("reading {}", file.display()))?
-        .into_iter()
-        .collect())
+    read_group(dir, "model")
 }
 
 /// Copies a checkpoint directory's tensors into every variable of `vs`; a missing
 /// tensor or a shape that differs is an error naming the tensor.
 pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
-    let file = dir.join("model.safetensors");
+    let file = dir;
     let saved = read_tensors(dir)?;
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vs.variables() {

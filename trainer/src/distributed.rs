@@ -139,6 +139,25 @@ impl Distributed {
         }
     }
 
+    /// This worker's rows of a whole tensor (parameter or optimizer moment, by name):
+    /// expert banks narrowed to the local experts (by global expert id), the rest whole.
+    pub fn local_rows(&self, name: &str, t: &Tensor) -> Result<Tensor> {
+        match &self.groups {
+            Some(g) if g.ep_size > 1 && is_expert(name) => {
+                let experts = t.size()[0];
+                if experts % g.ep_size as i64 != 0 {
+                    bail!(
+                        "tensor {name}: {experts} experts do not split over ep {}",
+                        g.ep_size
+                    );
+                }
+                let local = experts / g.ep_size as i64;
+                Ok(t.narrow(0, g.ep.rank() as i64 * local, local))
+            }
+            _ => Ok(t.shallow_clone()),
+        }
+    }
+
     /// Copies whole-model tensors (a freshly built full model or a checkpoint) into this
     /// worker's variables, expert banks narrowed to the local experts; a missing tensor or
     /// a shape that differs is named.
@@ -148,21 +167,7 @@ impl Distributed {
                 let t = global
                     .get(&name)
                     .with_context(|| format!("tensor {name} is missing"))?;
-                let t = match &self.groups {
-                    Some(g) if g.ep_size > 1 && is_expert(&name) => {
-                        let local = var.size()[0];
-                        let first = g.ep.rank() as i64 * local;
-                        if t.size()[0] != local * g.ep_size as i64 {
-                            bail!(
-                                "tensor {name}: {} experts do not split over ep {}",
-                                t.size()[0],
-                                g.ep_size
-                            );
-                        }
-                        t.narrow(0, first, local)
-                    }
-                    _ => t.shallow_clone(),
-                };
+                let t = self.local_rows(&name, t)?;
                 if t.size() != var.size() {
                     bail!(
                         "tensor {name} has shape {:?}, the model expects {:?}",
@@ -174,6 +179,38 @@ impl Distributed {
             }
             Ok(())
         })
+    }
+
+    /// Every worker's `text`, in rank order (one in a single process).
+    pub fn gather_strings(&self, text: &str) -> Result<Vec<String>> {
+        let Some(g) = &self.groups else {
+            return Ok(vec![text.to_string()]);
+        };
+        let bytes: Vec<i32> = text.bytes().map(i32::from).collect();
+        let lens = g
+            .world
+            .all_gather(&Tensor::from_slice(&[bytes.len() as i64]))?;
+        let lens = Vec::<i64>::try_from(&lens)?;
+        let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+        let mut padded = bytes;
+        padded.resize(longest, 0);
+        let all = g.world.all_gather(&Tensor::from_slice(&padded))?;
+        let all = Vec::<i32>::try_from(&all)?;
+        lens.iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                let b: Vec<u8> = all[r * longest..r * longest + n as usize]
+                    .iter()
+                    .map(|&c| c as u8)
+                    .collect();
+                String::from_utf8(b).context("a worker sent text that is not UTF-8")
+            })
+            .collect()
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.info.rank
     }
 
     /// Makes every worker's parameters rank 0's: dense ones over the world, expert banks
@@ -189,24 +226,6 @@ impl Distributed {
             group.broadcast(&mut t, 0)?;
         }
         Ok(())
-    }
-
-    /// Whole tensors for a checkpoint: expert tensors (parameters or optimizer moments,
-    /// by name) all-gathered over the expert-parallel group. Every worker calls it.
-    pub fn gather_experts(&self, tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
-        match &self.groups {
-            Some(g) if g.ep_size > 1 => tensors
-                .into_iter()
-                .map(|(n, t)| {
-                    if is_expert(&n) {
-                        Ok((n, g.ep.all_gather(&t.detach().contiguous())?))
-                    } else {
-                        Ok((n, t))
-                    }
-                })
-                .collect(),
-            _ => Ok(tensors),
-        }
     }
 
     /// After `backward`: gradients all-reduced and divided by the data-parallel size.

@@ -133,6 +133,11 @@ struct TrainArgs {
     /// the experts; it must divide N and every n_expert.
     #[arg(long, default_value_t = 1)]
     ep: usize,
+    /// Continue a run exactly from this checkpoint (or training output: its latest):
+    /// weights, optimizer, data position and schedule, on any number of workers. Without
+    /// it, a run whose --out already holds checkpoints continues from the latest.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -433,6 +438,7 @@ fn run(cli: Cli) -> Result<()> {
                 device: device(&a.device)?,
                 init: a.init,
                 ep: a.ep,
+                resume: a.resume,
             });
             // Every rank finalises MPI (a no-op in one process), error or not.
             upcycle_parallel::collective::finalize_mpi();

@@ -24,7 +24,7 @@ use upcycle_parallel::groups::validate_layout;
 use crate::checkpoint::{self, SaveRequest, TrainState};
 use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
-use crate::data::loader::{Batch, DataLoader, Mode, Shard};
+use crate::data::loader::{stream_seed, Batch, DataLoader, Mode, Shard};
 use crate::data::text::Units;
 use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
@@ -51,6 +51,9 @@ pub struct TrainOptions {
     pub init: Option<PathBuf>,
     /// Expert-parallel size (workers sharing one copy of the experts); 1 in one process.
     pub ep: usize,
+    /// Continue this checkpoint's run exactly (weights, optimizer, data position,
+    /// schedule); without it a run continues from `out`'s latest checkpoint if there is one.
+    pub resume: Option<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -223,6 +226,59 @@ fn to_device(b: &Batch, d: Device) -> [tch::Tensor; 4] {
     ]
 }
 
+/// The config keys that decide what a checkpoint's tensors mean: a resumed run must
+/// agree on them.
+const MODEL_KEYS: [&str; 9] = [
+    "input_dim",
+    "encoder",
+    "encoder_conf",
+    "decoder",
+    "decoder_conf",
+    "model",
+    "model_conf",
+    "moe_conf",
+    "optim",
+];
+
+/// Refuses to resume `dir` with a config that builds another model, naming the key.
+fn check_resumable(dir: &std::path::Path, config: &TrainConfig) -> Result<()> {
+    let saved = serde_json::to_value(TrainConfig::load(&dir.join("train.yaml"))?)?;
+    let now = serde_json::to_value(config)?;
+    for key in MODEL_KEYS {
+        if let Some(path) = first_difference(&saved[key], &now[key], key) {
+            bail!(
+                "cannot resume {}: the config's {path} differs from the checkpoint's ({} there, {} \
+                 now); resume with the checkpoint's config, or start a new run from its \
+                 weights with --init and another --out",
+                dir.display(),
+                pointer(&saved, &path),
+                pointer(&now, &path)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The dotted path of the first place where `a` and `b` differ.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> Option<String> {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => x.keys().chain(y.keys()).find_map(|k| {
+            first_difference(
+                x.get(k).unwrap_or(&serde_json::Value::Null),
+                y.get(k).unwrap_or(&serde_json::Value::Null),
+                &format!("{path}.{k}"),
+            )
+        }),
+        _ => (a != b).then(|| path.to_string()),
+    }
+}
+
+fn pointer(v: &serde_json::Value, path: &str) -> serde_json::Value {
+    let p = format!("/{}", path.replace('.', "/"));
+    v.pointer(&p).cloned().unwrap_or(serde_json::Value::Null)
+}
+
 /// Trains until `max_steps`, `max_minutes` or `max_epoch`, whichever comes first.
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut config = TrainConfig::load(&opts.config)?;
@@ -297,9 +353,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut model = config.build_model_with(&vs.root(), vocab, &moe)?;
     let (mean, istd) = cmvn.mean_istd();
     model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+    let resume = match &opts.resume {
+        Some(dir) => Some(checkpoint::resolve_latest(dir)?),
+        None => checkpoint::resolve_latest(&opts.out.join("checkpoints")).ok(),
+    };
+    if let Some(dir) = &resume {
+        check_resumable(dir, &config)?;
+        if opts.init.is_some() {
+            tracing::warn!(from = %dir.display(), "resuming the run; --init is ignored");
+        }
+    }
     // The whole model this worker holds a part of: a checkpoint, or (experts spread
     // over ranks) the one a single process would build from this seed.
-    let whole = if let Some(init) = &opts.init {
+    let whole = if let Some(dir) = &resume {
+        tracing::info!(from = %dir.display(), "resuming");
+        Some((checkpoint::read_tensors(dir)?, dir.display().to_string()))
+    } else if let Some(init) = &opts.init {
         let dir = checkpoint::resolve(init)?;
         tracing::info!(from = %dir.display(), "weights (and CMVN) initialised from the checkpoint");
         Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
@@ -363,6 +432,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .map(|(n, p)| (n.clone(), p.shallow_clone()))
         .collect();
     let mut opt = AdamW::new(opt_conf, params.into_iter().collect());
+    let mut state = TrainState::default();
+    if let Some(dir) = &resume {
+        let manifest = checkpoint::read_manifest(dir)?;
+        let moments = checkpoint::read_group(dir, "optim")?
+            .into_iter()
+            .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        opt.load_state(manifest.optimizer_step, moments)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        state = checkpoint::read_state(dir)?;
+    }
     let schedule = Schedule::new(
         &config.scheduler,
         config.optim_conf.lr,
@@ -427,27 +507,58 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             .progress_chars("=> "),
     );
 
+    if resume.is_some() {
+        // The same share of the epoch is done; with another layout or batch size the
+        // batches (and utterances) that follow are not those of an uninterrupted run.
+        let now = train_loader.plan(state.epoch)?.batches_per_rank as u64;
+        if state.epoch_batches > 0 && now != state.epoch_batches {
+            tracing::warn!(
+                saved = state.epoch_batches,
+                now,
+                "resuming with another number of batches per epoch (workers or batch size changed): \
+                 the rest of this epoch's data order differs from an uninterrupted run"
+            );
+            state.batches_in_epoch = state.batches_in_epoch * now / state.epoch_batches;
+        }
+    }
     let ckpt_root = opts.out.join("checkpoints");
-    let mut state = TrainState::default();
-    let mut chunk_rng = ChaCha8Rng::seed_from_u64(uc.seed ^ 0xC4_0C4);
-    let started = Instant::now();
+    // Time spent before a resume counts (elapsed_s, max_minutes).
+    let started = Instant::now() - std::time::Duration::from_secs_f64(state.train_seconds);
     let mut window = Instant::now();
     let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) =
         (0usize, 0.0, 0.0, 0.0, 0u64);
     let mut win_moe = RoutingWindow::default();
     let mut micro = 0u64;
     let mut nonfinite_run = 0u32;
-    let mut skipped_total = 0u64;
+    let mut skipped_total = state.skipped;
     let mut last_ckpt = PathBuf::new();
     let mut last_dev_cer = None;
     let out_of_time =
         |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
 
-    'epochs: for epoch in 0..config.max_epoch.max(1) {
+    bar.set_position(state.step);
+    let first_epoch = state.epoch;
+    'epochs: for epoch in first_epoch..config.max_epoch.max(1) {
+        if state.step >= total_steps {
+            break;
+        }
+        let skip = if epoch == first_epoch {
+            state.batches_in_epoch as usize
+        } else {
+            0
+        };
         state.epoch = epoch;
         bar.set_prefix(format!("epoch {epoch}"));
-        for batch in train_loader.epoch(epoch)? {
+        let batches = train_loader.epoch_from(epoch, skip)?;
+        state.epoch_batches = batches.plan().batches_per_rank as u64;
+        for batch in batches {
             let b = batch?;
+            state.batches_in_epoch = b.index as u64 + 1;
+            // Every random draw of the step is keyed by (seed, epoch, batch): a resumed
+            // run draws what the uninterrupted one would have.
+            let key = [uc.seed, epoch, b.index as u64];
+            let mut chunk_rng = ChaCha8Rng::seed_from_u64(stream_seed(&key));
+            tch::manual_seed(stream_seed(&[key[0], key[1], key[2], dist.rank() as u64]) as i64);
             let [feats, lens, target, tlens] = to_device(&b, device);
             let (draw, left_draw) = (chunk_rng.random(), chunk_rng.random());
             let chunk = if state.step < uc.full_context_steps {
@@ -559,6 +670,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 state.dev_cer = Some(cer);
                 last_dev_cer = Some(cer);
                 state.train_seconds = started.elapsed().as_secs_f64();
+                state.skipped = skipped_total;
                 log(
                     json!({"step": state.step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
                            "dev_wer": er.wer(), "elapsed_s": state.train_seconds}),
@@ -568,24 +680,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     state.step,
                     if is_best { "  best" } else { "" }
                 ));
-                // Every worker takes part in gathering the experts; rank 0 writes.
-                let tensors: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-                let tensors = dist.gather_experts(tensors.into_iter().collect())?;
-                let (opt_step, moments) = opt.state();
-                let moments = dist.gather_experts(moments)?;
+                // Every worker writes its part; rank 0 the manifest.
+                last_ckpt = checkpoint::save_distributed(
+                    &ckpt_root,
+                    &dist,
+                    vs.variables().into_iter().collect(),
+                    SaveRequest {
+                        config: &config,
+                        state: &state,
+                        units: &units,
+                        cmvn: &cmvn,
+                        optimizer: opt.state(),
+                        is_best,
+                    },
+                )?;
                 if dist.is_main() {
-                    last_ckpt = checkpoint::save(
-                        &ckpt_root,
-                        tensors,
-                        SaveRequest {
-                            config: &config,
-                            state: &state,
-                            units: &units,
-                            cmvn: &cmvn,
-                            optimizer: (opt_step, moments),
-                            is_best,
-                        },
-                    )?;
                     checkpoint::prune(&ckpt_root, uc.keep_checkpoints)?;
                 }
                 window = Instant::now();

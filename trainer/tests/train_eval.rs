@@ -40,8 +40,8 @@ fn train_then_eval_then_transcribe() {
     let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
     assert_eq!(latest, "step-30");
     for f in [
-        "model.safetensors",
-        "optimizer.safetensors",
+        "manifest.json",
+        "rank-0.safetensors",
         "train.yaml",
         "state.json",
         "units.txt",
@@ -110,7 +110,7 @@ fn training_is_reproducible() {
             .collect();
         (
             losses,
-            std::fs::read(out.join("checkpoints/step-6/model.safetensors")).unwrap(),
+            std::fs::read(out.join("checkpoints/step-6/rank-0.safetensors")).unwrap(),
         )
     };
     let (la, ma) = run("a");

@@ -156,8 +156,7 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
         "released parameters train in phase 1 ({moved_later})"
     );
     // Frozen parameters have no optimizer state in phase 0.
-    let moments =
-        Tensor::read_safetensors(run.join("checkpoints/step-2/optimizer.safetensors")).unwrap();
+    let moments = checkpoint::read_group(&run.join("checkpoints/step-2"), "optim").unwrap();
     assert!(!moments.is_empty());
     for (name, _) in &moments {
         let param = name.split_once('.').unwrap().1;

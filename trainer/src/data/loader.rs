@@ -219,7 +219,7 @@ fn inspect(
 }
 
 /// Deterministic seeds for independent streams (splitmix64 over the inputs).
-fn stream_seed(parts: &[u64]) -> u64 {
+pub(crate) fn stream_seed(parts: &[u64]) -> u64 {
     let mut z = 0x9E37_79B9_7F4A_7C15u64;
     for &p in parts {
         z = z.wrapping_add(p).wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -525,8 +525,15 @@ impl DataLoader {
 
     /// Starts an epoch: plans it, then prepares batches in background threads.
     pub fn epoch(&self, epoch: u64) -> Result<EpochIter, DataError> {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// As [`DataLoader::epoch`], from batch `first` on (a resumed run): the batches
+    /// before it are planned but neither read nor featurised, and every batch is the one
+    /// an uninterrupted epoch would give at that index (its randomness is keyed by it).
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Result<EpochIter, DataError> {
         let plan = self.plan(epoch)?;
-        Ok(EpochIter::start(self.clone(), epoch, plan))
+        Ok(EpochIter::start(self.clone(), epoch, plan, first))
     }
 
     /// Streams one rank's batches of utterances (metadata only), exactly
@@ -693,7 +700,7 @@ pub struct EpochIter {
 }
 
 impl EpochIter {
-    fn start(loader: DataLoader, epoch: u64, plan: EpochPlan) -> Self {
+    fn start(loader: DataLoader, epoch: u64, plan: EpochPlan, first: usize) -> Self {
         let workers = loader.conf.num_workers;
         let (job_tx, job_rx) = bounded::<Job>(loader.conf.prefetch);
         let (res_tx, res_rx) = bounded(loader.conf.prefetch);
@@ -708,13 +715,14 @@ impl EpochIter {
                     .name("data-producer".into())
                     .spawn(move || {
                         let emit = |index, utts, repeated| {
-                            job_tx
-                                .send(Job {
-                                    index,
-                                    utts,
-                                    repeated,
-                                })
-                                .is_ok()
+                            index < first
+                                || job_tx
+                                    .send(Job {
+                                        index,
+                                        utts,
+                                        repeated,
+                                    })
+                                    .is_ok()
                         };
                         if let Err(e) = loader.produce(epoch, &plan, emit) {
                             let _ = err_tx.send(e);
@@ -754,7 +762,7 @@ impl EpochIter {
         }
         Self {
             plan,
-            next: 0,
+            next: first,
             pending: BTreeMap::new(),
             results: Some(res_rx),
             producer_error: err_rx,

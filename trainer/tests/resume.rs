@@ -1,0 +1,231 @@
+//! Sharded checkpoints end to end: a run stopped and resumed equals the uninterrupted run
+//! bit for bit (one process with dropout, SpecAugment, dither and dynamic chunks on; and
+//! two MPI workers with experts spread over them); a checkpoint written by 2 workers
+//! (ep 2) resumes on 1, and on 4 with ep 2 and ep 4, optimizer state included, with the
+//! losses of an unresharded resume; damaged, incomplete or incompatible checkpoints are
+//! refused by name. Real recordings (pocketsphinx's LibriVox clips).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use upcycle_trainer::checkpoint;
+
+mod common;
+use common::*;
+
+fn train(np: usize, args: &[&str]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_upcycle");
+    if np == 1 {
+        return Command::new(bin).arg("train").args(args).output().unwrap();
+    }
+    Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            bin,
+            "train",
+        ])
+        .args(args)
+        .output()
+        .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)")
+}
+
+fn run(np: usize, config: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) {
+    let steps = steps.to_string();
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps,
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    ok(&train(np, &args));
+}
+
+/// (step, loss) of every logged training step.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn assert_same_tensors(a: &Path, b: &Path) {
+    for group in ["model", "optim"] {
+        let x = checkpoint::read_group(a, group).unwrap();
+        let y = checkpoint::read_group(b, group).unwrap();
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{group}"
+        );
+        for (name, t) in &x {
+            assert!(t.equal(&y[name]), "{group}/{name} differs");
+        }
+    }
+}
+
+#[test]
+fn a_resumed_run_equals_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Everything random left on: dropout, SpecAugment, dither, dynamic chunks, shuffling.
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 3, eval_interval: 3}\n");
+    let straight = tmp.path().join("straight");
+    run(1, &config, &data, &straight, 9, &[]);
+    let split = tmp.path().join("split");
+    run(1, &config, &data, &split, 3, &[]);
+    // Continues from --out's latest checkpoint by itself.
+    run(1, &config, &data, &split, 9, &[]);
+    let want = losses(&straight);
+    assert_eq!(want.len(), 9);
+    assert_eq!(losses(&split), want, "the loss curve");
+    assert_same_tensors(
+        &straight.join("checkpoints/step-9"),
+        &split.join("checkpoints/step-9"),
+    );
+    let state = checkpoint::read_state(&split.join("checkpoints/step-9")).unwrap();
+    assert_eq!(state.step, 9);
+
+    // Refusals, each naming what is wrong; the checkpoint itself stays as it was.
+    let ckpt = split.join("checkpoints/step-9");
+    let resumed = tmp.path().join("resumed");
+    let resume = |config: &Path| {
+        train(
+            1,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                resumed.to_str().unwrap(),
+                "--max-steps",
+                "10",
+                "--device",
+                "cpu",
+                "--resume",
+                ckpt.to_str().unwrap(),
+            ],
+        )
+    };
+    let err = |o: Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let other = tmp.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("output_size: 32", "output_size: 48"),
+    )
+    .unwrap();
+    let e = err(resume(&other));
+    assert!(e.contains("encoder_conf.output_size differs"), "{e}");
+
+    let file = ckpt.join("rank-0.safetensors");
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() - 3;
+    bad[at] ^= 0x55;
+    std::fs::write(&file, &bad).unwrap();
+    let e = err(resume(&config));
+    assert!(e.contains("does not match its checksum"), "{e}");
+    std::fs::remove_file(&file).unwrap();
+    let e = err(resume(&config));
+    assert!(e.contains("rank-0.safetensors is missing"), "{e}");
+    std::fs::write(&file, &good).unwrap();
+    ok(&resume(&config));
+}
+
+fn moe_config(dir: &Path, batch: usize) -> PathBuf {
+    // As trainer/tests/distributed.rs: nothing random, so that layouts can be compared.
+    let moe = "  mlp_type: moe\n  n_expert: 4\n  n_expert_activated: 2\n";
+    let text = std::fs::read_to_string(configs().join("tiny.yaml"))
+        .unwrap()
+        .replace("dropout_rate: 0.1", "dropout_rate: 0.0")
+        .replace("use_dynamic_chunk: true", "use_dynamic_chunk: false")
+        .replace("encoder_conf:\n", &format!("encoder_conf:\n{moe}"))
+        .replace("decoder_conf:\n", &format!("decoder_conf:\n{moe}"))
+        + &format!(
+            "dataset_conf:\n  batch_conf: {{batch_type: static, batch_size: {batch}}}\n  filter_conf: {{min_length: 0}}\n  \
+             shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
+             fbank_conf: {{num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 0.0}}\n\
+             moe_conf: {{balance_loss_weight: 0.0, z_loss_weight: 0.0, router_init_std: 1.0}}\n\
+             optim: adamw\noptim_conf: {{lr: 0.002, eps: 1.0e-3}}\nscheduler_conf: {{warmup_steps: 3}}\nlog_interval: 1\n\
+             upcycle_conf: {{seed: 4, eval_interval: 4}}\n"
+        );
+    let path = dir.join(format!("moe-b{batch}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn sharded_checkpoints_resume_exactly_and_on_other_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = setup(tmp.path(), "");
+    let two = moe_config(tmp.path(), 2);
+    let straight = tmp.path().join("straight");
+    run(2, &two, &data, &straight, 8, &["--ep", "2"]);
+    let split = tmp.path().join("split");
+    run(2, &two, &data, &split, 4, &["--ep", "2"]);
+    let saved = split.join("checkpoints/step-4");
+    let manifest = checkpoint::read_manifest(&saved).unwrap();
+    assert_eq!((manifest.layout.world, manifest.layout.ep), (2, 2));
+    let expert = manifest
+        .tensors
+        .iter()
+        .find(|(n, _)| n.starts_with("model/") && n.ends_with(".experts.w_1"))
+        .unwrap()
+        .1;
+    // Each worker wrote its own experts, by global expert id.
+    let files: Vec<(&str, i64, i64)> = expert
+        .slices
+        .iter()
+        .map(|s| (s.file.as_str(), s.start, s.end))
+        .collect();
+    assert_eq!(
+        files,
+        [("rank-0.safetensors", 0, 2), ("rank-1.safetensors", 2, 4)]
+    );
+    run(2, &two, &data, &split, 8, &["--ep", "2"]);
+    assert_eq!(losses(&split), losses(&straight), "the loss curve");
+    assert_same_tensors(
+        &straight.join("checkpoints/step-8"),
+        &split.join("checkpoints/step-8"),
+    );
+
+    // The same global batches on other layouts, from the 2-worker checkpoint.
+    let want: Vec<(u64, f64)> = losses(&straight)[4..6].to_vec();
+    for (np, ep, batch) in [(1, 1, 4), (4, 2, 1), (4, 4, 1)] {
+        let out = tmp.path().join(format!("np{np}-ep{ep}"));
+        let ep = ep.to_string();
+        run(
+            np,
+            &moe_config(tmp.path(), batch),
+            &data,
+            &out,
+            6,
+            &["--ep", &ep, "--resume", saved.to_str().unwrap()],
+        );
+        let got = losses(&out);
+        assert_eq!(got.len(), 2, "np {np} ep {ep}: {got:?}");
+        for ((s, a), (t, b)) in got.iter().zip(&want) {
+            assert_eq!(s, t);
+            // The first step depends on the resharded weights, the second also on the
+            // resharded optimizer moments.
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "np {np} ep {ep}: step {s} loss {a} vs {b} without resharding"
+            );
+        }
+    }
+}
