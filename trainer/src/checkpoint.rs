@@ -128,6 +128,21 @@ pub struct Manifest {
     pub tensors: BTreeMap<String, TensorEntry>,
 }
 
+/// Fault injection for the crash tests: `UPCYCLE_FAULT_SAVE_PAUSE_MS` makes every stage
+/// of a save wait that long, so that a test can kill the process inside any of them.
+fn fault_pause() {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("UPCYCLE_FAULT_SAVE_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(p) = pause {
+        std::thread::sleep(*p);
+    }
+}
+
 fn fsync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
@@ -285,6 +300,7 @@ pub fn begin(root: &Path, step: u64) -> Result<PathBuf> {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
+    fault_pause();
     Ok(tmp)
 }
 
@@ -321,6 +337,7 @@ pub fn commit(
         &tmp.join("manifest.json"),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
+    fault_pause();
     write_synced(
         &tmp.join("train.yaml"),
         serde_yaml::to_string(req.config)?.as_bytes(),
@@ -337,11 +354,19 @@ pub fn commit(
     fsync_dir(tmp);
     let name = format!("step-{}", req.state.step);
     let dst = root.join(&name);
+    // A checkpoint of the same step (a run resumed before it and saving again) goes
+    // only after the new one is in place.
+    let old = root.join(format!(".{name}.old"));
     if dst.exists() {
-        std::fs::remove_dir_all(&dst)?;
+        std::fs::rename(&dst, &old)?;
     }
+    fault_pause();
     std::fs::rename(tmp, &dst)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
     fsync_dir(root);
+    fault_pause();
     set_pointer(root, "latest", &name)?;
     if req.is_best {
         set_pointer(root, "best", &name)?;
@@ -437,7 +462,7 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     // Staging directories of saves that crashed.
     for e in std::fs::read_dir(root)?.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(".step-") && name.ends_with(".tmp") {
+        if name.starts_with(".step-") && (name.ends_with(".tmp") || name.ends_with(".old")) {
             std::fs::remove_dir_all(e.path())
                 .with_context(|| format!("removing {}", e.path().display()))?;
         }
@@ -486,12 +511,30 @@ fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
                 }
             }
         }
+        // A pointer that names no checkpoint (a crash between renames): the newest one.
+        if let Some(dir) = newest(&root) {
+            return Ok(dir);
+        }
     }
     bail!(
         "{} is neither a checkpoint (no manifest.json) nor a training output with checkpoints/{}",
         path.display(),
         pointers.join(" or checkpoints/")
     )
+}
+
+/// The `step-<N>` checkpoint with the largest N under `root`.
+fn newest(root: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            is_checkpoint(&e.path()).then_some((n, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
 }
 
 /// A checkpoint's manifest; refuses another format.

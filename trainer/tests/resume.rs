@@ -229,3 +229,50 @@ fn sharded_checkpoints_resume_exactly_and_on_other_layouts() {
         }
     }
 }
+
+/// A process killed (SIGKILL) at random moments of its saves: the latest checkpoint is
+/// always whole (checksums pass) and the run resumes from it.
+#[test]
+fn a_save_killed_at_any_moment_leaves_a_whole_checkpoint() {
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 5, eval_interval: 1}\n");
+    let out = tmp.path().join("run");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut steps_seen = Vec::new();
+    for _ in 0..6 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+            .args(["train", "--config", config.to_str().unwrap(), "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-steps", "1000", "--device", "cpu"])
+            // Every stage of a save takes 150 ms: most of the time is spent saving.
+            .env("UPCYCLE_FAULT_SAVE_PAUSE_MS", "150")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            rng.random_range(2500..5000),
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let Ok(dir) = checkpoint::resolve_latest(&out) else {
+            continue; // killed before the first save finished
+        };
+        checkpoint::read_group(&dir, "model").unwrap();
+        checkpoint::read_group(&dir, "optim").unwrap();
+        steps_seen.push(checkpoint::read_state(&dir).unwrap().step);
+    }
+    assert!(
+        steps_seen.windows(2).all(|w| w[0] <= w[1]),
+        "{steps_seen:?}"
+    );
+    let last = *steps_seen.last().expect("some checkpoint was completed");
+    assert!(last >= 2, "{steps_seen:?}");
+    // And the run goes on from there.
+    run(1, &config, &data, &out, last + 1, &[]);
+    let dir = checkpoint::resolve_latest(&out).unwrap();
+    assert_eq!(checkpoint::read_state(&dir).unwrap().step, last + 1);
+}
