@@ -233,15 +233,17 @@ fn tick(v: f64) -> String {
     } else if a >= 0.01 {
         format!("{v:.2}")
     } else {
-        format!("{v:.0e}")
+        // Two significant digits: 1.5e-3 and 2e-3 are different ticks.
+        format!("{v:.1e}").replace(".0e", "e")
     }
 }
 
-/// One line chart in `area`; empty series are left out, and a panel with none says so.
+/// One line chart in `area` (its x axis from 0 with `x_from_zero`); empty series are
+/// left out, and a panel with none says so.
 fn line_panel(
     area: &Area<'_>,
     title: &str,
-    x_desc: &str,
+    (x_desc, x_from_zero): (&str, bool),
     y_desc: &str,
     series: &[Series],
 ) -> Result<()> {
@@ -266,7 +268,7 @@ fn line_panel(
             if drawn.is_empty() {
                 0.0..1.0
             } else {
-                padded(x0, x1, true)
+                padded(x0, x1, x_from_zero)
             },
             if drawn.is_empty() {
                 0.0..1.0
@@ -409,7 +411,7 @@ fn training_plot(run: &Run, path: &Path) -> Result<()> {
         ("sans-serif", 22),
     )?;
     for (area, (title, y_desc, series)) in root.split_evenly((rows, 2)).iter().zip(&panels) {
-        line_panel(area, title, "step", y_desc, series)?;
+        line_panel(area, title, ("step", true), y_desc, series)?;
     }
     root.present()?;
     Ok(())
@@ -577,17 +579,55 @@ fn compare_plot(runs: &[Run], after: &[(String, String)], path: &Path) -> Result
         .iter()
         .map(|r| Series::new(&r.name, curve(r, "step", 1.0)))
         .collect();
-    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    // The second half of the time axis on its own scale, where the runs' ends differ
+    // by a few points that the first minutes' high CER would flatten.
+    let x_max = by_time
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(0.0, f64::max);
+    let tail: Vec<Series> = by_time
+        .iter()
+        .map(|s| Series {
+            label: s.label.clone(),
+            points: s
+                .points
+                .iter()
+                .copied()
+                .filter(|p| p.0 >= x_max / 2.0)
+                .collect(),
+        })
+        .collect();
+    let root = BitMapBackend::new(path, (1500, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled("Dev CER (CTC greedy) of the runs", ("sans-serif", 22))?;
-    let (left, right) = root.split_horizontally(600);
+    let panels = root.split_evenly((1, 3));
     let time_desc = if after.is_empty() {
         "wall time, minutes".to_string()
     } else {
         "wall time, minutes (children after their parents)".to_string()
     };
-    line_panel(&left, "against wall time", &time_desc, "CER %", &by_time)?;
-    line_panel(&right, "against optimizer steps", "step", "CER %", &by_step)?;
+    line_panel(
+        &panels[0],
+        "against wall time",
+        (&time_desc, true),
+        "CER %",
+        &by_time,
+    )?;
+    line_panel(
+        &panels[1],
+        "against wall time, second half",
+        (&time_desc, false),
+        "CER %",
+        &tail,
+    )?;
+    let right = &panels[2];
+    line_panel(
+        right,
+        "against optimizer steps",
+        ("step", true),
+        "CER %",
+        &by_step,
+    )?;
     root.present()?;
     Ok(())
 }
@@ -834,5 +874,6 @@ mod tests {
         assert_eq!(tick(1_500.0), "1.5k");
         assert_eq!(tick(0.25), "0.25");
         assert_eq!(tick(3e-4), "3e-4");
+        assert_eq!(tick(1.5e-3), "1.5e-3");
     }
 }

@@ -66,8 +66,9 @@ impl EventWriter {
     }
 
     /// A histogram of weighted points: `counts[i]` in the bucket that ends at `limits[i]`
-    /// (and starts at the previous limit). `min`, `max`, `num` and the sums follow from
-    /// the bucket centres and counts.
+    /// and starts at the previous limit (the first one bucket-width 1 wide). `min` and
+    /// `max` are the edges of the outermost non-empty buckets, `num` and the sums follow
+    /// from the bucket centres and counts.
     pub fn histogram(
         &mut self,
         tag: &str,
@@ -76,18 +77,18 @@ impl EventWriter {
         counts: &[f64],
     ) -> io::Result<()> {
         assert_eq!(limits.len(), counts.len(), "one count per bucket limit");
-        let centre = |i: usize| {
-            let lo = if i == 0 {
+        let lower = |i: usize| {
+            if i == 0 {
                 limits[0] - 1.0
             } else {
                 limits[i - 1]
-            };
-            (lo + limits[i]) / 2.0
+            }
         };
+        let centre = |i: usize| (lower(i) + limits[i]) / 2.0;
         let used: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0.0).collect();
         let mut h = Vec::new();
-        double_field(&mut h, 1, used.first().map_or(0.0, |&i| centre(i)));
-        double_field(&mut h, 2, used.last().map_or(0.0, |&i| centre(i)));
+        double_field(&mut h, 1, used.first().map_or(0.0, |&i| lower(i)));
+        double_field(&mut h, 2, used.last().map_or(0.0, |&i| limits[i]));
         double_field(&mut h, 3, counts.iter().sum());
         double_field(
             &mut h,
