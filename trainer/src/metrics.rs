@@ -183,6 +183,20 @@ mod tests {
     }
 
     #[test]
+    fn events_only_when_asked() {
+        let line = json!({"step": 1, "loss": 2.0});
+        for tb in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            MetricsLog::create(dir.path(), tb)
+                .unwrap()
+                .log(&line)
+                .unwrap();
+            assert_eq!(read(dir.path()).unwrap(), vec![line.clone()]);
+            assert_eq!(dir.path().join(tensorboard::DIR).is_dir(), tb);
+        }
+    }
+
+    #[test]
     fn missing_metrics_name_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let e = read(dir.path()).unwrap_err().to_string();

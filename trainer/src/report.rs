@@ -440,10 +440,13 @@ fn layer_order(name: &str) -> (bool, Vec<u64>, bool, String) {
     )
 }
 
+/// A heatmap column: the log window's first and last step, each expert's share.
+type Cell = (f64, f64, Vec<f64>);
+
 /// One heatmap per MoE layer: x = step (each cell spans its log window), y = expert,
 /// colour = the expert's share of the layer's token copies, on one scale for all.
 fn routing_plot(run: &Run, path: &Path) -> Result<()> {
-    let mut layers: Vec<(String, Vec<(f64, f64, Vec<f64>)>)> = Vec::new();
+    let mut layers: Vec<(String, Vec<Cell>)> = Vec::new();
     let mut prev = 0.0;
     for l in &run.train {
         let Some(step) = l["step"].as_f64() else {
