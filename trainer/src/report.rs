@@ -112,6 +112,15 @@ pub fn report(opts: &ReportOptions) -> Result<Vec<PathBuf>> {
     if opts.runs.is_empty() {
         bail!("no run given: `upcycle report RUN_DIR [NAME=RUN_DIR ...]`");
     }
+    for (i, r) in opts.runs.iter().enumerate() {
+        if opts.runs[..i].iter().any(|o| o.name == r.name) {
+            bail!(
+                "two runs are named {:?}: name them apart, e.g. dense={} upcycled=...",
+                r.name,
+                r.dir.display()
+            );
+        }
+    }
     let mut runs = opts
         .runs
         .iter()
@@ -124,7 +133,12 @@ pub fn report(opts: &ReportOptions) -> Result<Vec<PathBuf>> {
             })
         };
         let (c, p) = (find(child)?, find(parent)?);
-        runs[c].offset = (runs[p].last_step(), runs[p].seconds());
+        // A parent drawn after its own parent (an earlier --after) carries that on.
+        let parent = &runs[p];
+        runs[c].offset = (
+            parent.offset.0 + parent.last_step(),
+            parent.offset.1 + parent.seconds(),
+        );
     }
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
@@ -168,9 +182,8 @@ const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
 fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
-            unreachable!("the shipped font parses");
-        }
+        let parsed = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+        assert!(parsed.is_ok(), "the shipped font parses");
     });
 }
 

@@ -329,4 +329,11 @@ fn report_compares_runs_and_names_bad_input() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no run is named \"parnet\""));
     assert!(!report(&[]).status.success());
+    let o = report(&[
+        &p,
+        &format!("parent={}", child.display()),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two runs are named \"parent\""));
 }
