@@ -5,7 +5,8 @@
 #   (b)     the parent upcycled (8 experts, top-2), 800 steps runs/ume/b-upcycled
 #   (c)     the same MoE from scratch, parent's steps + 800  runs/ume/c-scratch (SCRATCH=0 skips it)
 # then every model is evaluated on the held-out levels and the table is written to
-# runs/ume/table.md. Each finished stage is kept: rerunning continues where it stopped.
+# runs/ume/table.md, the report (plots, summary) to runs/ume/report/. Each finished stage
+# is kept: rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -45,3 +46,6 @@ if [ "$SCRATCH" = 1 ]; then
 fi
 $U inspect runs "${rows[@]}" | tee "$UME/table.md"
 $U inspect routing --checkpoint "$UME/b-upcycled/checkpoints" --data "$DATA/test" | tee "$UME/routing-b.md"
+# Pictures and a summary: training curves, expert load over time, dev CER against wall time
+# with (a) and (b) drawn after their parent.
+$U report "${rows[@]}" --after a-dense-continued=parent --after b-upcycled=parent --out "$UME/report"

@@ -148,6 +148,13 @@ pub struct UpcycleConf {
     /// naming it (a dead or hung peer), so that the job can restart.
     #[serde(default = "collective_timeout")]
     pub collective_timeout_s: f64,
+    /// Write TensorBoard event files to `OUT/tensorboard/` beside `metrics.jsonl`.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn collective_timeout() -> f64 {
@@ -193,6 +200,7 @@ impl Default for UpcycleConf {
             freeze: Vec::new(),
             distill: None,
             collective_timeout_s: collective_timeout(),
+            tensorboard: true,
         }
     }
 }

@@ -153,13 +153,10 @@ pub struct RunRow {
     pub dir: PathBuf,
 }
 
-fn last_elapsed(dir: &Path) -> Result<f64> {
-    let file = dir.join("metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+/// Seconds of training of a run: the last `elapsed_s` of its metrics.
+pub fn last_elapsed(dir: &Path) -> Result<f64> {
+    Ok(crate::metrics::read(dir)?
+        .iter()
         .filter_map(|v| v["elapsed_s"].as_f64())
         .fold(0.0, f64::max))
 }

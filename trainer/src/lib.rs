@@ -9,6 +9,9 @@
 //! | [`distributed`] | the loop's view of the job: groups, gradient sync, agreements |
 //! | [`freeze`] | freezing schedules by step and parameter glob |
 //! | [`inspect`] | routing tables of checkpoints, comparison tables of runs |
+//! | [`metrics`] | a run's `metrics.jsonl` and TensorBoard scalars: writing, reading |
+//! | [`tensorboard`] | TensorBoard event files |
+//! | [`report`] | plots and a Markdown summary of runs (`upcycle report`) |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
 //! | [`convert`] | the conversion tool: dense -> MoE (upcycle) |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
@@ -24,6 +27,9 @@ pub mod distributed;
 pub mod eval;
 pub mod freeze;
 pub mod inspect;
+pub mod metrics;
 pub mod optim;
+pub mod report;
 pub mod scoring;
+pub mod tensorboard;
 pub mod train;

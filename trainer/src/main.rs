@@ -40,6 +40,40 @@ enum Command {
     /// Look into checkpoints and runs.
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Plots (training curves, expert load, comparison) and a Markdown summary of runs.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Run directories (the --out of `upcycle train`), as RUN_DIR or NAME=RUN_DIR; with
+    /// several, OUT gets a comparison plot and one folder per run.
+    #[arg(required = true)]
+    runs: Vec<String>,
+    /// Output folder.
+    #[arg(long, default_value = "report")]
+    out: PathBuf,
+    /// CHILD=PARENT: run CHILD started from PARENT's last checkpoint; draw it after
+    /// PARENT (steps and wall time), as the UME comparison counts the parent's cost.
+    #[arg(long)]
+    after: Vec<String>,
+}
+
+/// `NAME=RUN_DIR` or `RUN_DIR` (named after its last component).
+fn run_row(arg: &str) -> upcycle_trainer::inspect::RunRow {
+    match arg.split_once('=') {
+        Some((name, dir)) => upcycle_trainer::inspect::RunRow {
+            name: name.into(),
+            dir: dir.into(),
+        },
+        None => {
+            let dir = PathBuf::from(arg);
+            let name = dir.components().next_back().map_or(arg.to_string(), |c| {
+                c.as_os_str().to_string_lossy().to_string()
+            });
+            upcycle_trainer::inspect::RunRow { name, dir }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -505,6 +539,27 @@ fn run(cli: Cli) -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             print!("{}", upcycle_trainer::inspect::runs_table(&rows)?);
+        }
+        Command::Report(a) => {
+            let after = a
+                .after
+                .iter()
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(c, p)| (c.to_string(), p.to_string()))
+                        .with_context(|| {
+                            format!("--after {p:?}: expected CHILD=PARENT, e.g. upcycled=parent")
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let files = upcycle_trainer::report::report(&upcycle_trainer::report::ReportOptions {
+                runs: a.runs.iter().map(|r| run_row(r)).collect(),
+                out: a.out,
+                after,
+            })?;
+            for f in files {
+                println!("{}", f.display());
+            }
         }
         Command::Eval(a) => {
             let opts = a.decode.options(trained_reverse_weight(&a.checkpoint))?;

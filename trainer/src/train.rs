@@ -3,7 +3,6 @@
 //! periodic dev evaluation and checkpoints.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +27,7 @@ use crate::data::loader::{stream_seed, Batch, DataLoader, Mode, Shard};
 use crate::data::text::Units;
 use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
+use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, Schedule};
 use crate::scoring::ErrorRate;
 
@@ -480,21 +480,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // Rank 0 writes the metrics and shows progress.
     let mut metrics = dist
         .is_main()
-        .then(|| -> Result<_> {
-            Ok(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(opts.out.join("metrics.jsonl"))?,
-            ))
-        })
+        .then(|| MetricsLog::create(&opts.out, uc.tensorboard))
         .transpose()?;
     let mut log = |line: serde_json::Value| -> Result<()> {
-        if let Some(m) = metrics.as_mut() {
-            writeln!(m, "{line}")?;
-            m.flush()?;
-        }
-        Ok(())
+        metrics.as_mut().map_or(Ok(()), |m| m.log(&line))
     };
     let bar = if dist.is_main() {
         indicatif::ProgressBar::new(total_steps)
