@@ -390,6 +390,54 @@ fn tagged(model: Vec<(String, Tensor)>, moments: Vec<(String, Tensor)>) -> Vec<(
         .collect()
 }
 
+/// Every worker: rank 0 prepares the staging directory of `step`; all learn whether it
+/// could.
+fn begin_all(root: &Path, dist: &Distributed, step: u64) -> Result<PathBuf> {
+    let began = if dist.is_main() {
+        begin(root, step).map(|_| ())
+    } else {
+        Ok(())
+    };
+    if dist.any(began.is_err())? {
+        return Err(began
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("rank 0 could not prepare the checkpoint")));
+    }
+    Ok(staging_dir(root, step))
+}
+
+/// Every worker, after writing its part (or failing to): the parts go to rank 0, which
+/// writes the manifest and moves the pointers; all return the error if any failed.
+fn gather_and_commit(
+    root: &Path,
+    dist: &Distributed,
+    layout: Layout,
+    part: std::result::Result<Part, String>,
+    req: &SaveRequest<'_>,
+) -> Result<PathBuf> {
+    let step = req.state.step;
+    let parts = dist.gather_strings(&serde_json::to_string(&part)?)?;
+    let committed = if dist.is_main() {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(r, text)| {
+                let part: std::result::Result<Part, String> = serde_json::from_str(text)?;
+                part.map_err(|e| anyhow::anyhow!("rank {r} could not write its part: {e}"))
+            })
+            .collect::<Result<Vec<Part>>>()
+            .and_then(|parts| commit(root, &staging_dir(root, step), layout, parts, req))
+    } else {
+        part.map(|_| root.to_path_buf()).map_err(anyhow::Error::msg)
+    };
+    if dist.any(committed.is_err())? {
+        return Err(committed.err().unwrap_or_else(|| {
+            anyhow::anyhow!("checkpoint step-{step} was not written (see rank 0's error)")
+        }));
+    }
+    Ok(root.join(format!("step-{step}")))
+}
+
 /// Writes `root/step-<N>/` from every worker of the job: each writes its part (`model`:
 /// its parameters, expert banks holding its local experts; the moments of `req`), rank 0
 /// the manifest and the rest, then moves the pointers. Every worker calls it; all return
@@ -402,39 +450,125 @@ pub fn save_distributed(
 ) -> Result<PathBuf> {
     let tensors = tagged(model, shallow(&req.optimizer.1));
     let layout = Layout::new(dist.world(), dist.ep());
-    let step = req.state.step;
-    let began = if dist.is_main() {
-        begin(root, step).map(|_| ())
-    } else {
-        Ok(())
-    };
-    if dist.any(began.is_err())? {
-        return Err(began
-            .err()
-            .unwrap_or_else(|| anyhow::anyhow!("rank 0 could not prepare the checkpoint")));
-    }
-    let tmp = staging_dir(root, step);
+    let tmp = begin_all(root, dist, req.state.step)?;
     let part = write_part(&tmp, layout, dist.rank(), &tensors).map_err(|e| format!("{e:#}"));
-    let parts = dist.gather_strings(&serde_json::to_string(&part)?)?;
-    let committed = if dist.is_main() {
-        parts
-            .iter()
-            .enumerate()
-            .map(|(r, text)| {
-                let part: std::result::Result<Part, String> = serde_json::from_str(text)?;
-                part.map_err(|e| anyhow::anyhow!("rank {r} could not write its part: {e}"))
-            })
-            .collect::<Result<Vec<Part>>>()
-            .and_then(|parts| commit(root, &tmp, layout, parts, &req))
-    } else {
-        part.map(|_| root.to_path_buf()).map_err(anyhow::Error::msg)
-    };
-    if dist.any(committed.is_err())? {
-        return Err(committed.err().unwrap_or_else(|| {
-            anyhow::anyhow!("checkpoint step-{step} was not written (see rank 0's error)")
-        }));
+    gather_and_commit(root, dist, layout, part, &req)
+}
+
+/// A save whose part is being written by a background thread.
+struct Pending {
+    writer: std::thread::JoinHandle<std::result::Result<Part, String>>,
+    layout: Layout,
+    config: TrainConfig,
+    state: TrainState,
+    units: Arc<Units>,
+    cmvn: CmvnStats,
+    optimizer_step: u64,
+    is_best: bool,
+}
+
+/// Saves checkpoints during training, in the foreground or (`background`) by a thread
+/// per worker while training goes on; keeps the newest `keep` and the best.
+pub struct Checkpointer {
+    root: PathBuf,
+    background: bool,
+    keep: usize,
+    pending: Option<Pending>,
+}
+
+impl Checkpointer {
+    /// Checkpoints under `root`.
+    pub fn new(root: PathBuf, background: bool, keep: usize) -> Self {
+        Self {
+            root,
+            background,
+            keep,
+            pending: None,
+        }
     }
-    Ok(root.join(format!("step-{step}")))
+
+    /// Saves (every worker calls it). In the foreground it returns the checkpoint; in the
+    /// background the tensors are copied to host memory first and `None` is returned
+    /// ([`Checkpointer::poll`] and [`Checkpointer::finish`] complete it). A save first
+    /// waits for the one before.
+    pub fn save(
+        &mut self,
+        dist: &Distributed,
+        model: Vec<(String, Tensor)>,
+        units: &Arc<Units>,
+        req: SaveRequest<'_>,
+    ) -> Result<Option<PathBuf>> {
+        self.finish(dist)?;
+        if !self.background {
+            let dir = save_distributed(&self.root, dist, model, req)?;
+            self.prune(dist)?;
+            return Ok(Some(dir));
+        }
+        // A copy the training step cannot change while it is written.
+        let tensors: Vec<(String, Tensor)> = tagged(model, shallow(&req.optimizer.1))
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
+            .collect();
+        let layout = Layout::new(dist.world(), dist.ep());
+        let tmp = begin_all(&self.root, dist, req.state.step)?;
+        let rank = dist.rank();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write_part(&tmp, layout, rank, &tensors).map_err(|e| format!("{e:#}")))
+            .context("starting the checkpoint writer")?;
+        self.pending = Some(Pending {
+            writer,
+            layout,
+            config: req.config.clone(),
+            state: req.state.clone(),
+            units: units.clone(),
+            cmvn: req.cmvn.clone(),
+            optimizer_step: req.optimizer.0,
+            is_best: req.is_best,
+        });
+        Ok(None)
+    }
+
+    /// Completes a background save once every worker's part is written (every worker
+    /// calls it, e.g. after each step); the checkpoint, if one was completed.
+    pub fn poll(&mut self, dist: &Distributed) -> Result<Option<PathBuf>> {
+        let Some(p) = &self.pending else {
+            return Ok(None);
+        };
+        if dist.any(!p.writer.is_finished())? {
+            return Ok(None);
+        }
+        self.finish(dist)
+    }
+
+    /// Waits for a background save and completes it (every worker calls it).
+    pub fn finish(&mut self, dist: &Distributed) -> Result<Option<PathBuf>> {
+        let Some(p) = self.pending.take() else {
+            return Ok(None);
+        };
+        let part = p
+            .writer
+            .join()
+            .unwrap_or_else(|_| Err("the checkpoint writer panicked".into()));
+        let req = SaveRequest {
+            config: &p.config,
+            state: &p.state,
+            units: &p.units,
+            cmvn: &p.cmvn,
+            optimizer: (p.optimizer_step, Vec::new()),
+            is_best: p.is_best,
+        };
+        let dir = gather_and_commit(&self.root, dist, p.layout, part, &req)?;
+        self.prune(dist)?;
+        Ok(Some(dir))
+    }
+
+    fn prune(&self, dist: &Distributed) -> Result<()> {
+        if dist.is_main() {
+            prune(&self.root, self.keep)?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes `root/step-<N>/` from one process holding the whole model (every expert), and

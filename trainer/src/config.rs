@@ -151,6 +151,10 @@ pub struct UpcycleConf {
     /// Write TensorBoard event files to `OUT/tensorboard/` beside `metrics.jsonl`.
     #[serde(default = "yes")]
     pub tensorboard: bool,
+    /// Write checkpoints in the background: training waits only while the tensors are
+    /// copied to host memory; a save waits for the previous one to finish.
+    #[serde(default)]
+    pub async_checkpoint: bool,
 }
 
 fn yes() -> bool {
@@ -201,6 +205,7 @@ impl Default for UpcycleConf {
             distill: None,
             collective_timeout_s: collective_timeout(),
             tensorboard: true,
+            async_checkpoint: false,
         }
     }
 }

@@ -521,6 +521,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut nonfinite_run = 0u32;
     let mut skipped_total = state.skipped;
     let mut last_ckpt = PathBuf::new();
+    let mut checkpointer =
+        checkpoint::Checkpointer::new(ckpt_root.clone(), uc.async_checkpoint, uc.keep_checkpoints);
     let mut last_dev_cer = None;
     let out_of_time =
         |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
@@ -670,10 +672,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     if is_best { "  best" } else { "" }
                 ));
                 // Every worker writes its part; rank 0 the manifest.
-                last_ckpt = checkpoint::save_distributed(
-                    &ckpt_root,
+                let stall = Instant::now();
+                let saved = checkpointer.save(
                     &dist,
                     vs.variables().into_iter().collect(),
+                    &units,
                     SaveRequest {
                         config: &config,
                         state: &state,
@@ -683,15 +686,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                         is_best,
                     },
                 )?;
-                if dist.is_main() {
-                    checkpoint::prune(&ckpt_root, uc.keep_checkpoints)?;
+                log(
+                    json!({"step": state.step, "checkpoint_stall_s": stall.elapsed().as_secs_f64()}),
+                )?;
+                if let Some(dir) = saved {
+                    last_ckpt = dir;
                 }
                 window = Instant::now();
+            }
+            if let Some(dir) = checkpointer.poll(&dist)? {
+                last_ckpt = dir;
             }
             if done {
                 break 'epochs;
             }
         }
+    }
+    if let Some(dir) = checkpointer.finish(&dist)? {
+        last_ckpt = dir;
     }
     bar.finish_and_clear();
     Ok(TrainReport {

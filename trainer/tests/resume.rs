@@ -94,6 +94,30 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     let state = checkpoint::read_state(&split.join("checkpoints/step-9")).unwrap();
     assert_eq!(state.step, 9);
 
+    // Saving in the background writes the same checkpoints, and resumes the same.
+    let background = tmp.path().join("background.yaml");
+    std::fs::write(
+        &background,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "eval_interval: 3}",
+            "eval_interval: 3, async_checkpoint: true}",
+        ),
+    )
+    .unwrap();
+    let bg = tmp.path().join("bg");
+    run(1, &background, &data, &bg, 6, &[]);
+    run(1, &background, &data, &bg, 9, &[]);
+    assert_eq!(losses(&bg), want);
+    for step in [3, 6, 9] {
+        let name = format!("checkpoints/step-{step}");
+        assert_same_tensors(&split.join(&name), &bg.join(&name));
+    }
+    let stalls = metrics(&bg)
+        .iter()
+        .filter(|l| l.get("checkpoint_stall_s").is_some())
+        .count();
+    assert_eq!(stalls, 3);
+
     // Refusals, each naming what is wrong; the checkpoint itself stays as it was.
     let ckpt = split.join("checkpoints/step-9");
     let resumed = tmp.path().join("resumed");
