@@ -571,6 +571,53 @@ impl Checkpointer {
     }
 }
 
+/// Writes `root/step-<N>/` from whole tensors as `layout.world` workers with expert
+/// parallelism `layout.ep` would have (offline resharding): each worker's part in turn,
+/// then the manifest. `moments` are optimizer moments by name (may be empty).
+pub fn save_layout(
+    root: &Path,
+    layout: Layout,
+    model: &BTreeMap<String, Tensor>,
+    moments: &BTreeMap<String, Tensor>,
+    req: SaveRequest<'_>,
+) -> Result<PathBuf> {
+    let whole = tagged(
+        model
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect(),
+        moments
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect(),
+    );
+    let counts: Vec<i64> = whole
+        .iter()
+        .filter(|(n, _)| is_expert(n))
+        .map(|(_, t)| t.size()[0])
+        .collect();
+    upcycle_parallel::groups::validate_layout(layout.world, layout.ep, &counts)?;
+    let tmp = begin(root, req.state.step)?;
+    let mut parts = Vec::new();
+    // Only the first expert-data-parallel copy (ranks 0..ep) writes experts.
+    for rank in 0..layout.world {
+        let local: Vec<(String, Tensor)> = whole
+            .iter()
+            .map(|(n, t)| {
+                if is_expert(n) {
+                    let rows = t.size()[0] / layout.ep as i64;
+                    let first = (rank % layout.ep) as i64 * rows;
+                    (n.clone(), t.narrow(0, first, rows))
+                } else {
+                    (n.clone(), t.shallow_clone())
+                }
+            })
+            .collect();
+        parts.push(write_part(&tmp, layout, rank, &local)?);
+    }
+    commit(root, &tmp, layout, parts, &req)
+}
+
 /// Writes `root/step-<N>/` from one process holding the whole model (every expert), and
 /// moves `latest` (and `best`) to it.
 pub fn save(root: &Path, model: Vec<(String, Tensor)>, req: SaveRequest<'_>) -> Result<PathBuf> {

@@ -1,15 +1,20 @@
-//! The checkpoint conversion tool (`upcycle convert ...`). For now: `upcycle`, a dense
-//! checkpoint to its MoE child (UME); the sharded layouts and WeNet import/export come
-//! with the checkpoint issue.
+//! The checkpoint conversion tool (`upcycle convert ...`): `upcycle`, a dense checkpoint
+//! to its MoE child (UME); `consolidate`, a sharded checkpoint to one safetensors file
+//! with its config, units and CMVN; `shard` and `reshard`, to a sharded checkpoint for a
+//! given number of workers and expert parallelism. Every command checks its input first
+//! and writes its output under a temporary name, renamed when complete.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 use upcycle_model::upcycle::{upcycle, UpcycleReport};
 
-use crate::checkpoint::{self, SaveRequest, TrainState};
+use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
+use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
+use crate::data::text::Units;
 
 /// What `upcycle convert upcycle` was asked to do.
 #[derive(Debug, Clone)]
@@ -82,4 +87,112 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
         },
     )?;
     Ok((dir, report))
+}
+
+/// A directory that must not exist yet: refused by name (nothing is overwritten).
+fn fresh_output(out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!(
+            "{} already exists; choose a new --out (nothing was overwritten)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Everything a checkpoint (sharded, or consolidated) holds, whole.
+struct Whole {
+    dir: PathBuf,
+    config: TrainConfig,
+    units: Units,
+    cmvn: CmvnStats,
+    state: TrainState,
+    optimizer_step: u64,
+    model: BTreeMap<String, Tensor>,
+    moments: BTreeMap<String, Tensor>,
+}
+
+fn read_whole(from: &Path) -> Result<Whole> {
+    let dir =
+        checkpoint::resolve_latest(from).with_context(|| format!("--from {}", from.display()))?;
+    let sharded = dir.join("manifest.json").is_file();
+    // Checks every tensor's name and shape against the model the config builds.
+    let loaded = checkpoint::load_model(&dir, Device::Cpu)?;
+    let (moments, optimizer_step) = if sharded {
+        (
+            checkpoint::read_group(&dir, "optim")?,
+            checkpoint::read_manifest(&dir)?.optimizer_step,
+        )
+    } else {
+        (BTreeMap::new(), 0)
+    };
+    let state = if dir.join("state.json").is_file() {
+        checkpoint::read_state(&dir)?
+    } else {
+        TrainState::default()
+    };
+    Ok(Whole {
+        config: loaded.config,
+        units: (*loaded.units).clone(),
+        cmvn: CmvnStats::load(&dir.join("global_cmvn"))?,
+        state,
+        optimizer_step,
+        model: checkpoint::read_tensors(&dir)?,
+        moments,
+        dir,
+    })
+}
+
+/// `convert consolidate`: one safetensors file with every parameter (experts whole, by
+/// our names), beside `train.yaml`, `units.txt`, `global_cmvn` and `state.json`, in the
+/// new directory `out`. Any command that takes a checkpoint reads it.
+pub fn consolidate(from: &Path, out: &Path) -> Result<PathBuf> {
+    fresh_output(out)?;
+    let w = read_whole(from)?;
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tensors: Vec<(String, Tensor)> = w.model.into_iter().collect();
+    let file = tmp.join("model.safetensors");
+    Tensor::write_safetensors(&tensors, &file)?;
+    std::fs::File::open(&file)?.sync_all()?;
+    checkpoint::write_synced(
+        &tmp.join("train.yaml"),
+        serde_yaml::to_string(&w.config)?.as_bytes(),
+    )?;
+    checkpoint::write_synced(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&w.state)?.as_bytes(),
+    )?;
+    w.units.save(&tmp.join("units.txt"))?;
+    w.cmvn.save(&tmp.join("global_cmvn"))?;
+    std::fs::rename(&tmp, out)?;
+    Ok(out.to_path_buf())
+}
+
+/// `convert shard` / `convert reshard`: a sharded checkpoint for `world` workers with
+/// expert parallelism `ep` (under `out/step-<N>`, `out/latest`), optimizer moments
+/// included when the source has them.
+pub fn reshard(from: &Path, world: usize, ep: usize, out: &Path) -> Result<PathBuf> {
+    fresh_output(out)?;
+    let w = read_whole(from)?;
+    let tmp_root = out.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp_root);
+    let dir = checkpoint::save_layout(
+        &tmp_root,
+        Layout::new(world, ep),
+        &w.model,
+        &w.moments,
+        SaveRequest {
+            config: &w.config,
+            state: &w.state,
+            units: &w.units,
+            cmvn: &w.cmvn,
+            optimizer: (w.optimizer_step, Vec::new()),
+            is_best: false,
+        },
+    )
+    .with_context(|| format!("resharding {}", w.dir.display()))?;
+    std::fs::rename(&tmp_root, out)?;
+    Ok(out.join(dir.file_name().expect("step-N")))
 }

@@ -1,5 +1,6 @@
-//! `upcycle inspect`: what a checkpoint's routers do on a data set, and the comparison
-//! table of finished runs (parameters, training time, CER and RTF per decoding mode).
+//! `upcycle inspect`: what a checkpoint holds (layout, step, parameters, per-expert
+//! norms), what its routers do on a data set, and the comparison table of finished runs
+//! (parameters, training time, CER and RTF per decoding mode).
 
 use std::path::{Path, PathBuf};
 
@@ -204,4 +205,133 @@ pub fn runs_table(rows: &[RunRow]) -> Result<String> {
         );
     }
     Ok(out)
+}
+
+/// What `upcycle inspect checkpoint` reports.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckpointSummary {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Epoch and batches of it consumed.
+    pub epoch: u64,
+    /// Next batch of the epoch.
+    pub batches_in_epoch: u64,
+    /// Workers and expert parallelism that wrote it (absent for a consolidated one).
+    pub layout: Option<checkpoint::Layout>,
+    /// Files and their bytes.
+    pub files: Vec<(String, u64)>,
+    /// Parameters (total, active per token).
+    pub parameters: (i64, i64),
+    /// Tensors with optimizer moments.
+    pub optimizer_tensors: usize,
+    /// Best and last dev CER.
+    pub dev_cer: (Option<f64>, Option<f64>),
+    /// Per expert bank: the L2 norm of each expert's parameters.
+    pub expert_norms: Vec<(String, Vec<f64>)>,
+}
+
+/// Reads a checkpoint (checking every checksum) and summarises it.
+pub fn checkpoint_summary(path: &Path) -> Result<CheckpointSummary> {
+    let dir = checkpoint::resolve_latest(path)?;
+    let model = checkpoint::read_tensors(&dir)?;
+    let sharded = dir.join("manifest.json").is_file();
+    let layout = sharded
+        .then(|| checkpoint::read_manifest(&dir).map(|m| m.layout))
+        .transpose()?;
+    let optimizer_tensors = if sharded {
+        checkpoint::read_group(&dir, "optim")?.len() / 2
+    } else {
+        0
+    };
+    let state = if dir.join("state.json").is_file() {
+        checkpoint::read_state(&dir)?
+    } else {
+        checkpoint::TrainState::default()
+    };
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            (e.file_name().to_string_lossy().to_string(), len)
+        })
+        .collect();
+    files.sort();
+    // Banks: `<layer>.experts.w_1` etc.; an expert's norm over all its tensors.
+    let mut banks: std::collections::BTreeMap<String, Tensor> = Default::default();
+    for (name, t) in &model {
+        let Some(at) = name.find(".experts.") else {
+            continue;
+        };
+        let sq = t
+            .to_kind(Kind::Double)
+            .square()
+            .flatten(1, -1)
+            .sum_dim_intlist(1, false, Kind::Double);
+        let bank = name[..at].to_string();
+        let sum = match banks.remove(&bank) {
+            Some(prev) => prev + sq,
+            None => sq,
+        };
+        banks.insert(bank, sum);
+    }
+    let expert_norms = banks
+        .into_iter()
+        .map(|(bank, sq)| (bank, Vec::<f64>::try_from(&sq.sqrt()).unwrap_or_default()))
+        .collect();
+    Ok(CheckpointSummary {
+        parameters: parameter_counts(&dir)?,
+        dir,
+        step: state.step,
+        epoch: state.epoch,
+        batches_in_epoch: state.batches_in_epoch,
+        layout,
+        files,
+        optimizer_tensors,
+        dev_cer: (state.best_dev_cer, state.dev_cer),
+        expert_norms,
+    })
+}
+
+/// The summary as text for people.
+pub fn checkpoint_text(s: &CheckpointSummary) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "checkpoint {}", s.dir.display());
+    let _ = writeln!(
+        out,
+        "step {} (epoch {}, next batch {}); layout {}",
+        s.step,
+        s.epoch,
+        s.batches_in_epoch,
+        s.layout
+            .map_or("consolidated (one file)".into(), |l| format!(
+                "world {} ep {} dp {}",
+                l.world, l.ep, l.dp
+            ))
+    );
+    let _ = writeln!(
+        out,
+        "parameters {} ({} active per token); optimizer moments for {} tensors",
+        s.parameters.0, s.parameters.1, s.optimizer_tensors
+    );
+    let fmt = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.2}%"));
+    let _ = writeln!(
+        out,
+        "dev CER best {} last {}",
+        fmt(s.dev_cer.0),
+        fmt(s.dev_cer.1)
+    );
+    for (name, bytes) in &s.files {
+        let _ = writeln!(out, "  {name:<24} {:>12} bytes", bytes);
+    }
+    if !s.expert_norms.is_empty() {
+        let _ = writeln!(out, "expert norms (L2 of each expert's parameters):");
+        for (bank, norms) in &s.expert_norms {
+            let row: Vec<String> = norms.iter().map(|n| format!("{n:.3}")).collect();
+            let _ = writeln!(out, "  {bank}: {}", row.join(" "));
+        }
+    }
+    out
 }

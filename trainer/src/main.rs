@@ -93,6 +93,15 @@ enum InspectCommand {
         #[arg(long, default_value_t = 0)]
         chunk: i64,
     },
+    /// What a checkpoint holds: step, layout, files, parameters, per-expert norms (every
+    /// checksum is verified on the way).
+    Checkpoint {
+        /// A checkpoint, a run's checkpoints/ directory or a run directory (its latest).
+        checkpoint: PathBuf,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// A Markdown table comparing finished runs (NAME=RUN_DIR, each evaluated into
     /// RUN_DIR/eval-test): parameters, training time, test CER and RTF.
     Runs {
@@ -106,6 +115,38 @@ enum ConvertCommand {
     /// Dense -> MoE: every feed-forward network becomes experts that are copies of it,
     /// with fresh routers; the result computes its parent's outputs at step 0.
     Upcycle(UpcycleArgs),
+    /// Sharded -> one safetensors file (whole experts) with train.yaml, units.txt,
+    /// global_cmvn and state.json, in a new directory.
+    Consolidate {
+        /// A checkpoint (or a run / checkpoints directory: its latest).
+        #[arg(long)]
+        from: PathBuf,
+        /// The new directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Consolidated (or any checkpoint) -> sharded for WORLD workers with expert
+    /// parallelism EP (a new checkpoints directory with step-N/ and latest).
+    Shard(LayoutArgs),
+    /// A sharded checkpoint -> another layout, optimizer state included (resuming does
+    /// this by itself at load; this writes it out).
+    Reshard(LayoutArgs),
+}
+
+#[derive(Args)]
+struct LayoutArgs {
+    /// A checkpoint (or a run / checkpoints directory: its latest).
+    #[arg(long)]
+    from: PathBuf,
+    /// Workers of the new layout.
+    #[arg(long)]
+    world: usize,
+    /// Expert-parallel size of the new layout (divides world and every n_expert).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// The new checkpoints directory.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -524,6 +565,22 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 upcycle_trainer::inspect::routing_table(&checkpoint, &data, utterances, chunk)?
             );
+        }
+        Command::Convert(ConvertCommand::Consolidate { from, out }) => {
+            let dir = convert::consolidate(&from, &out)?;
+            println!("consolidated -> {}", dir.display());
+        }
+        Command::Convert(ConvertCommand::Shard(a) | ConvertCommand::Reshard(a)) => {
+            let dir = convert::reshard(&a.from, a.world, a.ep, &a.out)?;
+            println!("world {} ep {} -> {}", a.world, a.ep, dir.display());
+        }
+        Command::Inspect(InspectCommand::Checkpoint { checkpoint, json }) => {
+            let s = upcycle_trainer::inspect::checkpoint_summary(&checkpoint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", upcycle_trainer::inspect::checkpoint_text(&s));
+            }
         }
         Command::Inspect(InspectCommand::Runs { runs }) => {
             let rows = runs
