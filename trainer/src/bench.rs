@@ -260,3 +260,196 @@ pub fn moe_layer(
         seconds,
     })
 }
+
+/// Save and load of one set of tensors as a sharded checkpoint, against writing and
+/// reading the same bytes as one plain file on the same disk, alternating.
+#[derive(Debug, Serialize)]
+pub struct CheckpointIo {
+    /// What was saved.
+    pub name: String,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+    /// Seconds per repetition: checkpoint save (with fsync and checksums).
+    pub save_s: Vec<f64>,
+    /// Plain sequential write + fsync of the same bytes.
+    pub write_s: Vec<f64>,
+    /// Checkpoint load (checksums verified, tensors assembled).
+    pub load_s: Vec<f64>,
+    /// Plain sequential read of the same bytes.
+    pub read_s: Vec<f64>,
+    /// Median checkpoint save throughput over the plain write's.
+    pub save_ratio: f64,
+    /// Median checkpoint load throughput over the plain read's.
+    pub load_ratio: f64,
+}
+
+/// What training waits for at a save, foreground against background.
+#[derive(Debug, Serialize)]
+pub struct CheckpointStall {
+    /// Seconds training waits for a foreground save (median).
+    pub foreground_s: f64,
+    /// Seconds training waits when the save is written in the background (median).
+    pub background_s: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// The parameters of the MoE model `config` builds (vocabulary `vocab`) and AdamW-like
+/// moments of the same shapes.
+fn model_tensors(
+    config: &std::path::Path,
+    vocab: i64,
+) -> Result<(crate::config::TrainConfig, Vec<(String, tch::Tensor)>)> {
+    let c = crate::config::TrainConfig::load(config)?;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    c.build_model(&vs.root(), vocab)?;
+    Ok((c, vs.variables().into_iter().collect()))
+}
+
+/// Times checkpoint save/load of the model `config` builds (with moments) and of
+/// `synthetic_mib` MiB of random tensors, `repeat` times each against plain file I/O in
+/// `dir`; and the stall of a foreground and a background save of the model.
+pub fn checkpoint_io(
+    config: &std::path::Path,
+    synthetic_mib: usize,
+    repeat: usize,
+    dir: &std::path::Path,
+) -> Result<(Vec<CheckpointIo>, CheckpointStall)> {
+    use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
+    use crate::data::cmvn::CmvnStats;
+    use crate::data::text::Units;
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+    use tch::{Kind, Tensor};
+
+    let units = Units::from_texts(["abcdefghijklmnopqrstuvwxyz"]);
+    let (config_v, params) = model_tensors(config, units.len() as i64)?;
+    let cmvn = CmvnStats::new(config_v.input_dim as usize);
+    let moments: BTreeMap<String, Tensor> = params
+        .iter()
+        .flat_map(|(n, t)| {
+            [
+                (format!("exp_avg.{n}"), t.randn_like()),
+                (format!("exp_avg_sq.{n}"), t.randn_like().abs()),
+            ]
+        })
+        .collect();
+    let model: BTreeMap<String, Tensor> = params.into_iter().collect();
+    // 16 MiB tensors of random floats.
+    let per = 4 << 20;
+    let synthetic: BTreeMap<String, Tensor> = (0..synthetic_mib.div_ceil(16))
+        .map(|i| {
+            (
+                format!("synthetic.{i:04}"),
+                Tensor::randn([per], (Kind::Float, tch::Device::Cpu)),
+            )
+        })
+        .collect();
+    let state = TrainState::default();
+    let req = || SaveRequest {
+        config: &config_v,
+        state: &state,
+        units: &units,
+        cmvn: &cmvn,
+        optimizer: (0, Vec::new()),
+        is_best: false,
+    };
+    let bytes_of = |m: &BTreeMap<String, Tensor>| -> u64 {
+        m.values()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    };
+    let empty = BTreeMap::new();
+    let cases = [
+        ("small MoE + moments", &model, &moments),
+        ("synthetic", &synthetic, &empty),
+    ];
+    let mut results = Vec::new();
+    for (name, m, o) in cases {
+        let bytes = bytes_of(m) + bytes_of(o);
+        let blob: Vec<u8> = (0..bytes).map(|i| (i * 2654435761 % 251) as u8).collect();
+        let (mut save_s, mut write_s, mut load_s, mut read_s) = (vec![], vec![], vec![], vec![]);
+        for r in 0..repeat {
+            let root = dir.join(format!("ckpt-{r}"));
+            let _ = std::fs::remove_dir_all(&root);
+            let t = Instant::now();
+            let saved = checkpoint::save_layout(&root, Layout::new(1, 1), m, o, req())?;
+            save_s.push(t.elapsed().as_secs_f64());
+            let plain = dir.join(format!("plain-{r}.bin"));
+            let t = Instant::now();
+            let mut f = std::fs::File::create(&plain)?;
+            f.write_all(&blob)?;
+            f.sync_all()?;
+            write_s.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let got = checkpoint::read_group(&saved, "model")?;
+            let got_o = checkpoint::read_group(&saved, "optim")?;
+            load_s.push(t.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                got.len() == m.len() && got_o.len() == o.len(),
+                "{name}: reloaded"
+            );
+            let t = Instant::now();
+            let mut back = Vec::with_capacity(blob.len());
+            std::fs::File::open(&plain)?.read_to_end(&mut back)?;
+            read_s.push(t.elapsed().as_secs_f64());
+            std::fs::remove_dir_all(&root)?;
+            std::fs::remove_file(&plain)?;
+        }
+        results.push(CheckpointIo {
+            name: name.into(),
+            bytes,
+            save_ratio: median(&write_s) / median(&save_s),
+            load_ratio: median(&read_s) / median(&load_s),
+            save_s,
+            write_s,
+            load_s,
+            read_s,
+        });
+    }
+
+    // The stall: what Checkpointer::save costs the training loop in either mode.
+    let dist = crate::distributed::Distributed::new(
+        1,
+        std::time::Duration::from_secs(600),
+        tch::Device::Cpu,
+    )?;
+    let units_arc = std::sync::Arc::new(units.clone());
+    let stall = |background: bool| -> Result<f64> {
+        let mut times = Vec::new();
+        for r in 0..repeat {
+            let root = dir.join(format!("stall-{background}-{r}"));
+            let mut saver = checkpoint::Checkpointer::new(root.clone(), background, 1);
+            let opt: Vec<(String, Tensor)> = moments
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            let t = Instant::now();
+            saver.save(
+                &dist,
+                model
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+                &units_arc,
+                SaveRequest {
+                    optimizer: (0, opt),
+                    ..req()
+                },
+            )?;
+            times.push(t.elapsed().as_secs_f64());
+            saver.finish(&dist)?;
+            std::fs::remove_dir_all(&root)?;
+        }
+        Ok(median(&times))
+    };
+    let stalls = CheckpointStall {
+        foreground_s: stall(false)?,
+        background_s: stall(true)?,
+    };
+    Ok((results, stalls))
+}

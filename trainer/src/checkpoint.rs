@@ -179,6 +179,19 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
     })
 }
 
+fn safetensors_dtype(d: safetensors::Dtype) -> Result<Kind> {
+    use safetensors::Dtype::*;
+    Ok(match d {
+        F32 => Kind::Float,
+        F64 => Kind::Double,
+        F16 => Kind::Half,
+        BF16 => Kind::BFloat16,
+        I64 => Kind::Int64,
+        I32 => Kind::Int,
+        other => bail!("{other:?} tensors are not read from checkpoints"),
+    })
+}
+
 /// SHA-256 of a CPU tensor's elements, row-major.
 fn digest(t: &Tensor) -> String {
     let t = t.contiguous();
@@ -763,7 +776,42 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
     }
     let manifest = read_manifest(dir)?;
     let prefix = format!("{group}/");
-    let mut files: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+    // Every file the group touches, mapped once, its header parsed once.
+    let mut maps: BTreeMap<&str, memmap2::Mmap> = BTreeMap::new();
+    for (tagged, entry) in manifest.tensors.iter() {
+        if !tagged.starts_with(&prefix) {
+            continue;
+        }
+        for slice in &entry.slices {
+            if maps.contains_key(slice.file.as_str()) {
+                continue;
+            }
+            let path = dir.join(&slice.file);
+            if !path.is_file() {
+                bail!(
+                    "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
+                    dir.display(),
+                    slice.file
+                );
+            }
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: checkpoint files are never modified after their save commits.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            maps.insert(slice.file.as_str(), map);
+        }
+    }
+    let files = maps
+        .iter()
+        .map(|(f, m)| {
+            safetensors::SafeTensors::deserialize(&m[..])
+                .map(|t| (*f, t))
+                .map_err(|e| {
+                    anyhow::anyhow!("{}/{f}: not a safetensors file ({e:?})", dir.display())
+                })
+        })
+        .collect::<Result<BTreeMap<&str, _>>>()?;
     let mut out = BTreeMap::new();
     for (tagged, entry) in manifest.tensors.iter() {
         let Some(name) = tagged.strip_prefix(&prefix) else {
@@ -772,45 +820,36 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
         let mut rows = Vec::new();
         let mut next = 0;
         for slice in &entry.slices {
-            if !files.contains_key(&slice.file) {
-                let path = dir.join(&slice.file);
-                if !path.is_file() {
-                    bail!(
-                        "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
-                        dir.display(),
-                        slice.file
-                    );
-                }
-                let tensors = Tensor::read_safetensors(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                files.insert(slice.file.clone(), tensors.into_iter().collect());
-            }
-            let t = files[&slice.file].get(&slice.key).with_context(|| {
-                format!(
+            let view = files[slice.file.as_str()].tensor(&slice.key).map_err(|_| {
+                anyhow::anyhow!(
                     "{}: {} does not hold {}",
                     dir.display(),
                     slice.file,
                     slice.key
                 )
             })?;
+            let (data, shape) = (
+                view.data(),
+                view.shape().iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            );
+            let dtype = safetensors_dtype(view.dtype())?;
             let mut want = entry.shape.clone();
             if let Some(first) = want.first_mut() {
                 *first = slice.end - slice.start;
             }
-            if slice.start != next || t.size() != want || dtype_name(t.kind())? != entry.dtype {
+            if slice.start != next || shape != want || dtype_name(dtype)? != entry.dtype {
                 bail!(
-                    "{}: tensor {tagged} in {}: rows {}..{} of shape {:?} {}, the manifest says \
-                     rows from {next}, shape {want:?} {}",
+                    "{}: tensor {tagged} in {}: rows {}..{} of shape {shape:?} {}, the manifest \
+                     says rows from {next}, shape {want:?} {}",
                     dir.display(),
                     slice.file,
                     slice.start,
                     slice.end,
-                    t.size(),
-                    dtype_name(t.kind())?,
+                    dtype_name(dtype)?,
                     entry.dtype
                 );
             }
-            if digest(t) != slice.sha256 {
+            if format!("{:x}", Sha256::digest(data)) != slice.sha256 {
                 bail!(
                     "{}: tensor {tagged} in {} does not match its checksum: the file is \
                      damaged; use another checkpoint",
@@ -819,7 +858,7 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
                 );
             }
             next = slice.end;
-            rows.push(t.shallow_clone());
+            rows.push(Tensor::from_data_size(data, &shape, dtype));
         }
         if next != entry.shape.first().copied().unwrap_or(1) {
             bail!(

@@ -376,6 +376,23 @@ struct CheckArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Sharded checkpoint save/load of a model's tensors (with moments) and of a large
+    /// synthetic set against plain file write/read of the same bytes, and the training
+    /// stall of a foreground and a background save; prints JSON (bench/checkpoint.py).
+    Checkpoint {
+        /// Model configuration (its parameters and AdamW-shaped moments are saved).
+        #[arg(long, default_value = "configs/small-upcycle.yaml")]
+        config: PathBuf,
+        /// MiB of synthetic tensors.
+        #[arg(long, default_value_t = 1024)]
+        synthetic_mib: usize,
+        /// Repetitions of each.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Where to write (the disk measured).
+        #[arg(long, default_value = "target/bench-checkpoint")]
+        dir: PathBuf,
+    },
     /// All-reduce and uneven all-to-all through `parallel/` against raw MPI calls on the
     /// same sizes, and the autograd all-to-all's cost; run under `mpirun -np 2`, rank 0
     /// prints JSON (bench/collectives.py prints the table).
@@ -704,6 +721,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             drop(world);
             upcycle_parallel::collective::finalize_mpi();
+        }
+        Command::Bench(BenchCommand::Checkpoint {
+            config,
+            synthetic_mib,
+            repeat,
+            dir,
+        }) => {
+            std::fs::create_dir_all(&dir)?;
+            let (io, stall) =
+                upcycle_trainer::bench::checkpoint_io(&config, synthetic_mib, repeat, &dir)?;
+            println!("{}", serde_json::json!({"io": io, "stall": stall}));
         }
         Command::Bench(BenchCommand::Fbank { files, repeat }) => {
             let timing = upcycle_trainer::bench::fbank(&files, repeat)?;

@@ -91,6 +91,17 @@ fn benchmark_scripts_run() {
             ],
         ),
         (
+            "bench/checkpoint.py",
+            vec![
+                "--config",
+                "configs/tiny.yaml",
+                "--synthetic-mib",
+                "16",
+                "--repeat",
+                "1",
+            ],
+        ),
+        (
             "bench/collectives.py",
             vec![
                 "--sizes",
