@@ -324,3 +324,106 @@ fn a_save_killed_at_any_moment_leaves_a_whole_checkpoint() {
     let dir = checkpoint::resolve_latest(&out).unwrap();
     assert_eq!(checkpoint::read_state(&dir).unwrap().step, last + 1);
 }
+
+/// The conversion tool's layouts: reshard (optimizer included), consolidate, shard back,
+/// and inspect; the whole tensors never change; bad layouts and existing outputs are
+/// refused.
+#[test]
+fn convert_reshard_consolidate_shard_and_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = setup(tmp.path(), "");
+    let out = tmp.path().join("run");
+    run(1, &moe_config(tmp.path(), 4), &data, &out, 4, &[]);
+    let source = out.join("checkpoints/step-4");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let four = tmp.path().join("four");
+    ok(&upcycle(&[
+        "convert",
+        "reshard",
+        "--from",
+        &p(&source),
+        "--world",
+        "4",
+        "--ep",
+        "4",
+        "--out",
+        &p(&four),
+    ]));
+    let resharded = four.join("step-4");
+    let m = checkpoint::read_manifest(&resharded).unwrap();
+    assert_eq!((m.layout.world, m.layout.ep), (4, 4));
+    assert!((0..4).all(|r| resharded.join(format!("rank-{r}.safetensors")).is_file()));
+    assert_same_tensors(&source, &resharded);
+
+    let single = tmp.path().join("single");
+    ok(&upcycle(&[
+        "convert",
+        "consolidate",
+        "--from",
+        &p(&four),
+        "--out",
+        &p(&single),
+    ]));
+    assert!(single.join("model.safetensors").is_file());
+    let want = checkpoint::read_tensors(&source).unwrap();
+    let got = checkpoint::read_tensors(&single).unwrap();
+    assert!(want.iter().all(|(n, t)| t.equal(&got[n])));
+    let back = tmp.path().join("back");
+    ok(&upcycle(&[
+        "convert",
+        "shard",
+        "--from",
+        &p(&single),
+        "--world",
+        "2",
+        "--ep",
+        "2",
+        "--out",
+        &p(&back),
+    ]));
+    let got = checkpoint::read_tensors(&back.join("step-4")).unwrap();
+    assert!(want.iter().all(|(n, t)| t.equal(&got[n])));
+
+    let json = ok(&upcycle(&["inspect", "checkpoint", &p(&four), "--json"]));
+    let s: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(s["step"], 4);
+    assert_eq!(s["layout"]["world"], 4);
+    let norms = s["expert_norms"].as_array().unwrap();
+    assert!(!norms.is_empty());
+    assert_eq!(norms[0][1].as_array().unwrap().len(), 4);
+    let text = ok(&upcycle(&["inspect", "checkpoint", &p(&four)]));
+    assert!(text.contains("layout world 4 ep 4 dp 4"), "{text}");
+
+    let refused = |args: &[&str], why: &str| {
+        let o = upcycle(args);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(why), "{e}");
+    };
+    refused(
+        &[
+            "convert",
+            "reshard",
+            "--from",
+            &p(&source),
+            "--world",
+            "3",
+            "--ep",
+            "3",
+            "--out",
+            &p(&tmp.path().join("x")),
+        ],
+        "ep",
+    );
+    refused(
+        &[
+            "convert",
+            "consolidate",
+            "--from",
+            &p(&source),
+            "--out",
+            &p(&single),
+        ],
+        "already exists",
+    );
+}
