@@ -291,35 +291,23 @@ impl Collective for NcclCollective {
                 let (mut so, mut ro) = (0i64, 0i64);
                 for peer in 0..self.size {
                     let (s, r) = (send_counts[peer], recv_counts[peer]);
+                    let at = |t: &Tensor, rows: i64| {
+                        (t.data_ptr() as *mut u8).offset((rows * elem) as isize)
+                    };
+                    // Zero-row exchanges are skipped (on both sides, as the counts agree).
+                    let ok = sys::ncclResult_t::ncclSuccess;
+                    let mut res = ok;
                     if s > 0 {
-                        let p = (send.data_ptr() as *mut u8).offset((so * elem) as isize);
-                        let res = sys::ncclSend(
-                            p as *const _,
-                            (s * width) as usize,
-                            dtype,
-                            peer as i32,
-                            c,
-                            STREAM,
-                        );
-                        if res != sys::ncclResult_t::ncclSuccess {
-                            sys::ncclGroupEnd();
-                            return res;
-                        }
+                        let p = at(&send, so) as *const _;
+                        res = sys::ncclSend(p, (s * width) as usize, dtype, peer as i32, c, STREAM);
                     }
-                    if r > 0 {
-                        let p = (out.data_ptr() as *mut u8).offset((ro * elem) as isize);
-                        let res = sys::ncclRecv(
-                            p as *mut _,
-                            (r * width) as usize,
-                            dtype,
-                            peer as i32,
-                            c,
-                            STREAM,
-                        );
-                        if res != sys::ncclResult_t::ncclSuccess {
-                            sys::ncclGroupEnd();
-                            return res;
-                        }
+                    if res == ok && r > 0 {
+                        let p = at(&out, ro) as *mut _;
+                        res = sys::ncclRecv(p, (r * width) as usize, dtype, peer as i32, c, STREAM);
+                    }
+                    if res != sys::ncclResult_t::ncclSuccess {
+                        sys::ncclGroupEnd();
+                        return res;
                     }
                     so += s;
                     ro += r;

@@ -16,74 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use tch::Tensor;
 use upcycle_trainer::checkpoint;
 
 mod common;
 use common::*;
-
-fn config(dir: &Path, batch: usize) -> std::path::PathBuf {
-    let moe = "  mlp_type: moe\n  n_expert: 4\n  n_expert_activated: 2\n";
-    let text = std::fs::read_to_string(configs().join("tiny.yaml"))
-        .unwrap()
-        .replace("dropout_rate: 0.1", "dropout_rate: 0.0")
-        .replace("use_dynamic_chunk: true", "use_dynamic_chunk: false")
-        .replace("encoder_conf:\n", &format!("encoder_conf:\n{moe}"))
-        .replace("decoder_conf:\n", &format!("decoder_conf:\n{moe}"))
-        + &format!(
-            "dataset_conf:\n  batch_conf: {{batch_type: static, batch_size: {batch}}}\n  filter_conf: {{min_length: 0}}\n  \
-             shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
-             fbank_conf: {{num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 0.0}}\n\
-             moe_conf: {{balance_loss_weight: 0.0, z_loss_weight: 0.0, router_init_std: 1.0}}\n\
-             optim: adamw\noptim_conf: {{lr: 0.002, eps: 1.0e-3}}\nscheduler_conf: {{warmup_steps: 3}}\nlog_interval: 1\n\
-             upcycle_conf: {{seed: 4, eval_interval: 10}}\n"
-        );
-    let path = dir.join(format!("moe-b{batch}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn run(np: usize, ep: usize, config: &Path, data: &Path, out: &Path) {
-    let bin = env!("CARGO_BIN_EXE_upcycle");
-    let args = [
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "10",
-        "--device",
-        "cpu",
-        "--ep",
-        &ep.to_string(),
-    ];
-    let o = if np == 1 {
-        Command::new(bin).args(args).output().unwrap()
-    } else {
-        Command::new("mpirun")
-            .args([
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "-np",
-                &np.to_string(),
-                bin,
-            ])
-            .args(args)
-            .output()
-            .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)")
-    };
-    assert!(
-        o.status.success(),
-        "{np} workers, ep {ep}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 fn losses(out: &Path) -> Vec<f64> {
     metrics(out)
@@ -111,14 +49,28 @@ fn data_and_expert_parallel_runs_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, _) = setup(tmp.path(), "");
     let single = tmp.path().join("single");
-    run(1, 1, &config(tmp.path(), 4), &data, &single);
+    run_workers(
+        1,
+        &deterministic_moe_config(tmp.path(), 4, 10),
+        &data,
+        &single,
+        10,
+        &[],
+    );
     let want_losses = losses(&single);
     assert_eq!(want_losses.len(), 10);
     let want: BTreeMap<String, Tensor> =
         checkpoint::read_tensors(&single.join("checkpoints/step-10")).unwrap();
     for (np, ep, batch) in [(2, 1, 2), (2, 2, 2), (4, 2, 1)] {
         let out = tmp.path().join(format!("np{np}-ep{ep}"));
-        run(np, ep, &config(tmp.path(), batch), &data, &out);
+        run_workers(
+            np,
+            &deterministic_moe_config(tmp.path(), batch, 10),
+            &data,
+            &out,
+            10,
+            &["--ep", &ep.to_string()],
+        );
         let got = losses(&out);
         assert_eq!(got.len(), 10, "np {np} ep {ep}");
         for (step, (a, b)) in got.iter().zip(&want_losses).enumerate() {

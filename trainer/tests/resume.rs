@@ -13,43 +13,6 @@ use upcycle_trainer::checkpoint;
 mod common;
 use common::*;
 
-fn train(np: usize, args: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_upcycle");
-    if np == 1 {
-        return Command::new(bin).arg("train").args(args).output().unwrap();
-    }
-    Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &np.to_string(),
-            bin,
-            "train",
-        ])
-        .args(args)
-        .output()
-        .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)")
-}
-
-fn run(np: usize, config: &Path, data: &Path, out: &Path, steps: u64, extra: &[&str]) {
-    let steps = steps.to_string();
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        &steps,
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    ok(&train(np, &args));
-}
-
 /// (step, loss) of every logged training step.
 fn losses(out: &Path) -> Vec<(u64, f64)> {
     metrics(out)
@@ -79,11 +42,11 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     // Everything random left on: dropout, SpecAugment, dither, dynamic chunks, shuffling.
     let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 3, eval_interval: 3}\n");
     let straight = tmp.path().join("straight");
-    run(1, &config, &data, &straight, 9, &[]);
+    run_workers(1, &config, &data, &straight, 9, &[]);
     let split = tmp.path().join("split");
-    run(1, &config, &data, &split, 3, &[]);
+    run_workers(1, &config, &data, &split, 3, &[]);
     // Continues from --out's latest checkpoint by itself.
-    run(1, &config, &data, &split, 9, &[]);
+    run_workers(1, &config, &data, &split, 9, &[]);
     let want = losses(&straight);
     assert_eq!(want.len(), 9);
     assert_eq!(losses(&split), want, "the loss curve");
@@ -105,8 +68,8 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     )
     .unwrap();
     let bg = tmp.path().join("bg");
-    run(1, &background, &data, &bg, 6, &[]);
-    run(1, &background, &data, &bg, 9, &[]);
+    run_workers(1, &background, &data, &bg, 6, &[]);
+    run_workers(1, &background, &data, &bg, 9, &[]);
     assert_eq!(losses(&bg), want);
     for step in [3, 6, 9] {
         let name = format!("checkpoints/step-{step}");
@@ -122,7 +85,7 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     let ckpt = split.join("checkpoints/step-9");
     let resumed = tmp.path().join("resumed");
     let resume = |config: &Path| {
-        train(
+        train_workers(
             1,
             &[
                 "--config",
@@ -170,37 +133,15 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     ok(&resume(&config));
 }
 
-fn moe_config(dir: &Path, batch: usize) -> PathBuf {
-    // As trainer/tests/distributed.rs: nothing random, so that layouts can be compared.
-    let moe = "  mlp_type: moe\n  n_expert: 4\n  n_expert_activated: 2\n";
-    let text = std::fs::read_to_string(configs().join("tiny.yaml"))
-        .unwrap()
-        .replace("dropout_rate: 0.1", "dropout_rate: 0.0")
-        .replace("use_dynamic_chunk: true", "use_dynamic_chunk: false")
-        .replace("encoder_conf:\n", &format!("encoder_conf:\n{moe}"))
-        .replace("decoder_conf:\n", &format!("decoder_conf:\n{moe}"))
-        + &format!(
-            "dataset_conf:\n  batch_conf: {{batch_type: static, batch_size: {batch}}}\n  filter_conf: {{min_length: 0}}\n  \
-             shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
-             fbank_conf: {{num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 0.0}}\n\
-             moe_conf: {{balance_loss_weight: 0.0, z_loss_weight: 0.0, router_init_std: 1.0}}\n\
-             optim: adamw\noptim_conf: {{lr: 0.002, eps: 1.0e-3}}\nscheduler_conf: {{warmup_steps: 3}}\nlog_interval: 1\n\
-             upcycle_conf: {{seed: 4, eval_interval: 4}}\n"
-        );
-    let path = dir.join(format!("moe-b{batch}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 #[test]
 fn sharded_checkpoints_resume_exactly_and_on_other_layouts() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, _) = setup(tmp.path(), "");
-    let two = moe_config(tmp.path(), 2);
+    let two = deterministic_moe_config(tmp.path(), 2, 4);
     let straight = tmp.path().join("straight");
-    run(2, &two, &data, &straight, 8, &["--ep", "2"]);
+    run_workers(2, &two, &data, &straight, 8, &["--ep", "2"]);
     let split = tmp.path().join("split");
-    run(2, &two, &data, &split, 4, &["--ep", "2"]);
+    run_workers(2, &two, &data, &split, 4, &["--ep", "2"]);
     let saved = split.join("checkpoints/step-4");
     let manifest = checkpoint::read_manifest(&saved).unwrap();
     assert_eq!((manifest.layout.world, manifest.layout.ep), (2, 2));
@@ -220,7 +161,7 @@ fn sharded_checkpoints_resume_exactly_and_on_other_layouts() {
         files,
         [("rank-0.safetensors", 0, 2), ("rank-1.safetensors", 2, 4)]
     );
-    run(2, &two, &data, &split, 8, &["--ep", "2"]);
+    run_workers(2, &two, &data, &split, 8, &["--ep", "2"]);
     assert_eq!(losses(&split), losses(&straight), "the loss curve");
     assert_same_tensors(
         &straight.join("checkpoints/step-8"),
@@ -232,9 +173,9 @@ fn sharded_checkpoints_resume_exactly_and_on_other_layouts() {
     for (np, ep, batch) in [(1, 1, 4), (4, 2, 1), (4, 4, 1)] {
         let out = tmp.path().join(format!("np{np}-ep{ep}"));
         let ep = ep.to_string();
-        run(
+        run_workers(
             np,
-            &moe_config(tmp.path(), batch),
+            &deterministic_moe_config(tmp.path(), batch, 4),
             &data,
             &out,
             6,
@@ -320,7 +261,7 @@ fn a_save_killed_at_any_moment_leaves_a_whole_checkpoint() {
     );
     let last = *steps_seen.last().expect("some checkpoint was completed");
     // And the run goes on from there.
-    run(1, &config, &data, &out, last + 1, &[]);
+    run_workers(1, &config, &data, &out, last + 1, &[]);
     let dir = checkpoint::resolve_latest(&out).unwrap();
     assert_eq!(checkpoint::read_state(&dir).unwrap().step, last + 1);
 }
@@ -333,7 +274,14 @@ fn convert_reshard_consolidate_shard_and_inspect() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, _) = setup(tmp.path(), "");
     let out = tmp.path().join("run");
-    run(1, &moe_config(tmp.path(), 4), &data, &out, 4, &[]);
+    run_workers(
+        1,
+        &deterministic_moe_config(tmp.path(), 4, 4),
+        &data,
+        &out,
+        4,
+        &[],
+    );
     let source = out.join("checkpoints/step-4");
     let p = |x: &Path| x.to_str().unwrap().to_string();
     let four = tmp.path().join("four");

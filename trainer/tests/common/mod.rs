@@ -72,9 +72,43 @@ pub(crate) fn train(
     steps: u64,
     init: Option<&Path>,
 ) -> String {
+    let init = init.map(|p| p.to_str().unwrap().to_string());
+    let extra: Vec<&str> = init.iter().flat_map(|p| ["--init", p.as_str()]).collect();
+    run_workers(1, config, data, out, steps, &extra)
+}
+
+/// `upcycle train ARGS` as one process, or as `np` MPI workers under `mpirun`.
+pub(crate) fn train_workers(np: usize, args: &[&str]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_upcycle");
+    if np == 1 {
+        return Command::new(bin).arg("train").args(args).output().unwrap();
+    }
+    Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            bin,
+            "train",
+        ])
+        .args(args)
+        .output()
+        .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)")
+}
+
+/// Trains `steps` steps on the CPU with `np` workers (`extra`: more arguments); panics
+/// with the output if it fails; returns stdout.
+pub(crate) fn run_workers(
+    np: usize,
+    config: &Path,
+    data: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> String {
     let steps = steps.to_string();
     let mut args = vec![
-        "train",
         "--config",
         config.to_str().unwrap(),
         "--data",
@@ -86,8 +120,31 @@ pub(crate) fn train(
         "--device",
         "cpu",
     ];
-    if let Some(init) = init {
-        args.extend(["--init", init.to_str().unwrap()]);
-    }
-    ok(&upcycle(&args))
+    args.extend_from_slice(extra);
+    ok(&train_workers(np, &args))
+}
+
+/// The tiny model with MoE layers (4 experts, top-2) and nothing random (no dropout,
+/// SpecAugment, dither, shuffling or dynamic chunks; no auxiliary losses; wide routers;
+/// AdamW eps 1e-3), so that runs on different layouts can be compared: static batches
+/// of `batch` per worker, a checkpoint every `eval_interval` steps.
+pub(crate) fn deterministic_moe_config(dir: &Path, batch: usize, eval_interval: u64) -> PathBuf {
+    let moe = "  mlp_type: moe\n  n_expert: 4\n  n_expert_activated: 2\n";
+    let text = std::fs::read_to_string(configs().join("tiny.yaml"))
+        .unwrap()
+        .replace("dropout_rate: 0.1", "dropout_rate: 0.0")
+        .replace("use_dynamic_chunk: true", "use_dynamic_chunk: false")
+        .replace("encoder_conf:\n", &format!("encoder_conf:\n{moe}"))
+        .replace("decoder_conf:\n", &format!("decoder_conf:\n{moe}"))
+        + &format!(
+            "dataset_conf:\n  batch_conf: {{batch_type: static, batch_size: {batch}}}\n  filter_conf: {{min_length: 0}}\n  \
+             shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
+             fbank_conf: {{num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 0.0}}\n\
+             moe_conf: {{balance_loss_weight: 0.0, z_loss_weight: 0.0, router_init_std: 1.0}}\n\
+             optim: adamw\noptim_conf: {{lr: 0.002, eps: 1.0e-3}}\nscheduler_conf: {{warmup_steps: 3}}\nlog_interval: 1\n\
+             upcycle_conf: {{seed: 4, eval_interval: {eval_interval}}}\n"
+        );
+    let path = dir.join(format!("moe-b{batch}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
