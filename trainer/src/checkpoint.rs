@@ -33,13 +33,13 @@ pub struct TrainState {
     pub train_seconds: f64,
 }
 
-fn fsync_dir(dir: &Path) {
+pub(crate) fn fsync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;

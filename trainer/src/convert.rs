@@ -1,6 +1,8 @@
-//! The checkpoint conversion tool (`upcycle convert ...`). For now: `upcycle`, a dense
-//! checkpoint to its MoE child (UME); the sharded layouts and WeNet import/export come
-//! with the checkpoint issue.
+//! The checkpoint conversion tool (`upcycle convert ...`): `upcycle`, a dense
+//! checkpoint to its MoE child (UME), and WeNet import/export ([`wenet`]); the sharded
+//! layouts come with the checkpoint issue.
+
+pub mod wenet;
 
 use std::path::PathBuf;
 

@@ -10,7 +10,8 @@
 //! | [`freeze`] | freezing schedules by step and parameter glob |
 //! | [`inspect`] | routing tables of checkpoints, comparison tables of runs |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
-//! | [`convert`] | the conversion tool: dense -> MoE (upcycle) |
+//! | [`convert`] | the conversion tool: dense -> MoE (upcycle), WeNet import/export |
+//! | [`torch_file`] | `torch.save` state dicts read (no pickle code run) and written |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
 //! | [`scoring`] | edit distance and error rates |
 //! | [`bench`] | benchmarks of the Rust side |
@@ -26,4 +27,5 @@ pub mod freeze;
 pub mod inspect;
 pub mod optim;
 pub mod scoring;
+pub mod torch_file;
 pub mod train;
