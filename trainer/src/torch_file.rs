@@ -647,16 +647,18 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
         if !storages.contains_key(&t.key) {
             let bytes = record(&format!("data/{}", t.key))?
                 .ok_or_else(|| bad(format!("storage data/{} is missing", t.key)))?;
-            let want = t.numel as usize * t.kind.elt_size_in_bytes();
-            if t.numel < 0 || bytes.len() < want {
+            let want = usize::try_from(t.numel)
+                .ok()
+                .and_then(|n| n.checked_mul(t.kind.elt_size_in_bytes()));
+            let Some(want) = want.filter(|&w| w <= bytes.len()) else {
                 return Err(bad(format!(
-                    "storage data/{} holds {} bytes, {} elements of {:?} need {want}",
+                    "storage data/{} holds {} bytes, too few for {} elements of {:?}",
                     t.key,
                     bytes.len(),
                     t.numel,
                     t.kind
                 )));
-            }
+            };
             let s = Tensor::f_from_data_size(&bytes[..want], &[t.numel], t.kind)
                 .map_err(|e| bad(e.to_string()))?;
             storages.insert(t.key.clone(), s);
@@ -667,13 +669,14 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
         }
         // The last element a view reaches must lie inside its storage.
         if !t.size.contains(&0) {
-            let last: i64 = t.offset
+            // In i128: sizes and strides come from the file and may be absurd.
+            let last = t.offset as i128
                 + t.size
                     .iter()
                     .zip(&t.stride)
-                    .map(|(n, s)| (n - 1) * s)
-                    .sum::<i64>();
-            if last >= t.numel {
+                    .map(|(&n, &s)| (n as i128 - 1) * s as i128)
+                    .sum::<i128>();
+            if last >= t.numel as i128 {
                 return Err(bad(format!(
                     "view (offset {}, size {:?}, stride {:?}) reaches past its storage of {} elements",
                     t.offset, t.size, t.stride, t.numel
@@ -878,40 +881,74 @@ mod tests {
         assert!(e.contains("argparse.Namespace"), "{e}");
     }
 
+    /// `arange(12)` saved, then its pickle edited by `(from, to)` substitutions.
+    fn edited(
+        dir: &Path,
+        edits: &[(&[u8], &[u8])],
+    ) -> Result<Vec<(String, Tensor)>, TorchFileError> {
+        let path = dir.join("v.pt");
+        write_state_dict(
+            &path,
+            &[("s".to_string(), Tensor::arange(12, tch::kind::FLOAT_CPU))],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+        let mut read = |name: &str| {
+            let mut b = Vec::new();
+            zip.by_name(name).unwrap().read_to_end(&mut b).unwrap();
+            b
+        };
+        let mut pkl = read("archive/data.pkl");
+        let storage = read("archive/data/0");
+        for (from, to) in edits {
+            let at = pkl.windows(from.len()).position(|w| w == *from).unwrap();
+            pkl.splice(at..at + from.len(), to.iter().copied());
+        }
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let o =
+            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, b) in [("archive/data.pkl", &pkl), ("archive/data/0", &storage)] {
+            w.start_file(name, o).unwrap();
+            w.write_all(b).unwrap();
+        }
+        w.finish().unwrap();
+        read_state_dict(&path)
+    }
+
     #[test]
     fn views_into_a_shared_storage_are_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.pt");
+        // base[2:8].view(2, 3)[:, ::2]: offset 2, size (2, 2), stride (3, 2).
+        let t = &edited(
+            dir.path(),
+            &[(b"tQK\x00(K\x0ct(K\x01t", b"tQK\x02(K\x02K\x02t(K\x03K\x02t")],
+        )
+        .unwrap()[0]
+            .1;
         let base = Tensor::arange(12, tch::kind::FLOAT_CPU);
-        write_state_dict(&path, &[("s".to_string(), base.copy())]).unwrap();
-        // Rewrite the pickle so that the tensor is base[2:8].view(2, 3)[:, ::2].
-        let bytes = std::fs::read(&path).unwrap();
-        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
-        let mut pkl = Vec::new();
-        zip.by_name("archive/data.pkl")
-            .unwrap()
-            .read_to_end(&mut pkl)
-            .unwrap();
-        let from = b"tQK\x00(K\x0ct(K\x01t";
-        let to = b"tQK\x02(K\x02K\x02t(K\x03K\x02t";
-        let at = pkl.windows(from.len()).position(|w| w == from).unwrap();
-        pkl.splice(at..at + from.len(), to.iter().copied());
-        let mut storage = Vec::new();
-        zip.by_name("archive/data/0")
-            .unwrap()
-            .read_to_end(&mut storage)
-            .unwrap();
-        let out = std::fs::File::create(&path).unwrap();
-        let mut w = zip::ZipWriter::new(out);
-        let o =
-            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
-        w.start_file("archive/data.pkl", o).unwrap();
-        w.write_all(&pkl).unwrap();
-        w.start_file("archive/data/0", o).unwrap();
-        w.write_all(&storage).unwrap();
-        w.finish().unwrap();
-        let t = &read_state_dict(&path).unwrap()[0].1;
         let want = base.narrow(0, 2, 6).view([2, 3]).slice(1, 0, 3, 2);
         assert!(t.equal(&want), "{t:?}");
+    }
+
+    #[test]
+    fn storages_and_views_out_of_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A storage claiming i64::MAX elements.
+        let e = edited(
+            dir.path(),
+            &[(
+                b"cpuK\x0ct",
+                b"cpu\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7ft",
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("too few"), "{e}");
+        // A view past the end of its storage.
+        let e = edited(dir.path(), &[(b"tQK\x00(K\x0ct", b"tQK\x01(K\x0ct")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reaches past"), "{e}");
     }
 }
