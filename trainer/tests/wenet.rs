@@ -245,6 +245,7 @@ for k in a:
         assert a[k].dtype == other.dtype and a[k].shape == other.shape, k
         assert torch.equal(a[k], other), k
 config = yaml.safe_load(open(out + "/train.yaml"))
+assert isinstance(config["optim_conf"]["eps"], float), config["optim_conf"]
 model = build_model(config, config["output_dim"])
 model.load_state_dict(b, strict=True)
 import json

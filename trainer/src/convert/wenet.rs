@@ -314,10 +314,10 @@ fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_y
     let mut v = serde_yaml::to_value(c)?;
     let root = v.as_mapping_mut().context("config is not a mapping")?;
     root.remove("upcycle_conf");
-    let section = |root: &mut Mapping, key: &str| -> Result<Mapping> {
-        let mut m = root
-            .remove(key)
-            .and_then(|s| s.as_mapping().cloned())
+    let section = |root: &mut Mapping, key: &str| -> Result<()> {
+        let m = root
+            .get_mut(key)
+            .and_then(Value::as_mapping_mut)
             .with_context(|| format!("config has no {key}"))?;
         let dense = m.get("mlp_type").and_then(Value::as_str) != Some("moe");
         for ours in ["moe_layers", "moe_macaron", "expert_sharing"] {
@@ -329,12 +329,10 @@ fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_y
                 m.remove(k);
             }
         }
-        Ok(m)
+        Ok(())
     };
-    let encoder_conf = section(root, "encoder_conf")?;
-    let decoder_conf = section(root, "decoder_conf")?;
-    root.insert("encoder_conf".into(), encoder_conf.into());
-    root.insert("decoder_conf".into(), decoder_conf.into());
+    section(root, "encoder_conf")?;
+    section(root, "decoder_conf")?;
     if let Some(Value::Mapping(ds)) = root.get_mut("dataset_conf") {
         for ours in ["max_bad_fraction", "num_workers", "prefetch"] {
             ds.remove(ours);
@@ -373,6 +371,37 @@ fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_y
     Ok(v)
 }
 
+/// `1e-8` -> `1.0e-8`: PyYAML (YAML 1.1), which WeNet reads its train.yaml with, takes a
+/// float without a dot for a string (and then Adam gets `eps: "1e-8"`).
+fn yaml_1_1_floats(text: &str) -> String {
+    let fix = |v: &str| -> Option<String> {
+        let (mantissa, exp) = v.split_once(['e', 'E'])?;
+        let digits = mantissa.strip_prefix('-').unwrap_or(mantissa);
+        let exp_digits = exp.strip_prefix(['-', '+']).unwrap_or(exp);
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        (all_digits(digits) && all_digits(exp_digits)).then(|| format!("{mantissa}.0e{exp}"))
+    };
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.lines() {
+        let value_at = match line.rfind(": ") {
+            Some(i) => Some(i + 2),
+            None => line
+                .find("- ")
+                .filter(|&i| line[..i].trim().is_empty())
+                .map(|i| i + 2),
+        };
+        match value_at.and_then(|i| Some((i, fix(&line[i..])?))) {
+            Some((i, v)) => {
+                out.push_str(&line[..i]);
+                out.push_str(&v);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Exports our checkpoint as a WeNet model directory; returns it.
 pub fn export_wenet(o: &ExportOptions) -> Result<PathBuf> {
     check_new(&o.out)?;
@@ -397,7 +426,7 @@ pub fn export_wenet(o: &ExportOptions) -> Result<PathBuf> {
         }
         write_synced(
             &tmp.join("train.yaml"),
-            serde_yaml::to_string(&yaml)?.as_bytes(),
+            yaml_1_1_floats(&serde_yaml::to_string(&yaml)?).as_bytes(),
         )?;
         loaded.units.save(&tmp.join("units.txt"))?;
         cmvn.save(&tmp.join("global_cmvn"))?;
@@ -452,6 +481,14 @@ mod tests {
         assert_eq!(back.decoder_conf, c.decoder_conf);
         assert_eq!(back.model_conf, c.model_conf);
         assert_eq!(back.wenet_output_dim(), Some(27));
+    }
+
+    #[test]
+    fn floats_are_spelled_for_yaml_1_1() {
+        assert_eq!(
+            yaml_1_1_floats("a:\n  eps: 1e-8\n  lr: 0.001\n  n: 12\nb:\n- -2e5\nc: 1e-8x\n"),
+            "a:\n  eps: 1.0e-8\n  lr: 0.001\n  n: 12\nb:\n- -2.0e5\nc: 1e-8x\n"
+        );
     }
 
     #[test]
