@@ -30,6 +30,9 @@ BatchNorm running_mean U(-0.1, 0.1) and running_var U(0.5, 1.5). Targets: uttera
 1/std over the valid frames of these features (variance floored at 1e-20, as WeNet).
 Features: kaldi-native-fbank, 80 bins, dither 0, 16-bit sample scale, other options default.
 
+With --save-pt PATH it also writes the model as WeNet saves one,
+torch.save(model.state_dict(), PATH) (a WeNet checkpoint for the import tests).
+
 Also checks (and prints) that every output is finite, that chunk modes differ from full,
 and that each utterance run alone gives the same valid frames as in the batch (asserted
 only with a causal conv module: a non-causal one reads padded frames, as in WeNet).
@@ -183,6 +186,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--quiet", action="store_true", help="do not print the parameter names")
+    ap.add_argument("--save-pt", help="also torch.save(model.state_dict()) here, as WeNet does")
     a = ap.parse_args()
     assert a.vocab >= 5, "--vocab must leave room for blank, one id, ids >= 2 and sos/eos"
 
@@ -288,6 +292,8 @@ def main():
     for k, v in weights.items():
         assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
     save_file(weights, os.path.join(a.out, "weights.safetensors"))
+    if a.save_pt:
+        torch.save(model.state_dict(), a.save_pt)
     io = {k: v.detach().clone().contiguous() for k, v in io.items()}
     for k, v in io.items():
         assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)

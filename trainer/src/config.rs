@@ -299,6 +299,13 @@ pub struct TrainConfig {
     model_dir: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing)]
     save_states: Option<serde_yaml::Value>,
+    // WeNet 2.x spellings of `cmvn_conf`, and the LF-MMI directory (empty for ASR models).
+    #[serde(default, skip_serializing)]
+    cmvn_file: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    is_json_cmvn: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    lfmmi_dir: Option<serde_yaml::Value>,
 }
 
 fn input_dim() -> i64 {
@@ -395,6 +402,9 @@ impl TrainConfig {
             ("dtype", self.dtype.is_some()),
             ("model_dir", self.model_dir.is_some()),
             ("save_states", self.save_states.is_some()),
+            ("cmvn_file", self.cmvn_file.is_some()),
+            ("is_json_cmvn", self.is_json_cmvn.is_some()),
+            ("lfmmi_dir", self.lfmmi_dir.is_some()),
         ];
         for (k, present) in keys {
             if present {
@@ -402,6 +412,54 @@ impl TrainConfig {
             }
         }
         v
+    }
+
+    /// `output_dim` of a WeNet train.yaml (its vocabulary size), when the file has it.
+    pub fn wenet_output_dim(&self) -> Option<i64> {
+        self.output_dim.as_ref().and_then(serde_yaml::Value::as_i64)
+    }
+
+    /// Refuses values of the WeNet keys that training ignores but that would make a WeNet
+    /// model compute something this model does not (a CTC blank other than 0, another CTC
+    /// or CMVN kind, an LF-MMI model), naming the key. Used when importing WeNet
+    /// checkpoints, whose weights must mean the same here.
+    pub fn check_wenet_model_keys(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let string =
+            |v: &Option<serde_yaml::Value>| v.as_ref().and_then(|v| v.as_str().map(str::to_string));
+        if let Some(ctc) = string(&self.ctc).filter(|c| c != "ctc") {
+            return bad(format!("ctc: {ctc:?} is not supported (supported: ctc)"));
+        }
+        if let Some(conf) = &self.ctc_conf {
+            let Some(map) = conf.as_mapping() else {
+                return bad("ctc_conf must be a mapping".into());
+            };
+            for (k, v) in map {
+                let key = k.as_str().unwrap_or("?");
+                match key {
+                    "ctc_blank_id" if v.as_i64() == Some(0) => {}
+                    "ctc_blank_id" => {
+                        return bad(format!(
+                            "ctc_conf.ctc_blank_id: {v:?} is not supported (upcycle's CTC blank is unit 0)"
+                        ))
+                    }
+                    _ => {
+                        return bad(format!(
+                            "ctc_conf.{key}: not an option of upcycle's CTC (remove it if it is at WeNet's default)"
+                        ))
+                    }
+                }
+            }
+        }
+        if let Some(cmvn) = string(&self.cmvn).filter(|c| c != "global_cmvn") {
+            return bad(format!(
+                "cmvn: {cmvn:?} is not supported (supported: global_cmvn or none)"
+            ));
+        }
+        if string(&self.lfmmi_dir).is_some_and(|d| !d.is_empty()) {
+            return bad("lfmmi_dir: LF-MMI (k2) models are not supported (supported: model: asr_model with an empty lfmmi_dir)".into());
+        }
+        Ok(())
     }
 
     /// Checks values that parse but cannot work, naming the key.

@@ -1,8 +1,11 @@
 //! The checkpoint conversion tool (`upcycle convert ...`): `upcycle`, a dense checkpoint
 //! to its MoE child (UME); `consolidate`, a sharded checkpoint to one safetensors file
 //! with its config, units and CMVN; `shard` and `reshard`, to a sharded checkpoint for a
-//! given number of workers and expert parallelism. Every command checks its input first
-//! and writes its output under a temporary name, renamed when complete.
+//! given number of workers and expert parallelism; WeNet import/export ([`wenet`]). Every
+//! command checks its input first and writes its output under a temporary name, renamed
+//! when complete.
+
+pub mod wenet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

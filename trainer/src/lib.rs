@@ -13,7 +13,8 @@
 //! | [`tensorboard`] | TensorBoard event files |
 //! | [`report`] | plots and a Markdown summary of runs (`upcycle report`) |
 //! | [`checkpoint`] | checkpoint directories (single-file for now) |
-//! | [`convert`] | the conversion tool: dense -> MoE (upcycle) |
+//! | [`convert`] | the conversion tool: dense -> MoE (upcycle), WeNet import/export |
+//! | [`torch_file`] | `torch.save` state dicts read (no pickle code run) and written |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
 //! | [`scoring`] | edit distance and error rates |
 //! | [`bench`] | benchmarks of the Rust side |
@@ -32,4 +33,5 @@ pub mod optim;
 pub mod report;
 pub mod scoring;
 pub mod tensorboard;
+pub mod torch_file;
 pub mod train;

@@ -34,7 +34,7 @@ enum Command {
     /// Time parts of the pipeline (see bench/ for side-by-side runs with the peers).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Convert checkpoints (dense -> MoE).
+    /// Convert checkpoints (dense -> MoE, WeNet import/export).
     #[command(subcommand)]
     Convert(ConvertCommand),
     /// Look into checkpoints and runs.
@@ -131,6 +131,12 @@ enum ConvertCommand {
     /// A sharded checkpoint -> another layout, optimizer state included (resuming does
     /// this by itself at load; this writes it out).
     Reshard(LayoutArgs),
+    /// A WeNet checkpoint (torch.save state dict or safetensors, and its train.yaml) ->
+    /// our checkpoint; read without running any pickle code.
+    ImportWenet(ImportWenetArgs),
+    /// Our checkpoint -> a WeNet model directory: final.pt, train.yaml, units.txt,
+    /// global_cmvn.
+    ExportWenet(ExportWenetArgs),
 }
 
 #[derive(Args)]
@@ -147,6 +153,38 @@ struct LayoutArgs {
     /// The new checkpoints directory.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct ImportWenetArgs {
+    /// WeNet's model: MODEL.pt (torch.save(model.state_dict())) or MODEL.safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The train.yaml it was trained with.
+    #[arg(long)]
+    config: PathBuf,
+    /// Its units (default: units.txt beside the checkpoint, else beside the config).
+    #[arg(long)]
+    units: Option<PathBuf>,
+    /// Its global_cmvn JSON (default: made from the checkpoint's CMVN buffers).
+    #[arg(long)]
+    cmvn: Option<PathBuf>,
+    /// Where to write our checkpoint (a new directory: gets step-0/ and latest).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportWenetArgs {
+    /// Our checkpoint (a run, its checkpoints/ directory or a step-N directory).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Where to write the WeNet model (a new directory).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write final.safetensors.
+    #[arg(long)]
+    safetensors: bool,
 }
 
 #[derive(Args)]
@@ -571,6 +609,31 @@ fn run(cli: Cli) -> Result<()> {
                     r.unused.join(", ")
                 );
             }
+        }
+        Command::Convert(ConvertCommand::ImportWenet(a)) => {
+            let dir = convert::wenet::import_wenet(&convert::wenet::ImportOptions {
+                checkpoint: a.checkpoint,
+                config: a.config,
+                units: a.units,
+                cmvn: a.cmvn,
+                out: a.out,
+            })?;
+            let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
+            println!(
+                "imported: {total} parameters ({active} active per token) -> {}",
+                dir.display()
+            );
+        }
+        Command::Convert(ConvertCommand::ExportWenet(a)) => {
+            let dir = convert::wenet::export_wenet(&convert::wenet::ExportOptions {
+                checkpoint: a.checkpoint,
+                out: a.out,
+                safetensors: a.safetensors,
+            })?;
+            println!(
+                "exported: {} (final.pt, train.yaml, units.txt, global_cmvn)",
+                dir.display()
+            );
         }
         Command::Inspect(InspectCommand::Routing {
             checkpoint,

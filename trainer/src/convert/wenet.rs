@@ -1,0 +1,518 @@
+//! WeNet checkpoints in and out (`upcycle convert import-wenet` / `export-wenet`).
+//!
+//! A WeNet model is its `state_dict` (`final.pt` from `torch.save`, or safetensors) and
+//! its `train.yaml`; its units and CMVN come as `units.txt` and `global_cmvn`. Parameter
+//! names are the same as ours except in MoE layers ([`upcycle_model::naming`]); the CMVN
+//! statistics are the `encoder.global_cmvn.{mean,istd}` buffers in both. Every command
+//! checks its input before it writes, and writes its output under a temporary name that
+//! is synced and then renamed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+use upcycle_model::naming::{from_wenet, to_wenet};
+
+use crate::checkpoint::{self, fsync_dir, write_synced, SaveRequest, TrainState};
+use crate::config::TrainConfig;
+use crate::data::cmvn::CmvnStats;
+use crate::data::text::Units;
+use crate::torch_file;
+
+const CMVN_MEAN: &str = "encoder.global_cmvn.mean";
+const CMVN_ISTD: &str = "encoder.global_cmvn.istd";
+
+/// What `upcycle convert import-wenet` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// WeNet's state dict: a `torch.save` file (`.pt`) or `.safetensors`.
+    pub checkpoint: PathBuf,
+    /// Its `train.yaml`.
+    pub config: PathBuf,
+    /// Its units (default: `units.txt` beside the checkpoint, else beside the config).
+    pub units: Option<PathBuf>,
+    /// Its `global_cmvn` JSON (default: statistics that give the checkpoint's buffers).
+    pub cmvn: Option<PathBuf>,
+    /// Output checkpoint root (gets `step-0/` and `latest`); must be new or empty.
+    pub out: PathBuf,
+}
+
+/// What `upcycle convert export-wenet` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Our checkpoint (a run, its `checkpoints/` or a `step-N` directory).
+    pub checkpoint: PathBuf,
+    /// Output directory (gets `final.pt`, `train.yaml`, `units.txt`, `global_cmvn`);
+    /// must be new or empty.
+    pub out: PathBuf,
+    /// Also write `final.safetensors`.
+    pub safetensors: bool,
+}
+
+/// Refuses an output that exists and is not an empty directory.
+fn check_new(out: &Path) -> Result<()> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        ensure!(
+            empty,
+            "{}: already exists; choose a new --out (nothing was overwritten)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// A hidden sibling of `out` to build it in, and `out`'s parent (created).
+fn staging(out: &Path, what: &str) -> Result<(PathBuf, PathBuf)> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {}: not a directory name", out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let tmp = parent.join(format!(".{name}.{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok((tmp, parent))
+}
+
+/// Moves the finished `tmp` to `out` (an empty `out` is replaced).
+fn publish(tmp: &Path, out: &Path, parent: &Path) -> Result<()> {
+    if out.exists() {
+        std::fs::remove_dir(out)?;
+    }
+    std::fs::rename(tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    fsync_dir(parent);
+    Ok(())
+}
+
+/// A WeNet state dict by name: `torch.save` file or safetensors, by extension.
+pub fn read_wenet_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = if path.extension().is_some_and(|e| e == "safetensors") {
+        Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?
+    } else {
+        torch_file::read_state_dict(path)?
+    };
+    Ok(tensors.into_iter().collect())
+}
+
+/// Statistics whose mean and inverse std are `mean`, `istd` (one pseudo-frame), for a
+/// checkpoint imported without its `global_cmvn` file.
+fn cmvn_from_buffers(mean: &Tensor, istd: &Tensor) -> Result<CmvnStats> {
+    let mean = Vec::<f64>::try_from(mean.to_kind(Kind::Double))?;
+    let istd = Vec::<f64>::try_from(istd.to_kind(Kind::Double))?;
+    Ok(CmvnStats {
+        var_stat: mean
+            .iter()
+            .zip(&istd)
+            .map(|(m, s)| m * m + 1.0 / (s * s))
+            .collect(),
+        mean_stat: mean,
+        frame_num: 1,
+    })
+}
+
+/// Imports a WeNet checkpoint as our `out/step-0`; returns that directory.
+pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
+    check_new(&o.out)?;
+    let what_to_do = "the WeNet train.yaml has an option upcycle's model does not have or \
+                      supports differently: edit it (remove the key if its value is WeNet's \
+                      default) or this checkpoint cannot be imported";
+    let config = TrainConfig::load(&o.config)
+        .and_then(|c| c.check_wenet_model_keys().map(|()| c))
+        .with_context(|| format!("--config {}: {what_to_do}", o.config.display()))?;
+    let units_path = match &o.units {
+        Some(u) => u.clone(),
+        None => [&o.checkpoint, &o.config]
+            .iter()
+            .filter_map(|p| Some(p.parent()?.join("units.txt")))
+            .find(|u| u.is_file())
+            .context("no --units given and no units.txt beside the checkpoint or the config")?,
+    };
+    let units = Units::load(&units_path)?;
+    let vocab = units.len() as i64;
+    if let Some(dim) = config.wenet_output_dim().filter(|&d| d != vocab) {
+        bail!(
+            "{} has {vocab} units but {} says output_dim: {dim}",
+            units_path.display(),
+            o.config.display()
+        );
+    }
+    let given_cmvn = o.cmvn.as_deref().map(CmvnStats::load).transpose()?;
+
+    let wenet = read_wenet_tensors(&o.checkpoint)
+        .with_context(|| format!("--checkpoint {}", o.checkpoint.display()))?;
+    if let Some(w) = wenet.get("ctc.ctc_lo.weight") {
+        ensure!(
+            w.size().first() == Some(&vocab),
+            "{}: ctc.ctc_lo.weight has shape {:?}, so the model has {} output units, but {} has {vocab}",
+            o.checkpoint.display(),
+            w.size(),
+            w.size().first().copied().unwrap_or(0),
+            units_path.display()
+        );
+    }
+    let mut tensors = from_wenet(wenet)
+        .map_err(|e| anyhow::anyhow!("--checkpoint {}: {e}", o.checkpoint.display()))?;
+    // Our checkpoints are float32; half-precision weights widen exactly.
+    for t in tensors.values_mut() {
+        if matches!(t.kind(), Kind::Half | Kind::BFloat16) {
+            *t = t.to_kind(Kind::Float);
+        }
+    }
+
+    let cmvn = match (tensors.get(CMVN_MEAN), tensors.get(CMVN_ISTD), given_cmvn) {
+        (Some(mean), Some(istd), None) => cmvn_from_buffers(mean, istd)?,
+        (Some(mean), Some(istd), Some(given)) => {
+            let (m, s) = given.mean_istd();
+            let close = |a: &Tensor, b: Vec<f32>| {
+                let b = Tensor::from_slice(&b);
+                a.size() == b.size() && a.to_kind(Kind::Float).allclose(&b, 1e-4, 1e-6, false)
+            };
+            ensure!(
+                close(mean, m) && close(istd, s),
+                "--cmvn {}: its mean and inverse std differ from the checkpoint's {CMVN_MEAN} \
+                 and {CMVN_ISTD}, which the model was trained with; leave --cmvn out",
+                o.cmvn.as_ref().expect("given").display()
+            );
+            given
+        }
+        (None, None, given) => {
+            // A WeNet model built with `cmvn: null` normalises nothing: the identity.
+            ensure!(
+                given.is_none(),
+                "--checkpoint {}: has no {CMVN_MEAN}/{CMVN_ISTD} (its model applies no CMVN), \
+                 so --cmvn would change its outputs; leave --cmvn out",
+                o.checkpoint.display()
+            );
+            let dim = config.input_dim;
+            tensors.insert(CMVN_MEAN.into(), Tensor::zeros([dim], tch::kind::FLOAT_CPU));
+            tensors.insert(CMVN_ISTD.into(), Tensor::ones([dim], tch::kind::FLOAT_CPU));
+            cmvn_from_buffers(&tensors[CMVN_MEAN], &tensors[CMVN_ISTD])?
+        }
+        _ => bail!(
+            "--checkpoint {}: has only one of {CMVN_MEAN} and {CMVN_ISTD}",
+            o.checkpoint.display()
+        ),
+    };
+
+    // Build in a hidden sibling and load it back with the checkpoint loader, which checks
+    // every tensor's name and shape against the model the config builds.
+    let (tmp, parent) = staging(&o.out, "import")?;
+    let result = (|| -> Result<()> {
+        checkpoint::save(
+            &tmp,
+            tensors
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+            SaveRequest {
+                config: &config,
+                state: &TrainState::default(),
+                units: &units,
+                cmvn: &cmvn,
+                optimizer: (0, Vec::new()),
+                is_best: false,
+            },
+        )?;
+        let loaded = checkpoint::load_model(&tmp, Device::Cpu)?;
+        let ours: BTreeSet<String> = loaded.vs.variables().into_keys().collect();
+        let unknown: Vec<&String> = tensors.keys().filter(|k| !ours.contains(*k)).collect();
+        if !unknown.is_empty() {
+            bail!(
+                "{} tensor(s) that the model of {} does not have: {} (a different model? \
+                 check the config's options, e.g. mlp_type, n_expert, use_cnn_module, \
+                 r_num_blocks)",
+                unknown.len(),
+                o.config.display(),
+                unknown
+                    .iter()
+                    .map(|s| WenetName(s).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    })()
+    .with_context(|| {
+        format!(
+            "--checkpoint {} does not fit the model that --config {} describes",
+            o.checkpoint.display(),
+            o.config.display()
+        )
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    publish(&tmp, &o.out, &parent)?;
+    Ok(o.out.join("step-0"))
+}
+
+/// An our-named tensor as the user knows it (WeNet's name when it differs).
+struct WenetName<'a>(&'a str);
+
+impl std::fmt::Display for WenetName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.strip_suffix(".router.weight") {
+            Some(layer) => write!(f, "{layer}.gate.weight"),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// Refuses what WeNet's model cannot express, naming the key.
+fn check_wenet_expressible(c: &TrainConfig) -> Result<()> {
+    let e = &c.encoder_conf;
+    let d = &c.decoder_conf;
+    let all = |l: &Option<Vec<usize>>, n: usize| {
+        l.as_ref()
+            .is_none_or(|l| l.iter().copied().collect::<BTreeSet<_>>() == (0..n).collect())
+    };
+    let refuse = |key: &str| {
+        bail!(
+            "{key}: WeNet's model has no such option (its MoE makes every feed-forward network \
+             of every block an MoE layer with its own experts); this checkpoint cannot be \
+             exported to WeNet"
+        )
+    };
+    if e.mlp_type == "moe" {
+        if !all(&e.moe_layers, e.num_blocks) {
+            return refuse("encoder_conf.moe_layers");
+        }
+        if !e.moe_macaron && e.macaron_style {
+            return refuse("encoder_conf.moe_macaron: false");
+        }
+        if !e.expert_sharing.is_empty() {
+            return refuse("encoder_conf.expert_sharing");
+        }
+    }
+    if d.mlp_type == "moe" && !all(&d.moe_layers, d.num_blocks.max(d.r_num_blocks)) {
+        return refuse("decoder_conf.moe_layers");
+    }
+    if c.moe_conf.softmax_before_topk {
+        bail!(
+            "moe_conf.softmax_before_topk: WeNet routes by a softmax over the top-k logits; \
+             this model routes otherwise and cannot be exported to WeNet"
+        );
+    }
+    Ok(())
+}
+
+/// WeNet's train.yaml for our config: WeNet's keys (its `init_model` passes
+/// `encoder_conf`, `decoder_conf` and `model_conf` as keyword arguments, so only its own
+/// keys may be there), the data-derived ones it expects (`output_dim`, CMVN, tokenizer),
+/// and our `moe_conf` at the top level, which WeNet does not read.
+fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_yaml::Value> {
+    use serde_yaml::{Mapping, Value};
+    let mut v = serde_yaml::to_value(c)?;
+    let root = v.as_mapping_mut().context("config is not a mapping")?;
+    root.remove("upcycle_conf");
+    let section = |root: &mut Mapping, key: &str| -> Result<()> {
+        let m = root
+            .get_mut(key)
+            .and_then(Value::as_mapping_mut)
+            .with_context(|| format!("config has no {key}"))?;
+        let dense = m.get("mlp_type").and_then(Value::as_str) != Some("moe");
+        for ours in ["moe_layers", "moe_macaron", "expert_sharing"] {
+            m.remove(ours);
+        }
+        // A dense model's yaml stays loadable by WeNet versions without MoE.
+        if dense {
+            for k in ["mlp_type", "n_expert", "n_expert_activated"] {
+                m.remove(k);
+            }
+        }
+        Ok(())
+    };
+    section(root, "encoder_conf")?;
+    section(root, "decoder_conf")?;
+    if let Some(Value::Mapping(ds)) = root.get_mut("dataset_conf") {
+        for ours in ["max_bad_fraction", "num_workers", "prefetch"] {
+            ds.remove(ours);
+        }
+    }
+    // WeNet's WarmupLR takes warmup_steps only.
+    if c.scheduler == "warmuplr" {
+        let mut s = Mapping::new();
+        s.insert("warmup_steps".into(), c.scheduler_conf.warmup_steps.into());
+        root.insert("scheduler_conf".into(), s.into());
+    }
+    let out = std::path::absolute(out)?;
+    let path = |f: &str| Value::from(out.join(f).display().to_string());
+    let yaml = |s: &str| -> Result<Value> { Ok(serde_yaml::from_str(s)?) };
+    let v_1 = vocab as i64 - 1;
+    root.insert("output_dim".into(), (vocab as i64).into());
+    root.insert("vocab_size".into(), (vocab as i64).into());
+    root.insert("cmvn".into(), "global_cmvn".into());
+    let mut cmvn_conf = Mapping::new();
+    cmvn_conf.insert("cmvn_file".into(), path("global_cmvn"));
+    cmvn_conf.insert("is_json_cmvn".into(), true.into());
+    root.insert("cmvn_conf".into(), cmvn_conf.into());
+    root.insert("ctc".into(), "ctc".into());
+    root.insert("ctc_conf".into(), yaml("{ctc_blank_id: 0}")?);
+    root.insert("dataset".into(), "asr".into());
+    root.insert("tokenizer".into(), "char".into());
+    let mut tok = yaml(&format!(
+        "{{split_with_space: false, bpe_path: null, non_lang_syms_path: null, \
+         is_multilingual: false, num_languages: 1, \
+         special_tokens: {{'<blank>': 0, '<unk>': 1, '<sos>': {v_1}, '<eos>': {v_1}}}}}"
+    ))?;
+    tok.as_mapping_mut()
+        .expect("a mapping")
+        .insert("symbol_table_path".into(), path("units.txt"));
+    root.insert("tokenizer_conf".into(), tok);
+    Ok(v)
+}
+
+/// `1e-8` -> `1.0e-8`: PyYAML (YAML 1.1), which WeNet reads its train.yaml with, takes a
+/// float without a dot for a string (and then Adam gets `eps: "1e-8"`).
+fn yaml_1_1_floats(text: &str) -> String {
+    let fix = |v: &str| -> Option<String> {
+        let (mantissa, exp) = v.split_once(['e', 'E'])?;
+        let digits = mantissa.strip_prefix('-').unwrap_or(mantissa);
+        let exp_digits = exp.strip_prefix(['-', '+']).unwrap_or(exp);
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        (all_digits(digits) && all_digits(exp_digits)).then(|| format!("{mantissa}.0e{exp}"))
+    };
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.lines() {
+        let value_at = match line.rfind(": ") {
+            Some(i) => Some(i + 2),
+            None => line
+                .find("- ")
+                .filter(|&i| line[..i].trim().is_empty())
+                .map(|i| i + 2),
+        };
+        match value_at.and_then(|i| Some((i, fix(&line[i..])?))) {
+            Some((i, v)) => {
+                out.push_str(&line[..i]);
+                out.push_str(&v);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Exports our checkpoint as a WeNet model directory; returns it.
+pub fn export_wenet(o: &ExportOptions) -> Result<PathBuf> {
+    check_new(&o.out)?;
+    let loaded = checkpoint::load_model(&o.checkpoint, Device::Cpu)
+        .with_context(|| format!("--checkpoint {}", o.checkpoint.display()))?;
+    check_wenet_expressible(&loaded.config)
+        .with_context(|| format!("--checkpoint {}", loaded.dir.display()))?;
+    let cmvn = CmvnStats::load(&loaded.dir.join("global_cmvn"))?;
+    let yaml = wenet_train_yaml(&loaded.config, loaded.units.len(), &o.out)?;
+    let tensors: Vec<(String, Tensor)> = to_wenet(loaded.vs.variables().into_iter().collect())
+        .into_iter()
+        .collect();
+
+    let (tmp, parent) = staging(&o.out, "export")?;
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        torch_file::write_state_dict(&tmp.join("final.pt"), &tensors)?;
+        if o.safetensors {
+            let f = tmp.join("final.safetensors");
+            Tensor::write_safetensors(&tensors, &f)?;
+            std::fs::File::open(&f)?.sync_all()?;
+        }
+        write_synced(
+            &tmp.join("train.yaml"),
+            yaml_1_1_floats(&serde_yaml::to_string(&yaml)?).as_bytes(),
+        )?;
+        loaded.units.save(&tmp.join("units.txt"))?;
+        cmvn.save(&tmp.join("global_cmvn"))?;
+        for f in ["units.txt", "global_cmvn"] {
+            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        }
+        fsync_dir(&tmp);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing {}", o.out.display())));
+    }
+    publish(&tmp, &o.out, &parent)?;
+    Ok(o.out.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> TrainConfig {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.yaml");
+        TrainConfig::load(&p).unwrap()
+    }
+
+    #[test]
+    fn exported_yaml_has_wenet_keys_only_and_reimports() {
+        let mut c = tiny();
+        c.encoder_conf.mlp_type = "moe".into();
+        c.encoder_conf.n_expert = 4;
+        let v = wenet_train_yaml(&c, 27, Path::new("/x/out")).unwrap();
+        let enc = v["encoder_conf"].as_mapping().unwrap();
+        assert!(enc.contains_key("n_expert") && !enc.contains_key("moe_macaron"));
+        let dec = v["decoder_conf"].as_mapping().unwrap();
+        assert!(!dec.contains_key("mlp_type") && !dec.contains_key("moe_layers"));
+        assert!(v.get("upcycle_conf").is_none());
+        assert_eq!(v["output_dim"].as_i64(), Some(27));
+        assert_eq!(
+            v["cmvn_conf"]["cmvn_file"].as_str(),
+            Some("/x/out/global_cmvn")
+        );
+        assert_eq!(
+            v["scheduler_conf"].as_mapping().unwrap().len(),
+            1,
+            "WarmupLR takes warmup_steps only"
+        );
+        let back = TrainConfig::parse(&serde_yaml::to_string(&v).unwrap()).unwrap();
+        back.validate().unwrap();
+        back.check_wenet_model_keys().unwrap();
+        assert_eq!(back.encoder_conf, c.encoder_conf);
+        assert_eq!(back.decoder_conf, c.decoder_conf);
+        assert_eq!(back.model_conf, c.model_conf);
+        assert_eq!(back.wenet_output_dim(), Some(27));
+    }
+
+    #[test]
+    fn floats_are_spelled_for_yaml_1_1() {
+        assert_eq!(
+            yaml_1_1_floats("a:\n  eps: 1e-8\n  lr: 0.001\n  n: 12\nb:\n- -2e5\nc: 1e-8x\n"),
+            "a:\n  eps: 1.0e-8\n  lr: 0.001\n  n: 12\nb:\n- -2.0e5\nc: 1e-8x\n"
+        );
+    }
+
+    #[test]
+    fn what_wenet_cannot_express_is_refused_by_name() {
+        let mut c = tiny();
+        c.encoder_conf.mlp_type = "moe".into();
+        c.encoder_conf.moe_layers = Some(vec![1]);
+        let e = check_wenet_expressible(&c).unwrap_err().to_string();
+        assert!(e.contains("encoder_conf.moe_layers"), "{e}");
+        c.encoder_conf.moe_layers = Some(vec![1, 0]);
+        check_wenet_expressible(&c).unwrap();
+        c.moe_conf.softmax_before_topk = true;
+        let e = check_wenet_expressible(&c).unwrap_err().to_string();
+        assert!(e.contains("softmax_before_topk"), "{e}");
+    }
+
+    #[test]
+    fn cmvn_from_buffers_gives_them_back() {
+        let mean = Tensor::from_slice(&[1.5f32, -2.0, 0.25]);
+        let istd = Tensor::from_slice(&[0.5f32, 3.0, 1.0]);
+        let (m, s) = cmvn_from_buffers(&mean, &istd).unwrap().mean_istd();
+        assert_eq!(m, vec![1.5, -2.0, 0.25]);
+        for (a, b) in s.iter().zip([0.5f32, 3.0, 1.0]) {
+            assert!((a - b).abs() <= 1e-6 * b, "{a} {b}");
+        }
+    }
+}
