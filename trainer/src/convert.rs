@@ -40,6 +40,9 @@ pub struct UpcycleOptions {
     pub encoder_only: bool,
     /// Seed of the routers (and the noise).
     pub seed: u64,
+    /// Workers and expert parallelism the checkpoint is sharded for (any layout loads it;
+    /// this only decides which files hold what).
+    pub layout: Layout,
 }
 
 /// Writes the upcycled checkpoint; returns its directory and what was done.
@@ -77,9 +80,11 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
     let parent = checkpoint::read_tensors(&dense.dir)?;
     let report = upcycle(&parent, &vs, o.noise).map_err(anyhow::Error::msg)?;
     let cmvn = CmvnStats::load(&dense.dir.join("global_cmvn"))?;
-    let dir = checkpoint::save(
+    let dir = checkpoint::save_layout(
         &o.out,
-        vs.variables().into_iter().collect(),
+        o.layout,
+        &vs.variables().into_iter().collect(),
+        &BTreeMap::new(),
         SaveRequest {
             config: &config,
             state: &TrainState::default(),

@@ -216,6 +216,12 @@ struct UpcycleArgs {
     /// Seed of the routers and the noise.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Shard the checkpoint for this many workers (any layout loads it).
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// ... with this expert-parallel size (divides world and --experts).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
 }
 
 #[derive(Args)]
@@ -593,6 +599,7 @@ fn run(cli: Cli) -> Result<()> {
                 router_std: a.router_std,
                 encoder_only: a.encoder_only,
                 seed: a.seed,
+                layout: upcycle_trainer::checkpoint::Layout::new(a.world, a.ep),
             })?;
             let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
             println!(

@@ -43,10 +43,17 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
         "4",
         "--top-k",
         "2",
+        // Sharded for 2 workers with ep 2; one process loads it whole.
+        "--world",
+        "2",
+        "--ep",
+        "2",
         "--out",
         moe_ckpt.to_str().unwrap(),
     ]));
     assert!(out.contains("expert banks filled"), "{out}");
+    let m = checkpoint::read_manifest(&checkpoint::resolve(&moe_ckpt).unwrap()).unwrap();
+    assert_eq!((m.layout.world, m.layout.ep), (2, 2));
     // Converting into a directory that holds a checkpoint is refused.
     let again = upcycle(&[
         "convert",
