@@ -480,6 +480,27 @@ impl TrainConfig {
         if self.decoder == "transformer" && self.decoder_conf.r_num_blocks > 0 {
             return bad("decoder_conf.r_num_blocks needs decoder: bitransformer".into());
         }
+        for (section, mlp, k) in [
+            (
+                "encoder_conf",
+                &self.encoder_conf.mlp_type,
+                self.encoder_conf.n_expert_activated,
+            ),
+            (
+                "decoder_conf",
+                &self.decoder_conf.mlp_type,
+                self.decoder_conf.n_expert_activated,
+            ),
+        ] {
+            if mlp == "moe" && k == 1 && !self.moe_conf.softmax_before_topk {
+                return bad(format!(
+                    "{section}.n_expert_activated: 1 with WeNet's routing (softmax over the \
+                     chosen experts) gives every token weight 1, so the router gets no \
+                     gradient and never learns; set moe_conf.softmax_before_topk: true \
+                     (Switch-style top-1) or choose 2 or more experts"
+                ));
+            }
+        }
         if self.model != "asr_model" {
             return bad(format!(
                 "model: {:?} is not supported (supported: asr_model)",
@@ -580,5 +601,18 @@ mod tests {
             .contains("r_num_blocks"));
         let c = TrainConfig::parse("cmvn: global_cmvn\ntrain_engine: torch_ddp").unwrap();
         assert_eq!(c.ignored_keys(), vec!["cmvn", "train_engine"]);
+    }
+
+    /// Top-1 with WeNet's routing would leave the router without a gradient.
+    #[test]
+    fn top_1_needs_softmax_before_top_k() {
+        let moe = "encoder_conf: {mlp_type: moe, n_expert: 4, n_expert_activated: 1}";
+        let e = TrainConfig::parse(moe).unwrap().validate().unwrap_err();
+        assert!(
+            e.to_string().contains("encoder_conf.n_expert_activated: 1"),
+            "{e}"
+        );
+        let switch = format!("{moe}\nmoe_conf: {{softmax_before_topk: true}}");
+        TrainConfig::parse(&switch).unwrap().validate().unwrap();
     }
 }
