@@ -26,111 +26,39 @@ fn benchmark_scripts_run() {
     let list = data.join("train/data.list");
     let list = list.to_str().unwrap();
     let python = root.join(".venv/bin/python");
-    for (script, args) in [
-        (
-            "bench/fbank.py",
-            vec!["--list", list, "--files", "3", "--repeat", "1"],
-        ),
-        (
-            "bench/train_step.py",
-            vec![
-                "--list",
-                list,
-                "--config",
-                "configs/tiny.yaml",
-                "--utts",
-                "2",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--repeat",
-                "1",
-                "--threads",
-                "1",
-            ],
-        ),
-        (
-            "bench/moe_cost.py",
-            vec![
-                "--list",
-                list,
-                "--config",
-                "configs/tiny.yaml",
-                "--utts",
-                "2",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--repeat",
-                "1",
-                "--threads",
-                "1",
-            ],
-        ),
-        (
-            "bench/moe_layer.py",
-            vec![
-                "--tokens",
-                "64",
-                "--d",
-                "8",
-                "--hidden",
-                "16",
-                "--experts",
-                "4",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--repeat",
-                "1",
-                "--threads",
-                "1",
-            ],
-        ),
-        (
-            "bench/checkpoint.py",
-            vec![
-                "--config",
-                "configs/tiny.yaml",
-                "--synthetic-mib",
-                "16",
-                "--repeat",
-                "1",
-            ],
-        ),
-        (
-            "bench/collectives.py",
-            vec![
-                "--sizes",
-                "65536",
-                "--autograd-sizes",
-                "65536",
-                "--repeat",
-                "1",
-            ],
-        ),
+    // One tiny repetition of every benchmark through the suite's own runner.
+    let json = tmp.path().join("all.json");
+    let o = Command::new(&python)
+        .current_dir(&root)
+        .args([
+            "bench/all.py",
+            "--quick",
+            "--list",
+            list,
+            "--bin",
+            bin,
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "bench/all.py: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for script in [
+        "fbank.py",
+        "train_step.py",
+        "moe_layer.py",
+        "moe_cost.py",
+        "collectives.py",
+        "checkpoint.py",
     ] {
-        let json = tmp.path().join("out.json");
-        let o = Command::new(&python)
-            .current_dir(&root)
-            .arg(script)
-            .args(&args)
-            .arg("--bin")
-            .arg(bin)
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        assert!(r["ratio_median"].as_f64().unwrap() > 0.0, "{script}: {r}");
+        let ratio = r[script]["result"]["ratio_median"].as_f64();
+        assert!(ratio.is_some_and(|x| x > 0.0), "{script}: {r}");
     }
 }
