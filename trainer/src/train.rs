@@ -226,6 +226,40 @@ fn to_device(b: &Batch, d: Device) -> [tch::Tensor; 4] {
     ]
 }
 
+/// Where a log window's time went on this worker (seconds): waiting for batches, forward
+/// (with the losses), backward, gradient synchronisation and clipping, optimizer.
+#[derive(Debug, Default)]
+struct StepTimes {
+    data: f64,
+    forward: f64,
+    backward: f64,
+    sync: f64,
+    optimizer: f64,
+}
+
+impl StepTimes {
+    fn take_into(&mut self, line: &mut serde_json::Value) {
+        let t = std::mem::take(self);
+        for (key, v) in [
+            ("time_data_s", t.data),
+            ("time_forward_s", t.forward),
+            ("time_backward_s", t.backward),
+            ("time_sync_s", t.sync),
+            ("time_optimizer_s", t.optimizer),
+        ] {
+            line[key] = v.into();
+        }
+    }
+}
+
+/// Seconds since `lap`, which moves to now.
+fn lap_secs(lap: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let secs = (now - *lap).as_secs_f64();
+    *lap = now;
+    secs
+}
+
 /// The config keys that decide what a checkpoint's tensors mean: a resumed run must
 /// agree on them.
 const MODEL_KEYS: [&str; 9] = [
@@ -517,6 +551,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) =
         (0usize, 0.0, 0.0, 0.0, 0u64);
     let mut win_moe = RoutingWindow::default();
+    let mut times = StepTimes::default();
     let mut micro = 0u64;
     let mut nonfinite_run = 0u32;
     let mut skipped_total = state.skipped;
@@ -542,8 +577,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         bar.set_prefix(format!("epoch {epoch}"));
         let batches = train_loader.epoch_from(epoch, skip)?;
         state.epoch_batches = batches.plan().batches_per_rank as u64;
-        for batch in batches {
+        let mut batches = batches;
+        loop {
+            let asked = Instant::now();
+            let Some(batch) = batches.next() else {
+                break;
+            };
             let b = batch?;
+            times.data += asked.elapsed().as_secs_f64();
+            let mut lap = Instant::now();
             state.batches_in_epoch = b.index as u64 + 1;
             // Every random draw of the step is keyed by (seed, epoch, batch): a resumed
             // run draws what the uninterrupted one would have.
@@ -575,6 +617,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 d
             });
             let loss = l.loss.double_value(&[]);
+            times.forward += lap_secs(&mut lap);
             if dist.any(!loss.is_finite())? {
                 nonfinite_run += 1;
                 skipped_total += 1;
@@ -591,6 +634,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             }
             nonfinite_run = 0;
             (&l.loss / config.accum_grad as f64).backward();
+            times.backward += lap_secs(&mut lap);
             micro += 1;
             win_frames += b.num_frames;
             win_loss += loss;
@@ -609,6 +653,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 }
                 None => opt.clip_grad_norm(config.grad_clip),
             };
+            times.sync += lap_secs(&mut lap);
             let lr = schedule.lr(state.step);
             if grad_norm.is_finite() {
                 opt.step(lr);
@@ -620,6 +665,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 );
             }
             opt.zero_grad();
+            times.optimizer += lap_secs(&mut lap);
             state.step += 1;
             bar.inc(1);
 
@@ -640,6 +686,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     "elapsed_s": started.elapsed().as_secs_f64(), "freeze_phase": phase.flatten(),
                 });
                 win_moe.take_into(&mut line, win_n.max(1));
+                times.take_into(&mut line);
                 log(line)?;
                 bar.set_message(format!(
                     "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
