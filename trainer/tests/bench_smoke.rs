@@ -61,4 +61,18 @@ fn benchmark_scripts_run() {
         let ratio = r[script]["result"]["ratio_median"].as_f64();
         assert!(ratio.is_some_and(|x| x > 0.0), "{script}: {r}");
     }
+    // The step-time breakdown (not a comparison): two tiny steps.
+    let o = Command::new(&python)
+        .current_dir(&root)
+        .args(["bench/profile_step.py", "--configs", "configs/tiny.yaml", "--steps", "2"])
+        .args(["--log-interval", "1", "--bin", bin, "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "bench/profile_step.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("configs/tiny.yaml"));
 }
