@@ -64,7 +64,13 @@ fn benchmark_scripts_run() {
     // The step-time breakdown (not a comparison): two tiny steps.
     let o = Command::new(&python)
         .current_dir(&root)
-        .args(["bench/profile_step.py", "--configs", "configs/tiny.yaml", "--steps", "2"])
+        .args([
+            "bench/profile_step.py",
+            "--configs",
+            "configs/tiny.yaml",
+            "--steps",
+            "2",
+        ])
         .args(["--log-interval", "1", "--bin", bin, "--data"])
         .arg(&data)
         .output()
