@@ -249,18 +249,19 @@ impl Output {
         }
         if let Some(dir) = &self.log_dir {
             let attempt = s.attempt;
-            if !s.logs.contains_key(&source) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = s.logs.entry(source) {
                 let name = match source {
                     Source::Rank(r) => format!("rank-{r}.log"),
                     Source::Mpirun => "mpirun.log".into(),
                 };
+                // A log that cannot be opened costs only the log, not the run.
                 if let Ok(mut f) = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(dir.join(name))
                 {
                     let _ = writeln!(f, "--- attempt {attempt} ---");
-                    s.logs.insert(source, f);
+                    slot.insert(f);
                 }
             }
             if let Some(f) = s.logs.get_mut(&source) {

@@ -354,6 +354,32 @@ fn a_plan_upcycles_trains_frozen_then_full_on_other_worker_counts_and_is_not_rer
         err.contains("stage full finished earlier with another command"),
         "{err}"
     );
+
+    // A stage that did not finish runs again and continues from its own latest
+    // checkpoint (not from --init): forget `full` (as if it had failed after step 2) and
+    // ask for one more step.
+    let state_file = t.join("plan/plan-state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    state["finished"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| s["name"] == "upcycle" || s["name"] == "frozen");
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    let text = std::fs::read_to_string(&plan_file).unwrap();
+    let three_stages = &text[..text.find("- name: eval").unwrap()];
+    std::fs::write(&plan_file, three_stages).unwrap();
+    let o = upcycle(&["launch", "--plan", &p(&plan_file)]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("finished earlier, skipped").count(), 2, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let steps: Vec<u64> = metrics(&t.join("full"))
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "steps 1 and 2 were not trained again");
 }
 
 #[test]
