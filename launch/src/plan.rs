@@ -256,3 +256,42 @@ impl Plan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(stages: &str) -> Result<(), String> {
+        let p: Plan = serde_yaml::from_str(&format!("out: x\nstages:\n{stages}")).unwrap();
+        p.check()
+    }
+
+    #[test]
+    fn the_example_plan_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ume-plan.yaml");
+        let p = Plan::load(&path).unwrap();
+        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["upcycle", "frozen", "full", "eval", "export"]);
+        assert_eq!(p.stages[2].args().last().unwrap(), "2");
+    }
+
+    #[test]
+    fn plans_that_cannot_run_are_refused_by_stage() {
+        let e = plan("- {name: a, command: [train]}\n- {name: a, command: [eval]}").unwrap_err();
+        assert!(e.contains("used twice"), "{e}");
+        let e = plan("- {name: a, nproc: 4, ep: 3, command: [train]}").unwrap_err();
+        assert!(e.contains("ep 3 does not divide nproc 4"), "{e}");
+        let e = plan("- {name: a, ep: 1, command: [eval]}").unwrap_err();
+        assert!(e.contains("ep is for train stages"), "{e}");
+        let e = plan("- {name: a, nproc: 2, ep: 2, command: [train, --ep, '2']}").unwrap_err();
+        assert!(e.contains("keep one"), "{e}");
+        let e = plan("- {name: a, command: [launch]}").unwrap_err();
+        assert!(e.contains("upcycle subcommand"), "{e}");
+        let e = plan("- {name: 'a b', command: [eval]}").unwrap_err();
+        assert!(e.contains("letters, digits"), "{e}");
+        let e = plan("- {name: a, nproc: 2, backend: nccl, command: [train]}").unwrap_err();
+        assert!(e.contains("--backend mpi"), "{e}");
+        let bad: Result<Plan, _> = serde_yaml::from_str("out: x\nstages:\n- {name: a, cmd: [x]}");
+        assert!(bad.unwrap_err().to_string().contains("unknown field `cmd`"));
+    }
+}
