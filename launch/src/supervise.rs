@@ -828,6 +828,33 @@ mod tests {
     }
 
     #[test]
+    fn an_mpirun_that_keeps_its_job_up_after_a_worker_ended_is_stopped_as_hung() {
+        // A stand-in for mpirun: passes the version check, starts two "ranks", one of
+        // which ends at once while mpirun waits for the other forever.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("mpirun");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'mpirun (Open MPI) 4.1.4'; exit 0; fi\n\
+             sleep 60 &\nsleep 0.5 &\nwait\n",
+        )
+        .unwrap();
+        Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+        let mut spec = LaunchSpec::new(vec!["true".into()], 2, Spawn::Mpirun);
+        spec.mpirun = fake.into_os_string();
+        spec.hang_grace = Duration::from_secs(1);
+        spec.stop_grace = Duration::from_millis(200);
+        let t = Instant::now();
+        let e = launch(&spec).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(20));
+        let LaunchError::Failed(f) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(f.status, WorkerStatus::Hung);
+        assert!(e.to_string().contains("mpirun kept the job up"), "{e}");
+    }
+
+    #[test]
     fn stopping_leaves_no_process_of_the_group() {
         // A worker that ignores SIGTERM and starts a child of its own: both are killed.
         let dir = tempfile::tempdir().unwrap();
