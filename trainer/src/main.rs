@@ -42,6 +42,77 @@ enum Command {
     Inspect(InspectCommand),
     /// Plots (training curves, expert load, comparison) and a Markdown summary of runs.
     Report(ReportArgs),
+    /// Run a command on N supervised workers (torchrun-style; restarts from the latest
+    /// checkpoint on failure), a staged plan, or write a cluster job script.
+    Launch(LaunchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    /// Workers under one `mpirun` job (CPU; on GPUs they still talk NCCL).
+    Mpi,
+    /// Workers spawned directly (GPUs; needs the rendezvous, not built yet).
+    Nccl,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EmitKind {
+    /// An sbatch script whose workers `srun` starts.
+    Slurm,
+    /// A script that starts the workers with `mpirun --hostfile`.
+    Mpirun,
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Workers on this node (default 1; with --emit, the workers per node of the script).
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Nodes: only 1 when launching here; a job script (--emit) may ask for more.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// Restarts of the whole group after a worker fails (each from the latest checkpoint).
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
+    /// How workers talk.
+    #[arg(long, value_enum, default_value = "mpi")]
+    backend: BackendArg,
+    /// MASTER_ADDR given to the workers.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// MASTER_PORT given to the workers.
+    #[arg(long, default_value_t = 29500)]
+    master_port: u16,
+    /// Also write each rank's output to DIR/rank-<r>.log.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when stopping workers.
+    #[arg(long, default_value_t = 10.0)]
+    stop_grace_s: f64,
+    /// Run the stages of this plan file (see launch/README.md) instead of one command.
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// Write a job script for the command or plan instead of running it.
+    #[arg(long, value_enum)]
+    emit: Option<EmitKind>,
+    /// Where --emit writes the script (default: standard output).
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// --emit slurm: GPUs per node.
+    #[arg(long, default_value_t = 0)]
+    gpus_per_node: usize,
+    /// --emit: the job's name.
+    #[arg(long, default_value = "upcycle")]
+    job_name: String,
+    /// --emit slurm: time limit (sbatch --time).
+    #[arg(long)]
+    time: Option<String>,
+    /// --emit slurm: partition.
+    #[arg(long)]
+    partition: Option<String>,
+    /// The upcycle subcommand the workers run, after `--` (e.g. `-- train --config ...`).
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -532,6 +603,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Launch(a) => {
+            if let Err(e) = launch(a) {
+                eprintln!("error: {e}");
+                std::process::exit(e.exit_code());
+            }
+        }
         Command::Data(DataCommand::Prepare(a)) => {
             let t = Instant::now();
             let summary = corpus::prepare(&corpus::PrepareOptions {
@@ -809,6 +886,120 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `upcycle launch`: its own exit statuses (the failing worker's), hence its own error type.
+fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError> {
+    use upcycle_launch::{emit, plan::Plan, Backend, LaunchError, LaunchSpec};
+    let invalid = |m: &str| Err(LaunchError::Invalid(m.into()));
+    let program = std::env::current_exe().map_err(|source| LaunchError::Spawn {
+        what: "the upcycle binary's own path".into(),
+        source,
+    })?;
+    let plan =
+        match (&a.plan, a.command.is_empty()) {
+            (Some(_), false) => return invalid(
+                "--plan and a command after `--` were both given: the plan names its commands; \
+                 give one of them",
+            ),
+            (None, true) => {
+                return invalid(
+                    "nothing to launch: give a command after `--` (e.g. `upcycle launch \
+                 --nproc-per-node 2 -- train --config C --data D --out O`) or --plan FILE",
+                )
+            }
+            (Some(p), true) => Some(Plan::load(p)?),
+            (None, false) => None,
+        };
+    if a.command
+        .first()
+        .is_some_and(|c| c == "launch" || c == "upcycle")
+    {
+        return invalid(
+            "the command after `--` is an upcycle subcommand (train, eval, convert ...), \
+             not `launch` or `upcycle`",
+        );
+    }
+    let nproc = a.nproc_per_node.unwrap_or(1);
+    let backend = match a.backend {
+        BackendArg::Mpi => Backend::Mpi,
+        BackendArg::Nccl => Backend::Nccl,
+    };
+    if let Some(kind) = a.emit {
+        let (stages, state_dir) = match &plan {
+            Some(p) => (
+                emit::plan_stages(p),
+                p.out.join("job-state").display().to_string(),
+            ),
+            None => (
+                vec![emit::ScriptStage {
+                    name: a.command[0].clone(),
+                    nproc: nproc * a.nnodes,
+                    args: a.command.clone(),
+                }],
+                "upcycle-job-state".into(),
+            ),
+        };
+        let script = emit::job_script(
+            &stages,
+            &emit::JobOptions {
+                kind: match kind {
+                    EmitKind::Slurm => emit::ScriptKind::Slurm,
+                    EmitKind::Mpirun => emit::ScriptKind::Mpirun,
+                },
+                job_name: a.job_name,
+                nproc_per_node: a.nproc_per_node,
+                gpus_per_node: a.gpus_per_node,
+                time: a.time,
+                partition: a.partition,
+                max_restarts: plan.as_ref().map_or(a.max_restarts, |p| p.max_restarts),
+                upcycle: program.display().to_string(),
+                state_dir,
+                master_port: a.master_port,
+            },
+        )?;
+        return match &a.script {
+            Some(path) => {
+                std::fs::write(path, script).map_err(|source| LaunchError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                eprintln!("job script: {}", path.display());
+                Ok(())
+            }
+            None => {
+                print!("{script}");
+                Ok(())
+            }
+        };
+    }
+    if a.nnodes > 1 {
+        return invalid(&format!(
+            "--nnodes {}: launching on several nodes is not built yet (it needs the \
+             rendezvous); write a job script with `--emit slurm` or `--emit mpirun`, whose \
+             srun/mpirun start the workers on every node",
+            a.nnodes
+        ));
+    }
+    if !(a.stop_grace_s >= 0.0 && a.stop_grace_s.is_finite()) {
+        return invalid("--stop-grace-s must be a number of seconds, 0 or more");
+    }
+    upcycle_launch::install_signal_handlers();
+    let mut spec = LaunchSpec::new(Vec::new(), nproc, backend.spawn(nproc)?);
+    spec.max_restarts = a.max_restarts;
+    spec.master_addr = a.master_addr;
+    spec.master_port = a.master_port;
+    spec.log_dir = a.log_dir;
+    spec.stop_grace = std::time::Duration::from_secs_f64(a.stop_grace_s);
+    match plan {
+        Some(p) => p.run(&program, &spec),
+        None => {
+            spec.command = std::iter::once(program.into_os_string())
+                .chain(a.command.iter().map(Into::into))
+                .collect();
+            upcycle_launch::launch(&spec)
+        }
+    }
 }
 
 fn check(a: CheckArgs) -> Result<()> {

@@ -1,0 +1,529 @@
+//! `upcycle launch` end to end with real processes on the CPU (workers under one
+//! `mpirun` job): the same losses and parameters as a plain `mpirun -np 2` run; a worker
+//! killed with SIGKILL mid-run is followed by a restart from the latest checkpoint that
+//! ends bit-identical to the uninterrupted run; with no restart left the launcher exits
+//! with the worker's status and why; SIGINT leaves no process behind; a plan with a frozen
+//! and a full phase on 2 and 4 workers runs end to end (and is skipped when rerun); the
+//! emitted SLURM script starts the right workers under stub `sbatch`/`srun`. Real
+//! recordings (pocketsphinx's LibriVox clips).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use upcycle_trainer::checkpoint;
+
+mod common;
+use common::*;
+
+/// step -> loss (a step run again after a restart counts once, with its last value).
+fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    metrics(out)
+        .iter()
+        .filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn assert_same_parameters(a: &Path, b: &Path) {
+    let x = checkpoint::read_group(a, "model").unwrap();
+    let y = checkpoint::read_group(b, "model").unwrap();
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    for (name, t) in &x {
+        assert!(t.equal(&y[name]), "{name} differs");
+    }
+}
+
+/// A running `upcycle launch`, its stderr read line by line.
+struct Launcher {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Launcher {
+    /// `upcycle launch ARGS` (its stderr echoed for the test log).
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+            .arg("launch")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Launcher {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The worker pids it announces next ("workers started: rank 0 pid 12, ...").
+    fn worker_pids(&mut self) -> Vec<i32> {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the launcher announces its workers");
+            self.seen.push(line.clone());
+            if let Some(list) = line.strip_prefix("upcycle launch: workers started: ") {
+                return list
+                    .split(", ")
+                    .map(|w| w.rsplit(' ').next().unwrap().parse().unwrap())
+                    .collect();
+            }
+        }
+    }
+
+    /// Waits for it to end: its status and everything it wrote to stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        (status, self.seen.join("\n"))
+    }
+}
+
+/// Waits until training in `out` has logged `step`.
+fn wait_for_step(out: &Path, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let logged = || {
+        std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| {
+            // The last line may be half written.
+            m.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|l| l.get("step").and_then(|s| s.as_u64()) >= Some(step))
+        })
+    };
+    while !logged() {
+        assert!(Instant::now() < deadline, "step {step} never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigkill(pid: i32) {
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle).then_some(cmd)
+        })
+        .collect()
+}
+
+fn train_args<'a>(config: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--config",
+        config,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        steps,
+        "--device",
+        "cpu",
+    ]
+}
+
+#[test]
+fn launched_runs_equal_mpirun_and_a_killed_worker_is_restarted_from_the_latest_checkpoint() {
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 3, eval_interval: 2}\n");
+    let (c, d) = (config.to_str().unwrap(), data.to_str().unwrap());
+    let steps = 14;
+    let straight = tmp.path().join("straight");
+    run_workers(2, &config, &data, &straight, steps, &[]);
+    let last = format!("checkpoints/step-{steps}");
+
+    // Through the launcher: the same run.
+    let launched = tmp.path().join("launched");
+    let s = steps.to_string();
+    let mut args = vec!["--nproc-per-node", "2", "--"];
+    args.extend(train_args(c, d, launched.to_str().unwrap(), &s));
+    let mut l = Launcher::spawn(&args);
+    assert_eq!(l.worker_pids().len(), 2);
+    let (status, err) = l.finish();
+    assert!(status.success(), "{err}");
+    assert_eq!(losses(&launched), losses(&straight));
+    assert_same_parameters(&straight.join(&last), &launched.join(&last));
+
+    // A worker killed at a random step: one restart, from the latest checkpoint.
+    let killed = tmp.path().join("killed");
+    let at = rand_chacha::ChaCha8Rng::seed_from_u64(7).random_range(3..steps - 2);
+    eprintln!("killing rank 1 at step {at}");
+    let mut args = vec!["--nproc-per-node", "2", "--max-restarts", "2", "--"];
+    args.extend(train_args(c, d, killed.to_str().unwrap(), &s));
+    let mut l = Launcher::spawn(&args);
+    let pids = l.worker_pids();
+    wait_for_step(&killed, at);
+    sigkill(pids[1]);
+    let second = l.worker_pids();
+    assert!(second.iter().all(|p| !pids.contains(p)), "new workers");
+    let (status, err) = l.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("rank 1 was killed by signal 9; all workers stopped; restart 1 of 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("resuming"),
+        "the restart resumed a checkpoint: {err}"
+    );
+    assert_eq!(losses(&killed), losses(&straight), "killed at step {at}");
+    assert_same_parameters(&straight.join(&last), &killed.join(&last));
+
+    // No restart left: the launcher ends with the worker's status and the reason.
+    let failed = tmp.path().join("failed");
+    let mut args = vec!["--nproc-per-node", "2", "--"];
+    args.extend(train_args(c, d, failed.to_str().unwrap(), "1000"));
+    let mut l = Launcher::spawn(&args);
+    let pids = l.worker_pids();
+    wait_for_step(&failed, 2);
+    sigkill(pids[0]);
+    let (status, err) = l.finish();
+    assert_eq!(status.code(), Some(128 + 9), "{err}");
+    assert!(
+        err.contains("rank 0 was killed by signal 9") && err.contains("no restart left"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_every_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "");
+    let out = tmp.path().join("interrupted");
+    let mut args = vec!["--nproc-per-node", "2", "--max-restarts", "3", "--"];
+    args.extend(train_args(
+        config.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "100000",
+    ));
+    let mut l = Launcher::spawn(&args);
+    let pids = l.worker_pids();
+    wait_for_step(&out, 2);
+    assert_eq!(
+        processes_mentioning(out.to_str().unwrap()).len(),
+        4,
+        "launcher, mpirun, 2 workers"
+    );
+    Command::new("kill")
+        .args(["-INT", &l.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, err) = l.finish();
+    assert_eq!(status.code(), Some(128 + 2), "{err}");
+    assert!(err.contains("stopped by signal 2"), "{err}");
+    assert!(
+        !err.contains("restart 1"),
+        "an interrupt is not a failure: {err}"
+    );
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+                // A zombie not yet reaped by init has an empty command line.
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .unwrap()
+                    .is_empty()
+            },
+            "worker {pid} survived"
+        );
+    }
+    let left = processes_mentioning(out.to_str().unwrap());
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_plan_upcycles_trains_frozen_then_full_on_other_worker_counts_and_is_not_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, config) = setup(tmp.path(), "upcycle_conf: {seed: 5, eval_interval: 2}\n");
+    let dense = tmp.path().join("dense");
+    train(&config, &data, &dense, 4, None);
+    let p = |x: &Path| x.display().to_string();
+    let t = tmp.path();
+    // The frozen phase trains experts and routers only (the UME recipe); the full phase
+    // (no freezing) starts from the frozen phase's weights. The upcycled model's own
+    // train.yaml is the config of both.
+    let moe_yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "encoder_conf:\n",
+        "encoder_conf:\n  mlp_type: moe\n  n_expert: 4\n  n_expert_activated: 2\n",
+    );
+    std::fs::write(t.join("full.yaml"), &moe_yaml).unwrap();
+    std::fs::write(
+        t.join("frozen.yaml"),
+        moe_yaml.replace(
+            "upcycle_conf: {seed: 5, eval_interval: 2}",
+            "upcycle_conf: {seed: 5, eval_interval: 2, freeze: [{from_step: 0, trainable: ['*.experts.*', '*.router.*']}]}",
+        ),
+    )
+    .unwrap();
+    let plan = format!(
+        "out: {out}\nmax_restarts: 1\nstages:\n\
+         - name: upcycle\n  command: [convert, upcycle, --from, {dense}/checkpoints, --out, {t}/moe, --experts, '4', --top-k, '2', --encoder-only]\n\
+         - name: frozen\n  nproc: 2\n  command: [train, --config, {t}/frozen.yaml, --data, {data}, --init, {t}/moe, --out, {t}/frozen, --max-steps, '4', --device, cpu]\n\
+         - name: full\n  nproc: 4\n  ep: 2\n  command: [train, --config, {t}/full.yaml, --data, {data}, --init, {t}/frozen, --out, {t}/full, --max-steps, '2', --device, cpu]\n\
+         - name: eval\n  command: [eval, --checkpoint, {t}/full, --data, {data}/test, --out, {t}/eval, --mode, ctc-greedy, --chunk, '0', --device, cpu]\n\
+         - name: export\n  command: [convert, export-wenet, --checkpoint, {t}/full, --out, {t}/wenet]\n",
+        out = p(&t.join("plan")),
+        dense = p(&dense),
+        t = p(t),
+        data = p(&data),
+    );
+    let plan_file = t.join("plan.yaml");
+    std::fs::write(&plan_file, plan).unwrap();
+    let o = upcycle(&["launch", "--plan", &p(&plan_file)]);
+    ok(&o);
+
+    // Through the frozen phase only experts and routers moved.
+    let start = checkpoint::read_tensors(&checkpoint::resolve(&t.join("moe")).unwrap()).unwrap();
+    let frozen = checkpoint::read_tensors(&t.join("frozen/checkpoints/step-4")).unwrap();
+    let full = checkpoint::read_tensors(&t.join("full/checkpoints/step-2")).unwrap();
+    let (mut trained, mut kept, mut released) = (0, 0, 0);
+    for (name, t0) in &start {
+        if name.contains("global_cmvn") {
+            continue;
+        }
+        if name.contains(".experts.") || name.contains(".router.") {
+            assert!(
+                !frozen[name].equal(t0),
+                "{name} did not train in the frozen phase"
+            );
+            trained += 1;
+        } else {
+            assert!(frozen[name].equal(t0), "{name} changed while frozen");
+            kept += 1;
+            released += usize::from(!full[name].equal(&frozen[name]));
+        }
+    }
+    assert!(
+        trained > 0 && kept > 10 && released > 10,
+        "{trained} {kept} {released}"
+    );
+    let layout = checkpoint::read_manifest(&t.join("full/checkpoints/step-2"))
+        .unwrap()
+        .layout;
+    assert_eq!((layout.world, layout.ep), (4, 2));
+    assert!(t.join("eval/results.json").is_file());
+    assert!(t.join("wenet/final.pt").is_file());
+    assert!(t.join("plan/logs/frozen/rank-1.log").is_file());
+
+    // Run again: every stage is skipped (a rerun of `convert upcycle` would be refused).
+    let o = upcycle(&["launch", "--plan", &p(&plan_file)]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("finished earlier, skipped").count(), 5, "{err}");
+
+    // A changed finished stage is refused by name.
+    std::fs::write(
+        &plan_file,
+        std::fs::read_to_string(&plan_file)
+            .unwrap()
+            .replace("--max-steps, '2'", "--max-steps, '3'"),
+    )
+    .unwrap();
+    let o = upcycle(&["launch", "--plan", &p(&plan_file)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("stage full finished earlier with another command"),
+        "{err}"
+    );
+
+    // A stage that did not finish runs again and continues from its own latest
+    // checkpoint (not from --init): forget `full` (as if it had failed after step 2) and
+    // ask for one more step.
+    let state_file = t.join("plan/plan-state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    state["finished"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| s["name"] == "upcycle" || s["name"] == "frozen");
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    let text = std::fs::read_to_string(&plan_file).unwrap();
+    let three_stages = &text[..text.find("- name: eval").unwrap()];
+    std::fs::write(&plan_file, three_stages).unwrap();
+    let o = upcycle(&["launch", "--plan", &p(&plan_file)]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("finished earlier, skipped").count(), 2, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let steps: Vec<u64> = metrics(&t.join("full"))
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "steps 1 and 2 were not trained again");
+}
+
+#[test]
+fn the_emitted_slurm_script_starts_each_stage_on_its_workers_and_restarts_a_failed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let rec = t.join("rec");
+    let stubs = t.join("stubs");
+    std::fs::create_dir_all(&rec).unwrap();
+    std::fs::create_dir_all(&stubs).unwrap();
+    let script = |name: &str, body: &str| {
+        let path = stubs.join(name);
+        std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
+        Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    };
+    let r = rec.display();
+    // sbatch runs the job script at once; srun starts --ntasks copies with Slurm's
+    // variables; the worker records its arguments and environment, and rank 1 of the
+    // `full` stage fails on its first attempt.
+    script(
+        "sbatch",
+        &format!("echo \"$@\" >> {r}/sbatch; SLURM_JOB_NODELIST=node1 bash \"${{@: -1}}\""),
+    );
+    script("scontrol", "echo node1");
+    script(
+        "srun",
+        &format!(
+            "echo \"$@\" >> {r}/srun; n=1; for a in \"$@\"; do case $a in --ntasks=*) n=${{a#--ntasks=}};; esac; done\n\
+             while [[ $1 == -* ]]; do shift; done\n\
+             s=0; for i in $(seq 0 $((n - 1))); do SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$i \"$@\" || s=$?; done; exit $s"
+        ),
+    );
+    script(
+        "worker",
+        &format!(
+            "f={r}/$2-$SLURM_PROCID-of-$SLURM_NTASKS-attempt-$UPCYCLE_RESTART_COUNT; echo \"$*\" > $f; \
+             env | grep -E '^(MASTER_ADDR|MASTER_PORT|TORCHELASTIC_RESTART_COUNT)=' | sort >> $f\n\
+             if [ \"$2\" = full ] && [ $SLURM_PROCID = 1 ] && [ $UPCYCLE_RESTART_COUNT = 0 ]; then exit 3; fi"
+        ),
+    );
+    let plan = t.join("plan.yaml");
+    std::fs::write(
+        &plan,
+        format!(
+            "out: {}\nmax_restarts: 1\nstages:\n\
+             - {{name: frozen, nproc: 2, command: [train, frozen, --config, 'a b.yaml']}}\n\
+             - {{name: full, nproc: 4, ep: 2, command: [train, full]}}\n\
+             - {{name: eval, command: [eval, eval]}}\n",
+            t.join("run").display()
+        ),
+    )
+    .unwrap();
+    let job = t.join("job.sh");
+    ok(&upcycle(&[
+        "launch",
+        "--emit",
+        "slurm",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--nproc-per-node",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--script",
+        job.to_str().unwrap(),
+    ]));
+    let text = std::fs::read_to_string(&job).unwrap();
+    for want in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --gpus-per-node=2",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+    let syntax = Command::new("bash").arg("-n").arg(&job).output().unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+
+    let path = format!("{}:{}", stubs.display(), std::env::var("PATH").unwrap());
+    let submit = || {
+        Command::new("sbatch")
+            .arg(&job)
+            .env("PATH", &path)
+            .env("UPCYCLE", stubs.join("worker"))
+            .current_dir(t)
+            .output()
+            .unwrap()
+    };
+    let o = submit();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let srun = std::fs::read_to_string(rec.join("srun")).unwrap();
+    let ntasks: Vec<&str> = srun
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        ntasks,
+        ["--ntasks=2", "--ntasks=4", "--ntasks=4", "--ntasks=1"],
+        "{srun}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&rec)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("-of-"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "eval-0-of-1-attempt-0",
+            "frozen-0-of-2-attempt-0",
+            "frozen-1-of-2-attempt-0",
+            "full-0-of-4-attempt-0",
+            "full-0-of-4-attempt-1",
+            "full-1-of-4-attempt-0",
+            "full-1-of-4-attempt-1",
+            "full-2-of-4-attempt-0",
+            "full-2-of-4-attempt-1",
+            "full-3-of-4-attempt-0",
+            "full-3-of-4-attempt-1",
+        ]
+    );
+    let frozen = std::fs::read_to_string(rec.join("frozen-1-of-2-attempt-0")).unwrap();
+    assert_eq!(
+        frozen,
+        "train frozen --config a b.yaml\nMASTER_ADDR=node1\nMASTER_PORT=29500\nTORCHELASTIC_RESTART_COUNT=0\n"
+    );
+    let full = std::fs::read_to_string(rec.join("full-3-of-4-attempt-1")).unwrap();
+    assert!(
+        full.starts_with("train full --ep 2\n") && full.contains("TORCHELASTIC_RESTART_COUNT=1"),
+        "{full}"
+    );
+
+    // Submitted again: every stage finished, none runs.
+    let o = submit();
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches("skipped")
+            .count(),
+        3
+    );
+    assert_eq!(std::fs::read_to_string(rec.join("srun")).unwrap(), srun);
+}
