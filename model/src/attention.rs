@@ -65,6 +65,7 @@ impl MultiHeadedAttention {
         mask: &Tensor,
         train: bool,
     ) -> Tensor {
+        let _t = crate::profile::span("attention");
         let q = self.split_heads(&self.linear_q.forward(query));
         let k = self.split_heads(&self.linear_k.forward(key));
         let v = self.split_heads(&self.linear_v.forward(value));
@@ -113,6 +114,7 @@ impl RelPositionMultiHeadedAttention {
 
     /// Self-attention of `x` `[B, T, d]` with position embedding `pos_emb` `[1, T, d]`.
     pub fn forward(&self, x: &Tensor, mask: &Tensor, pos_emb: &Tensor, train: bool) -> Tensor {
+        let _t = crate::profile::span("attention");
         let m = &self.base;
         let b = x.size()[0];
         let q = m.linear_q.forward(x).view([b, -1, m.heads, m.d_k]); // [B, T, h, d_k]

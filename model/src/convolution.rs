@@ -60,6 +60,7 @@ impl ConvolutionModule {
 
     /// `x` `[B, T, C]`, `mask_pad` `[B, 1, T]` (true on real frames).
     pub fn forward(&self, x: &Tensor, mask_pad: &Tensor) -> Tensor {
+        let _t = crate::profile::span("convolution");
         let keep = mask_pad.logical_not();
         let mut x = x.transpose(1, 2).masked_fill(&keep, 0.0); // [B, C, T]
         if self.lorder > 0 {

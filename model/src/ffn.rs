@@ -36,6 +36,7 @@ impl DenseFeedForward {
 
     /// Applies the network to `[B, T, d]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let _t = crate::profile::span("ffn");
         let h = self
             .activation
             .apply(&self.w_1.forward(x))

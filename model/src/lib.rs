@@ -42,5 +42,6 @@ pub mod loss;
 pub mod mask;
 pub mod moe;
 pub mod naming;
+pub mod profile;
 pub mod search;
 pub mod upcycle;

@@ -375,18 +375,31 @@ impl MoeFeedForward {
             Some(i) => flat.index_select(0, i),
             None => flat.shallow_clone(),
         };
-        let route = self.route(&tokens, train, routing);
-        let sorted = tokens.index_select(0, &route.token);
-        let local = self.dispatch.dispatch(&sorted, &route.counts);
-        let computed = self.experts.forward(
-            &local.rows,
-            &local.counts,
-            self.activation,
-            self.dropout,
-            train,
-            self.compute,
-        );
-        let back = self.dispatch.combine(&computed, &local);
+        let (route, sorted) = {
+            let _t = crate::profile::span("moe_route");
+            let route = self.route(&tokens, train, routing);
+            let sorted = tokens.index_select(0, &route.token);
+            (route, sorted)
+        };
+        let local = {
+            let _t = crate::profile::span("moe_dispatch");
+            self.dispatch.dispatch(&sorted, &route.counts)
+        };
+        let computed = {
+            let _t = crate::profile::span("moe_experts");
+            self.experts.forward(
+                &local.rows,
+                &local.counts,
+                self.activation,
+                self.dropout,
+                train,
+                self.compute,
+            )
+        };
+        let back = {
+            let _t = crate::profile::span("moe_dispatch");
+            self.dispatch.combine(&computed, &local)
+        };
         let weighted = back * route.weight.to_kind(x.kind()).unsqueeze(1);
         let out = tokens.zeros_like().index_add(0, &route.token, &weighted);
         let out = match &index {

@@ -155,6 +155,10 @@ pub struct UpcycleConf {
     /// copied to host memory; a save waits for the previous one to finish.
     #[serde(default)]
     pub async_checkpoint: bool,
+    /// Time the parts of the training forward pass (attention, convolution, FFN, MoE
+    /// routing, dispatch, experts) into the metrics as `time_fwd_<part>_s`.
+    #[serde(default)]
+    pub profile_forward: bool,
 }
 
 fn yes() -> bool {
@@ -206,6 +210,7 @@ impl Default for UpcycleConf {
             collective_timeout_s: collective_timeout(),
             tensorboard: true,
             async_checkpoint: false,
+            profile_forward: false,
         }
     }
 }

@@ -552,6 +552,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (0usize, 0.0, 0.0, 0.0, 0u64);
     let mut win_moe = RoutingWindow::default();
     let mut times = StepTimes::default();
+    upcycle_model::profile::enable(uc.profile_forward);
     let mut micro = 0u64;
     let mut nonfinite_run = 0u32;
     let mut skipped_total = state.skipped;
@@ -687,6 +688,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 });
                 win_moe.take_into(&mut line, win_n.max(1));
                 times.take_into(&mut line);
+                for (part, secs) in upcycle_model::profile::take() {
+                    line[format!("time_fwd_{part}_s")] = secs.into();
+                }
                 log(line)?;
                 bar.set_message(format!(
                     "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
@@ -699,6 +703,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             if state.step % eval_interval == 0 || done {
                 let (dev_loss, er) =
                     evaluate(&model, &dev_loader, &units, device, uc.eval_utterances)?;
+                // Only training's forward passes are profiled.
+                upcycle_model::profile::take();
                 let cer = er.cer();
                 // Ties go to the newer checkpoint.
                 let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);
