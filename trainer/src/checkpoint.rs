@@ -193,16 +193,17 @@ fn safetensors_dtype(d: safetensors::Dtype) -> Result<Kind> {
 }
 
 /// SHA-256 of a CPU tensor's elements, row-major.
-fn digest(t: &Tensor) -> String {
-    let t = t.contiguous();
+/// The bytes of a contiguous CPU tensor.
+///
+/// # Safety
+/// `t` must be contiguous and on the CPU, and outlive the slice unchanged.
+unsafe fn bytes_of(t: &Tensor) -> &[u8] {
     let bytes = t.numel() * t.kind().elt_size_in_bytes();
-    let data: &[u8] = if bytes == 0 {
+    if bytes == 0 {
         &[]
     } else {
-        // SAFETY: a contiguous CPU tensor of `bytes` bytes, alive while `data` is used.
         unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) }
-    };
-    format!("{:x}", Sha256::digest(data))
+    }
 }
 
 /// The worker that writes each replicated (dense) tensor: largest first, each to the
@@ -271,14 +272,30 @@ pub fn write_part(
                 key: name.clone(),
                 start,
                 end: start + rows,
-                sha256: digest(&t),
+                sha256: String::new(),
             },
         ));
         out.push((name.clone(), t));
     }
     let path = dir.join(&file);
-    Tensor::write_safetensors(&out, &path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    // SAFETY: `out` holds contiguous CPU tensors that nothing changes until the end.
+    let data: Vec<&[u8]> = out.iter().map(|(_, t)| unsafe { bytes_of(t) }).collect();
+    // Checksums on a second thread while the file is written: saving costs the longer
+    // of the two rather than their sum.
+    let sums = std::thread::scope(|scope| -> Result<Vec<String>> {
+        let hashing = scope.spawn(|| {
+            data.iter()
+                .map(|d| format!("{:x}", Sha256::digest(d)))
+                .collect::<Vec<_>>()
+        });
+        Tensor::write_safetensors(&out, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(hashing.join().expect("checksum thread"))
+    })?;
+    for (entry, sum) in part.entries.iter_mut().zip(sums) {
+        entry.3.sha256 = sum;
+    }
+    fault_pause();
     std::fs::File::open(&path)?.sync_all()?;
     Ok(part)
 }
