@@ -44,9 +44,7 @@ pub fn fbank(files: &[PathBuf], repeat: usize) -> Result<FbankTiming> {
         std::hint::black_box(sink);
         seconds.push(t.elapsed().as_secs_f64());
     }
-    let mut sorted = seconds.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = median(&seconds);
     Ok(FbankTiming {
         frames,
         audio_seconds,
@@ -164,9 +162,7 @@ pub fn train_step(
             seconds.push(start.elapsed().as_secs_f64());
         }
     }
-    let mut sorted = seconds.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = median(&seconds);
     let frames: i64 = lens.iter().sum();
     Ok(TrainStepTiming {
         params,
@@ -251,12 +247,10 @@ pub fn moe_layer(
             seconds.push(t0.elapsed().as_secs_f64());
         }
     }
-    let mut sorted = seconds.clone();
-    sorted.sort_by(f64::total_cmp);
     Ok(MoeLayerTiming {
         compute: compute.into(),
         tokens: shape.tokens,
-        median_s: sorted[sorted.len() / 2],
+        median_s: median(&seconds),
         seconds,
     })
 }
@@ -292,10 +286,11 @@ pub struct CheckpointStall {
     pub background_s: f64,
 }
 
+/// The middle value of `v` (the upper one of an even count); NaN when empty.
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The parameters of the MoE model `config` builds (vocabulary `vocab`) and AdamW-like

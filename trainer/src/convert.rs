@@ -145,7 +145,8 @@ fn read_whole(from: &Path) -> Result<Whole> {
         cmvn: CmvnStats::load(&dir.join("global_cmvn"))?,
         state,
         optimizer_step,
-        model: checkpoint::read_tensors(&dir)?,
+        // The loaded (and checked) variables: the checkpoint is read once.
+        model: loaded.vs.variables().into_iter().collect(),
         moments,
         dir,
     })

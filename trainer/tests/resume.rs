@@ -85,23 +85,14 @@ fn a_resumed_run_equals_the_uninterrupted_one() {
     let ckpt = split.join("checkpoints/step-9");
     let resumed = tmp.path().join("resumed");
     let resume = |config: &Path| {
-        train_workers(
-            1,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                resumed.to_str().unwrap(),
-                "--max-steps",
-                "10",
-                "--device",
-                "cpu",
-                "--resume",
-                ckpt.to_str().unwrap(),
-            ],
-        )
+        let args = train_args(
+            config,
+            &data,
+            &resumed,
+            10,
+            &["--resume", ckpt.to_str().unwrap()],
+        );
+        train_workers(1, &args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let err = |o: Output| {
         assert!(!o.status.success());

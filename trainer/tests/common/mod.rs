@@ -97,6 +97,33 @@ pub(crate) fn train_workers(np: usize, args: &[&str]) -> Output {
         .expect("mpirun (Debian openmpi-bin, installed by scripts/setup.sh)")
 }
 
+/// `upcycle train`'s arguments for `steps` steps on the CPU, then `extra`.
+pub(crate) fn train_args(
+    config: &Path,
+    data: &Path,
+    out: &Path,
+    steps: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// Trains `steps` steps on the CPU with `np` workers (`extra`: more arguments); panics
 /// with the output if it fails; returns stdout.
 pub(crate) fn run_workers(
@@ -107,20 +134,8 @@ pub(crate) fn run_workers(
     steps: u64,
     extra: &[&str],
 ) -> String {
-    let steps = steps.to_string();
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        &steps,
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
+    let args = train_args(config, data, out, steps, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(&train_workers(np, &args))
 }
 
