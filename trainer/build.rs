@@ -1,7 +1,11 @@
-//! Links `libtorch_cuda` even though no symbol of it is named (so CUDA kernels register
+//! Compiles the fused AdamW call (csrc/fused_adamw.cpp) against libtorch's headers;
+//! links `libtorch_cuda` even though no symbol of it is named (so CUDA kernels register
 //! and a GPU is seen where one exists), and gives the binaries an rpath to the torch
 //! library folder so that they run without `LD_LIBRARY_PATH`.
+include!("../parallel/torch_cc.rs");
+
 fn main() {
+    compile_against_libtorch("csrc/fused_adamw.cpp", "upcycle_fused_adamw");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; run scripts/setup.sh first");
     let lib = std::path::Path::new(&lib);
@@ -13,5 +17,6 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rerun-if-changed=../parallel/torch_cc.rs");
     println!("cargo:rerun-if-changed=build.rs");
 }

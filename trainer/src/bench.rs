@@ -157,7 +157,7 @@ pub fn train_step(
         out.loss.backward();
         losses.push((out.loss.double_value(&[]), out.ctc.double_value(&[])));
         opt.clip_grad_norm(c.grad_clip);
-        opt.step(lr);
+        opt.step(lr)?;
         if i >= warmup {
             seconds.push(start.elapsed().as_secs_f64());
         }

@@ -88,42 +88,49 @@ impl AdamW {
         }
     }
 
-    /// One update at learning rate `lr`. Frozen parameters and those without a gradient
-    /// are skipped (they get no optimizer state).
-    pub fn step(&mut self, lr: f64) {
+    /// One update at learning rate `lr`, by libtorch's fused AdamW kernel (the update of
+    /// `torch.optim.AdamW`, one pass over each tensor). Frozen parameters and those without
+    /// a gradient are skipped (they get no optimizer state).
+    pub fn step(&mut self, lr: f64) -> anyhow::Result<()> {
         self.step += 1;
-        let (b1, b2) = self.conf.betas;
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2 = 1.0 - b2.powi(self.step as i32);
-        let wd = self.conf.weight_decay;
-        let eps = self.conf.eps;
-        tch::no_grad(|| {
-            // Frozen parameters (requires_grad off) keep a stale gradient: skip them.
-            for (name, p) in self.params.iter().filter(|(_, p)| p.requires_grad()) {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let m = self
-                    .exp_avg
-                    .entry(name.clone())
-                    .or_insert_with(|| p.zeros_like());
-                let v = self
-                    .exp_avg_sq
-                    .entry(name.clone())
-                    .or_insert_with(|| p.zeros_like());
-                let mut p = p.shallow_clone();
-                if wd != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                }
-                let _ = m.g_mul_scalar_(b1);
-                let _ = m.g_add_(&(&g * (1.0 - b1)));
-                let _ = v.g_mul_scalar_(b2);
-                let _ = v.g_add_(&(&g * &g * (1.0 - b2)));
-                let denom = (v.sqrt() / bc2.sqrt()) + eps;
-                let _ = p.g_add_(&(&*m / &denom * (-lr / bc1)));
+        let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Frozen parameters (requires_grad off) keep a stale gradient: skip them.
+        for (name, p) in self.params.iter().filter(|(_, p)| p.requires_grad()) {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
             }
-        });
+            let m = self
+                .exp_avg
+                .entry(name.clone())
+                .or_insert_with(|| p.zeros_like());
+            let v = self
+                .exp_avg_sq
+                .entry(name.clone())
+                .or_insert_with(|| p.zeros_like());
+            // The kernel walks raw storage: every tensor of a parameter must be laid out
+            // alike (dense, row-major), or it silently pairs the wrong elements.
+            if ![&*p, &*m, &*v].iter().all(|t| t.is_contiguous()) {
+                anyhow::bail!("AdamW: parameter {name} or its moments are not contiguous");
+            }
+            params.push(p.shallow_clone());
+            grads.push(if g.is_contiguous() { g } else { g.contiguous() });
+            exp_avgs.push(m.shallow_clone());
+            exp_avg_sqs.push(v.shallow_clone());
+        }
+        let (beta1, beta2) = self.conf.betas;
+        fused_adamw(
+            &params,
+            &grads,
+            &exp_avgs,
+            &exp_avg_sqs,
+            self.step,
+            lr,
+            (beta1, beta2),
+            self.conf.weight_decay,
+            self.conf.eps,
+        )
     }
 
     /// The state to save: step and moments by parameter name (`exp_avg.<name>`,
@@ -161,6 +168,67 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+extern "C" {
+    fn upcycle_fused_adamw(
+        params: *const *mut torch_sys::C_tensor,
+        grads: *const *mut torch_sys::C_tensor,
+        exp_avgs: *const *mut torch_sys::C_tensor,
+        exp_avg_sqs: *const *mut torch_sys::C_tensor,
+        n: i64,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// `at::_fused_adamw_` over equally long lists (trainer/csrc/fused_adamw.cpp).
+#[allow(clippy::too_many_arguments)]
+fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    step: u64,
+    lr: f64,
+    (beta1, beta2): (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> anyhow::Result<()> {
+    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut _).collect::<Vec<_>>();
+    let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: the four lists hold `n` live tensors each, borrowed for the call; the
+    // kernel updates params and moments in place and frees nothing.
+    let status = unsafe {
+        upcycle_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            p.len() as i64,
+            step as f64,
+            lr,
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if status != 0 {
+        // SAFETY: the C++ side wrote a NUL-terminated message into `err`.
+        let why = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        anyhow::bail!("AdamW's fused update failed: {}", why.to_string_lossy());
+    }
+    Ok(())
 }
 
 /// Learning rate at optimizer step `step` (counting from 0).
@@ -251,7 +319,7 @@ mod tests {
         for _ in 0..2 {
             opt.zero_grad();
             (&p * 2.0).sum(Kind::Float).backward();
-            opt.step(0.01);
+            opt.step(0.01).unwrap();
         }
         // step 1: p = 1*(1-0.001) - 0.01*2/(2+1e-8) ~ 0.989; step 2: *(1-0.001) - 0.01.
         let want = (1.0 * 0.999 - 0.01) * 0.999 - 0.01;
@@ -274,6 +342,65 @@ mod tests {
                 )]
             )
             .is_err());
+    }
+
+    #[test]
+    fn fused_update_equals_the_element_wise_formula() {
+        // PyTorch's single-tensor AdamW, written out: the reference for the fused kernel,
+        // over several steps, with weight decay and a frozen parameter.
+        tch::manual_seed(3);
+        let conf = OptimConf {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let (b1, b2) = conf.betas;
+        let (lr, eps, wd) = (3e-3, conf.eps, conf.weight_decay);
+        let w = Tensor::randn([24, 16], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::randn([16], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let frozen = Tensor::randn([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let frozen_before = frozen.copy();
+        let mut opt = AdamW::new(
+            conf,
+            vec![
+                ("w".into(), w.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+                ("frozen".into(), frozen.shallow_clone()),
+            ],
+        );
+        let (mut rw, mut rb) = (w.detach().copy(), b.detach().copy());
+        let (mut mw, mut vw) = (rw.zeros_like(), rw.zeros_like());
+        let (mut mb, mut vb) = (rb.zeros_like(), rb.zeros_like());
+        for step in 1..=5 {
+            opt.zero_grad();
+            let x = Tensor::randn([16, 24], (Kind::Float, tch::Device::Cpu));
+            let loss =
+                (x.matmul(&w) + &b).square().sum(Kind::Float) + (&frozen * 2.0).sum(Kind::Float);
+            loss.backward();
+            let _ = frozen.set_requires_grad(false);
+            let (gw, gb) = (w.grad().copy(), b.grad().copy());
+            let bc1 = 1.0 - b1.powi(step);
+            let bc2 = 1.0 - b2.powi(step);
+            for (p, g, m, v) in [
+                (&mut rw, &gw, &mut mw, &mut vw),
+                (&mut rb, &gb, &mut mb, &mut vb),
+            ] {
+                *p = &*p * (1.0 - lr * wd);
+                *m = &*m * b1 + g * (1.0 - b1);
+                *v = &*v * b2 + g * g * (1.0 - b2);
+                let denom = v.sqrt() / bc2.sqrt() + eps;
+                *p = &*p - &*m / denom * (lr / bc1);
+            }
+            opt.step(lr).unwrap();
+            let _ = frozen.set_requires_grad(true);
+        }
+        for (got, want) in [(&w, &rw), (&b, &rb)] {
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-6,
+                "fused AdamW differs from the formula by {diff}"
+            );
+        }
+        assert_eq!(frozen, frozen_before, "a frozen parameter moved");
     }
 
     #[test]

@@ -657,7 +657,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             times.sync += lap_secs(&mut lap);
             let lr = schedule.lr(state.step);
             if grad_norm.is_finite() {
-                opt.step(lr);
+                opt.step(lr)?;
             } else {
                 skipped_total += 1;
                 tracing::warn!(
