@@ -4,7 +4,8 @@
 metrics' time split (waiting for data, forward with the losses, backward, gradient sync
 and clipping, optimizer) is summed over the logged windows after the first; the forward
 pass is split further (attention, convolution, FFN, MoE routing, dispatch, experts, and
-the rest: embedding, norms, decoder output, losses) by `upcycle_conf.profile_forward`.
+subsampling, decoder output layers, CTC and attention losses, and the rest: positional
+encodings, norms, masks) by `upcycle_conf.profile_forward`.
 
     .venv/bin/python bench/profile_step.py [--steps 60] [--data data/fillets-cs] [--json OUT]
 

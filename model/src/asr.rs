@@ -129,8 +129,12 @@ impl AsrModel {
         let hlens = mask
             .squeeze_dim(1)
             .sum_dim_intlist(-1, false, tch::Kind::Int64);
-        let ctc_log_probs = self.ctc.log_softmax(&enc);
-        let ctc = self.ctc.loss(&ctc_log_probs, &hlens, target, target_lens);
+        let (ctc_log_probs, ctc) = {
+            let _t = crate::profile::span("ctc");
+            let log_probs = self.ctc.log_softmax(&enc);
+            let ctc = self.ctc.loss(&log_probs, &hlens, target, target_lens);
+            (log_probs, ctc)
+        };
 
         let eos = self.vocab - 1;
         let (ys_in, ys_out) = add_sos_eos(target, target_lens, eos, eos);
@@ -141,14 +145,20 @@ impl AsrModel {
                 .forward(&enc, &mask, &ys_in, &ys_in_lens, train, &mut routing);
         let smoothing = self.conf.lsm_weight;
         let norm = self.conf.length_normalized_loss;
-        let l2r = label_smoothing_loss(&decoder_out, &ys_out, smoothing, norm);
+        let l2r = {
+            let _t = crate::profile::span("attention_loss");
+            label_smoothing_loss(&decoder_out, &ys_out, smoothing, norm)
+        };
         let rw = self.conf.reverse_weight;
         let (att, r_decoder_out) = match self.decoder.right().filter(|_| rw > 0.0) {
             Some(right) => {
                 let r_ys = reverse_pad_list(target, target_lens, IGNORE_ID);
                 let (r_in, r_out) = add_sos_eos(&r_ys, target_lens, eos, eos);
                 let r_dec = right.forward(&enc, &mask, &r_in, &ys_in_lens, train, &mut routing);
-                let r2l = label_smoothing_loss(&r_dec, &r_out, smoothing, norm);
+                let r2l = {
+                    let _t = crate::profile::span("attention_loss");
+                    label_smoothing_loss(&r_dec, &r_out, smoothing, norm)
+                };
                 (l2r * (1.0 - rw) + r2l * rw, Some(r_dec))
             }
             None => (l2r, None),

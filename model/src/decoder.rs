@@ -141,6 +141,7 @@ impl TransformerDecoder {
         for layer in &self.decoders {
             x = layer.forward(&x, &tgt_mask, memory, memory_mask, train, routing);
         }
+        let _t = crate::profile::span("decoder_output");
         self.output_layer.forward(&self.after_norm.forward(&x))
     }
 }

@@ -109,6 +109,7 @@ impl Conv2dSubsampling {
 
     /// `[B, T, idim]` and mask `[B, 1, T]` to `[B, T', d]` and mask `[B, 1, T']`.
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+        let _t = crate::profile::span("subsampling");
         let mut h = x.unsqueeze(1);
         for conv in &self.convs {
             h = conv.forward(&h).relu();

@@ -42,6 +42,7 @@ pub mod loss;
 pub mod mask;
 pub mod moe;
 pub mod naming;
+pub mod precision;
 pub mod profile;
 pub mod search;
 pub mod upcycle;

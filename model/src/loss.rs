@@ -95,11 +95,11 @@ pub fn label_smoothing_loss(
 /// Knowledge distillation (Bai et al.): mean over real frames of the mean squared
 /// difference between student and teacher encoder outputs `[B, T, d]` (mask `[B, 1, T]`).
 pub fn distillation_loss(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Tensor {
-    let valid = mask.transpose(1, 2).to_kind(student.kind());
+    // In fp32 whatever the encoders ran in (bf16 under autocast).
+    let (student, teacher) = (student.to_kind(Kind::Float), teacher.to_kind(Kind::Float));
+    let valid = mask.transpose(1, 2).to_kind(Kind::Float);
     let frames = valid.sum(Kind::Float).clamp_min(1.0);
-    let per_frame = (student - teacher)
-        .square()
-        .mean_dim(-1, true, student.kind());
+    let per_frame = (student - teacher).square().mean_dim(-1, true, Kind::Float);
     (per_frame * valid).sum(Kind::Float) / frames
 }
 

@@ -152,11 +152,14 @@ impl ExpertBank {
         let rows = x.size()[0];
         let row_expert = Tensor::arange(self.len(), (Kind::Int64, device))
             .repeat_interleave_self_tensor(&counts_t, 0, rows);
-        let bias = |b: &Tensor| b.index_select(0, &row_expert);
+        // Under autocast the tokens arrive in bf16; grouped_mm has no autocast rule, so the
+        // fp32 weights are cast to the tokens' type here (a no-op in fp32).
+        let kind = x.kind();
+        let bias = |b: &Tensor| b.to_kind(kind).index_select(0, &row_expert);
         let matmul = |x: &Tensor, w: &Tensor| match compute {
-            ExpertCompute::GroupedMm => grouped_mm(x, w, &counts_t),
-            ExpertCompute::Bmm => padded_bmm(x, w, counts, &row_expert),
-            ExpertCompute::Loop => loop_mm(x, w, counts),
+            ExpertCompute::GroupedMm => grouped_mm(x, &w.to_kind(kind), &counts_t),
+            ExpertCompute::Bmm => padded_bmm(x, &w.to_kind(kind), counts, &row_expert),
+            ExpertCompute::Loop => loop_mm(x, &w.to_kind(kind), counts),
         };
         let h = activation
             .apply(&(matmul(x, &self.w_1) + bias(&self.b_1)))
@@ -418,7 +421,9 @@ impl MoeFeedForward {
             let noise = Tensor::empty_like(&input).uniform_(1.0 - j, 1.0 + j);
             input *= noise;
         }
-        let logits = input.matmul(&self.router.to_kind(Kind::Float).tr());
+        // fp32 even under bf16 autocast: the top-k choice is sensitive to rounding.
+        let logits =
+            crate::precision::full_precision(|| input.matmul(&self.router.to_kind(Kind::Float).tr()));
         let probs = logits.softmax(-1, Kind::Float);
         let (weight, expert) = if self.conf.softmax_before_topk {
             probs.topk(k, -1, true, true)

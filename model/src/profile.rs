@@ -1,5 +1,6 @@
 //! Optional wall-clock timers around the parts of a forward pass: attention, convolution,
-//! dense feed-forward networks, and in MoE layers the routing, the dispatch of tokens to
+//! dense feed-forward networks, the subsampling, the decoders' output layers, the CTC and
+//! attention losses, and in MoE layers the routing, the dispatch of tokens to
 //! their experts and back, and the experts' computation. Off unless [`enable`]d (a span
 //! then costs one atomic load). On the CPU the times are the work's; on a GPU they would
 //! be the time to queue it.

@@ -180,19 +180,21 @@ pub(crate) fn row_len(t: &Tensor) -> i64 {
     t.size().iter().skip(1).product()
 }
 
-/// Refuses what a host-memory transport cannot carry.
+/// Refuses what a host-memory transport cannot carry. Operations that only move data
+/// (`reduces` false) also carry 16-bit floats, as raw 16-bit words.
 #[cfg(feature = "mpi")]
-fn host_kind(op: &'static str, t: &Tensor) -> Result<(), CollectiveError> {
-    if !matches!(
-        t.kind(),
-        tch::Kind::Float | tch::Kind::Double | tch::Kind::Int64 | tch::Kind::Int
-    ) {
+fn host_kind(op: &'static str, t: &Tensor, reduces: bool) -> Result<(), CollectiveError> {
+    use tch::Kind::*;
+    let moved_as_bits = !reduces && matches!(t.kind(), BFloat16 | Half);
+    if !moved_as_bits && !matches!(t.kind(), Float | Double | Int64 | Int) {
+        let carried = if reduces {
+            "float, double, int, int64"
+        } else {
+            "float, double, int, int64, bfloat16, half"
+        };
         return Err(invalid(
             op,
-            format!(
-                "{:?} tensors are not supported (float, double, int, int64)",
-                t.kind()
-            ),
+            format!("{:?} tensors are not supported ({carried})", t.kind()),
         ));
     }
     Ok(())
@@ -539,6 +541,11 @@ mod mpi_backend {
                     type $T = i64;
                     $body
                 }
+                // Moved, never combined (host_kind refuses them for reductions).
+                Kind::BFloat16 | Kind::Half => {
+                    type $T = u16;
+                    $body
+                }
                 _ => {
                     type $T = i32;
                     $body
@@ -581,7 +588,7 @@ mod mpi_backend {
         }
 
         fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
-            host_kind("all_reduce", t)?;
+            host_kind("all_reduce", t, true)?;
             let input = host_view(t);
             let mut scratch = self.scratch.lock().expect("all_reduce scratch");
             let n = input.numel() as i64;
@@ -618,7 +625,7 @@ mod mpi_backend {
             send_counts: &[i64],
             recv_counts: &[i64],
         ) -> Result<Tensor, CollectiveError> {
-            host_kind("all_to_all", send)?;
+            host_kind("all_to_all", send, false)?;
             let size = send.size();
             let rows = size.first().copied().unwrap_or(0);
             check_counts("all_to_all", self.size, rows, send_counts, recv_counts)?;
@@ -657,7 +664,7 @@ mod mpi_backend {
         }
 
         fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-            host_kind("all_gather", t)?;
+            host_kind("all_gather", t, false)?;
             let device = t.device();
             let t = host_view(t);
             let mut shape = t.size();
@@ -678,7 +685,7 @@ mod mpi_backend {
         }
 
         fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-            host_kind("broadcast", t)?;
+            host_kind("broadcast", t, false)?;
             if root >= self.size {
                 return Err(invalid(
                     "broadcast",

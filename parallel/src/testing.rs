@@ -95,6 +95,19 @@ pub fn check_collectives(world: &dyn Collective, device: Device) {
         got.to_device(Device::Cpu).equal(&want),
         "all_to_all on rank {rank}"
     );
+    // Tokens under bf16 autocast travel as bfloat16 (moved bit for bit).
+    let got = world
+        .all_to_all(
+            &Tensor::cat(&parts, 0).to_kind(Kind::BFloat16),
+            &send_counts,
+            &recv_counts,
+        )
+        .unwrap();
+    assert!(
+        got.to_device(Device::Cpu)
+            .equal(&want.to_kind(Kind::BFloat16)),
+        "bfloat16 all_to_all on rank {rank}"
+    );
 
     let gathered = world
         .all_gather(&Tensor::from_slice(&[rank as i64, 7]).to_device(device))

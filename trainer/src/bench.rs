@@ -153,7 +153,9 @@ pub fn train_step(
     for i in 0..warmup + steps {
         let start = Instant::now();
         opt.zero_grad();
-        let out = model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true);
+        let out = upcycle_model::precision::autocast(c.upcycle_conf.precision, Device::Cpu, || {
+            model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true)
+        });
         out.loss.backward();
         losses.push((out.loss.double_value(&[]), out.ctc.double_value(&[])));
         opt.clip_grad_norm(c.grad_clip);

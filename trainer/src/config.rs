@@ -159,6 +159,12 @@ pub struct UpcycleConf {
     /// routing, dispatch, experts) into the metrics as `time_fwd_<part>_s`.
     #[serde(default)]
     pub profile_forward: bool,
+    /// Arithmetic of the training forward pass: `fp32`, or `bf16` (autocast: matrix
+    /// products and convolutions in bfloat16 over fp32 master weights; the MoE router,
+    /// the losses, gradients and optimizer state stay fp32). On the CPU, bf16 needs a
+    /// processor with bfloat16 instructions (AVX512-BF16 or AMX) to be faster.
+    #[serde(default)]
+    pub precision: upcycle_model::precision::Precision,
 }
 
 fn yes() -> bool {
@@ -211,6 +217,7 @@ impl Default for UpcycleConf {
             tensorboard: true,
             async_checkpoint: false,
             profile_forward: false,
+            precision: Default::default(),
         }
     }
 }

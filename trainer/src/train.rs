@@ -17,6 +17,7 @@ use upcycle_model::asr::Losses;
 use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::Routing;
+use upcycle_model::precision::autocast;
 use upcycle_model::search::ctc_greedy;
 use upcycle_parallel::groups::validate_layout;
 
@@ -605,12 +606,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 let trainable = freeze.apply(state.step);
                 tracing::info!(step = state.step, phase = ?phase.flatten(), trainable, "freezing phase");
             }
-            let mut l = model.forward(&feats, &lens, &target, &tlens, chunk, true);
+            let mut l = autocast(uc.precision, device, || {
+                model.forward(&feats, &lens, &target, &tlens, chunk, true)
+            });
             let distill = teacher.as_ref().map(|(t, weight)| {
-                let (teacher_out, _) = tch::no_grad(|| {
-                    t.model
-                        .encoder()
-                        .forward(&feats, &lens, chunk, false, &mut Routing::off())
+                let (teacher_out, _) = autocast(uc.precision, device, || {
+                    tch::no_grad(|| {
+                        t.model
+                            .encoder()
+                            .forward(&feats, &lens, chunk, false, &mut Routing::off())
+                    })
                 });
                 let (student_out, mask) = &l.encoder_out;
                 let d = distillation_loss(student_out, &teacher_out, mask);
