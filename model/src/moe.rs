@@ -422,8 +422,9 @@ impl MoeFeedForward {
             input *= noise;
         }
         // fp32 even under bf16 autocast: the top-k choice is sensitive to rounding.
-        let logits =
-            crate::precision::full_precision(|| input.matmul(&self.router.to_kind(Kind::Float).tr()));
+        let logits = crate::precision::full_precision(|| {
+            input.matmul(&self.router.to_kind(Kind::Float).tr())
+        });
         let probs = logits.softmax(-1, Kind::Float);
         let (weight, expert) = if self.conf.softmax_before_topk {
             probs.topk(k, -1, true, true)

@@ -108,7 +108,10 @@ mod tests {
             (a.matmul(&b).kind(), full_precision(|| a.matmul(&b).kind()))
         });
         assert_eq!((inside, island), (Kind::BFloat16, Kind::Float));
-        assert!(!is_autocast(Device::Cpu), "autocast left on after the region");
+        assert!(
+            !is_autocast(Device::Cpu),
+            "autocast left on after the region"
+        );
         let fp32 = autocast(Precision::Fp32, Device::Cpu, || a.matmul(&b).kind());
         assert_eq!(fp32, Kind::Float);
     }
