@@ -4,10 +4,11 @@ WeNet's model), same config, same utterances, same threads, same run, alternatin
 
     .venv/bin/python bench/train_step.py [--config configs/small.yaml]
         [--list data/fillets-cs/train/data.list] [--utts 16] [--steps 5] [--repeat 3]
-        [--threads 2] [--json OUT]
+        [--threads 2] [--precision fp32|bf16] [--json OUT]
 
 A step is forward + backward + global-norm clipping + AdamW, full-context attention,
-dropout on. Prints frames/s of both (median over steps, then over repetitions), the ratio
+dropout on. `--precision bf16` runs both forward passes under bfloat16 autocast
+(`upcycle_conf.precision: bf16`; the peer inside `torch.autocast("cpu", torch.bfloat16)`). Prints frames/s of both (median over steps, then over repetitions), the ratio
 with its spread, and each process's peak resident memory.
 """
 import argparse
@@ -16,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import wave
 
@@ -74,7 +76,7 @@ def batch(list_path, utts):
     return x, lens, y, tl, len(units)
 
 
-def peer(config, list_path, utts, steps, warmup):
+def peer(config, list_path, utts, steps, warmup, precision):
     x, xl, y, yl, vocab = batch(list_path, utts)
     torch.manual_seed(0)
     model = build_model(config, vocab)
@@ -85,7 +87,8 @@ def peer(config, list_path, utts, steps, warmup):
     for i in range(warmup + steps):
         t = time.perf_counter()
         opt.zero_grad()
-        out = model.compute(x, xl, y, yl, decoding_chunk_size=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model.compute(x, xl, y, yl, decoding_chunk_size=-1)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -106,6 +109,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/upcycle"))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--json", default=None)
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -113,20 +117,26 @@ def main():
     torch.set_num_threads(a.threads)
 
     if a.peer_only:  # one measurement in a fresh process, so its peak memory is its own
-        r = peer(config, a.list, a.utts, a.steps, a.warmup)
+        r = peer(config, a.list, a.utts, a.steps, a.warmup, a.precision)
         r["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(r))
         return
 
+    ours_config = a.config
+    if a.precision != "fp32":  # ours reads it from the config
+        config.setdefault("upcycle_conf", {})["precision"] = a.precision
+        ours_config = os.path.join(tempfile.mkdtemp(), "config.yaml")
+        yaml.safe_dump(config, open(ours_config, "w"))
     ours, theirs = [], []
     for _ in range(a.repeat):
-        out = subprocess.run([a.bin, "bench", "train-step", "--config", a.config, "--list", a.list,
+        out = subprocess.run([a.bin, "bench", "train-step", "--config", ours_config, "--list", a.list,
                               "--utts", str(a.utts), "--steps", str(a.steps), "--warmup", str(a.warmup),
                               "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
         ours.append(json.loads(out))
         out = subprocess.run([sys.executable, __file__, "--peer-only", "--config", a.config, "--list", a.list,
                               "--utts", str(a.utts), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                              "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
+                              "--threads", str(a.threads), "--precision", a.precision],
+                             check=True, capture_output=True, text=True).stdout
         theirs.append(json.loads(out))
     o_fps = [r["frames_per_second"] for r in ours]
     t_fps = [r["frames_per_second"] for r in theirs]
@@ -134,14 +144,14 @@ def main():
     result = {
         "benchmark": "train_step", "config": os.path.relpath(a.config, ROOT), "utterances": ours[0]["utterances"],
         "frames": ours[0]["frames"], "params_upcycle": ours[0]["params"], "params_peer": theirs[0]["params"],
-        "threads": a.threads, "steps": a.steps, "repeat": a.repeat,
+        "threads": a.threads, "precision": a.precision, "steps": a.steps, "repeat": a.repeat,
         "upcycle_frames_per_s": statistics.median(o_fps), "peer_frames_per_s": statistics.median(t_fps),
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "upcycle_peak_rss_mib": max(r["peak_rss_mib"] for r in ours),
         "peer_peak_rss_mib": max(r["peak_rss_mib"] for r in theirs),
     }
     print(f"training step: {result['config']}, {result['utterances']} utterances, {result['frames']} frames, "
-          f"{a.threads} threads, {a.steps} steps x {a.repeat} repetitions")
+          f"{a.precision}, {a.threads} threads, {a.steps} steps x {a.repeat} repetitions")
     print(f"  upcycle        {result['upcycle_frames_per_s']:>10,.0f} frames/s   peak RSS {result['upcycle_peak_rss_mib']:,.0f} MiB")
     print(f"  PyTorch peer   {result['peer_frames_per_s']:>10,.0f} frames/s   peak RSS {result['peer_peak_rss_mib']:,.0f} MiB")
     print(f"  ratio          {result['ratio_median']:.2f}x (min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
