@@ -9,7 +9,7 @@
 //! | `node/<i>` | node i joined (its worker count); `node/<i>/joins` counts launchers claiming i |
 //! | `ready/<a>/<i>` | node i is about to start the workers of attempt a |
 //! | `generation` | the attempt every node must run; moved (compare-and-set) by the first node whose worker fails |
-//! | `failure/<a>` | the first failure of attempt a, as the nodes report it |
+//! | `failure/<a>/<i>` | how attempt a failed on node i (its first failing worker), if it did |
 //! | `done/<a>/<i>` | node i's workers of attempt a all succeeded |
 //! | `abort` | why the job stops everywhere (a launcher was interrupted or hit an error) |
 //! | `left/<i>` | node i's launcher is leaving (node 0 waits for these before its store goes) |
@@ -69,8 +69,8 @@ pub fn job_token(given: Option<&str>, nnodes: usize) -> Result<String, LaunchErr
 /// What a launcher learns while its workers run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum News {
-    /// Another node's worker failed: every node restarts (the failure as reported).
-    Restart(String),
+    /// Another node's worker failed: every node restarts.
+    Restart,
     /// The job stops everywhere (why).
     Abort(String),
 }
@@ -294,23 +294,41 @@ impl Rendezvous {
             .and_then(|g| String::from_utf8_lossy(&g).parse::<u32>().ok())
             .unwrap_or(0);
         if generation > attempt {
-            let what = self
-                .store
-                .try_get(&format!("failure/{attempt}"))
-                .map_err(rdzv_error)?
-                .map(|w| String::from_utf8_lossy(&w).into_owned())
-                .unwrap_or_else(|| "another node's worker failed".into());
-            return Ok(Some(News::Restart(what)));
+            return Ok(Some(News::Restart));
         }
         Ok(None)
+    }
+
+    /// How attempt `attempt` failed, on every node that reported a failure (`node i:
+    /// rank r ...; node j: ...`; without the node on one node). Complete once every node
+    /// is past the attempt (each reports before it starts the next).
+    pub fn failures(&self, attempt: u32) -> String {
+        let found: Vec<String> = (0..self.nnodes)
+            .filter_map(|i| {
+                let what = self
+                    .store
+                    .try_get(&format!("failure/{attempt}/{i}"))
+                    .ok()??;
+                let what = String::from_utf8_lossy(&what).into_owned();
+                Some(if self.nnodes > 1 {
+                    format!("node {i}: {what}")
+                } else {
+                    what
+                })
+            })
+            .collect();
+        if found.is_empty() {
+            "another node's worker failed".into()
+        } else {
+            found.join("; ")
+        }
     }
 
     /// Tells every node that attempt `attempt` failed here (`what`: which worker and
     /// how): all of them stop their workers and start the next attempt.
     pub fn fail(&self, attempt: u32, what: &str) -> Result<(), LaunchError> {
-        let what = format!("node {}: {what}", self.node);
         self.store
-            .compare_set(&format!("failure/{attempt}"), None, what.as_bytes())
+            .set(&format!("failure/{attempt}/{}", self.node), what.as_bytes())
             .map_err(rdzv_error)?;
         self.store
             .compare_set(

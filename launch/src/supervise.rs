@@ -759,6 +759,14 @@ fn attempts(
     for attempt in 0..=spec.max_restarts {
         if let Some(r) = rdzv {
             r.start_attempt(attempt)?;
+            if attempt > 0 {
+                // Every node is past the failed attempt: its failures are all reported.
+                eprintln!(
+                    "upcycle launch: {}; all workers stopped; restart {attempt} of {}",
+                    r.failures(attempt - 1),
+                    spec.max_restarts
+                );
+            }
         }
         let job = JobEnv {
             master_addr: spec.master_addr.clone(),
@@ -794,24 +802,25 @@ fn attempts(
                     "the job stopped: {why}; every worker of this node was stopped"
                 )))
             }
-            End::Remote(News::Restart(what)) => {
+            End::Remote(News::Restart) => {
+                let r = rdzv.expect("news come from the rendezvous");
                 if attempt < spec.max_restarts {
-                    eprintln!(
-                        "upcycle launch: {what}; all workers stopped; restart {} of {}",
-                        attempt + 1,
-                        spec.max_restarts
-                    );
                     continue;
                 }
                 return Err(LaunchError::Rendezvous(format!(
-                    "{what}; every worker of this node was stopped; no restart left ({attempt} \
-                     used; --max-restarts raises the limit)"
+                    "{}; every worker of this node was stopped; no restart left ({attempt} \
+                     used; --max-restarts raises the limit)",
+                    r.failures(attempt)
                 )));
             }
             End::Failed(rank, status, reason) => {
                 let who = rank.map_or("a worker".into(), |r| format!("rank {r}"));
                 if let Some(r) = rdzv {
                     r.fail(attempt, &format!("{who} {status}"))?;
+                    if attempt < spec.max_restarts {
+                        // Announced once every node is back (with every node's failure).
+                        continue;
+                    }
                 }
                 if attempt < spec.max_restarts {
                     eprintln!(
