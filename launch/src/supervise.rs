@@ -506,15 +506,30 @@ fn spawn_one(
     Ok(child.id() as i32)
 }
 
+/// `OMP_NUM_THREADS` for each of `nproc` workers spawned directly on this node, unless
+/// the launcher's environment sets it: the cores this launcher may use divided among
+/// them (at least 1), as torchrun does. Otherwise each worker's libtorch would start a
+/// thread per core and the workers would oversubscribe the machine (`mpirun` binds its
+/// ranks to cores instead).
+fn threads_per_worker(nproc: usize) -> Option<(String, String)> {
+    if nproc == 1 || std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(("OMP_NUM_THREADS".into(), (cores / nproc).max(1).to_string()))
+}
+
 impl Group {
     fn start(spec: &LaunchSpec, job: &JobEnv, output: &Arc<Output>) -> Result<Self, LaunchError> {
         let mut roots = Vec::new();
         let mut readers = Vec::new();
         match spec.spawn {
             Spawn::Direct => {
+                let threads = threads_per_worker(spec.nproc);
                 for local in 0..spec.nproc {
                     let rank = job.node * spec.nproc + local;
-                    let vars = job.worker_vars(Spawn::Direct, local, spec.nproc);
+                    let mut vars = job.worker_vars(Spawn::Direct, local, spec.nproc);
+                    vars.extend(threads.clone());
                     let pid = spawn_one(
                         &spec.command,
                         &vars,
@@ -895,7 +910,8 @@ mod tests {
     fn direct_workers_get_their_identity_and_their_output_is_logged_by_rank() {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = sh(
-            "echo \"rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE restart=$UPCYCLE_RESTART_COUNT\"",
+            "echo \"rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE restart=$UPCYCLE_RESTART_COUNT \
+             threads=$OMP_NUM_THREADS\"",
             3,
         );
         spec.log_dir = Some(dir.path().into());
@@ -904,7 +920,13 @@ mod tests {
             let log = std::fs::read_to_string(dir.path().join(format!("rank-{r}.log"))).unwrap();
             assert_eq!(
                 log,
-                format!("--- attempt 0 ---\nrank={r} local={r} world=3 restart=0\n")
+                format!(
+                    "--- attempt 0 ---\nrank={r} local={r} world=3 restart=0 threads={}\n",
+                    std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| {
+                        let cores = std::thread::available_parallelism().unwrap().get();
+                        (cores / 3).max(1).to_string()
+                    })
+                )
             );
         }
     }
