@@ -158,7 +158,7 @@ unsafe fn bytes_mut(t: &Tensor) -> &mut [u8] {
 }
 
 /// `buf` cut at `lens` (which sum to its length).
-fn cut<'a>(mut buf: &'a mut [u8], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [u8]> {
+fn cut(mut buf: &mut [u8], lens: impl Iterator<Item = usize>) -> Vec<&mut [u8]> {
     let mut parts = Vec::new();
     for n in lens {
         let (head, rest) = std::mem::take(&mut buf).split_at_mut(n);
