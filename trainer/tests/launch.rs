@@ -414,6 +414,44 @@ fn tcp_workers_and_two_nodes_equal_mpirun_and_a_killed_worker_restarts_every_nod
 }
 
 #[test]
+fn expert_parallel_workers_on_two_nodes_equal_mpirun() {
+    // 4 experts, 2 on each node's worker: tokens cross the nodes by all-to-all, the
+    // groups are split over TCP.
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = setup(tmp.path(), "");
+    let config = deterministic_moe_config(tmp.path(), 2, 3);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "upcycle_conf: {seed: 4,",
+        "upcycle_conf: {threads: 1, seed: 4,",
+    );
+    std::fs::write(&config, text).unwrap();
+    let straight = tmp.path().join("mpirun");
+    run_workers(2, &config, &data, &straight, 6, &["--ep", "2"]);
+    let nodes = tmp.path().join("nodes");
+    let port = free_port().to_string();
+    let mut train = train_args(
+        config.to_str().unwrap(),
+        data.to_str().unwrap(),
+        nodes.to_str().unwrap(),
+        "6",
+    );
+    train.extend(["--ep", "2"]);
+    let launchers: Vec<Launcher> = (0..2)
+        .map(|n| spawn_node(&two_node_args(n, &port, &[], &train)))
+        .collect();
+    for l in launchers {
+        let (status, err) = l.finish();
+        assert!(status.success(), "{err}");
+    }
+    assert_eq!(losses(&nodes).len(), 6);
+    assert_eq!(losses(&nodes), losses(&straight));
+    assert_same_parameters(
+        &straight.join("checkpoints/step-6"),
+        &nodes.join("checkpoints/step-6"),
+    );
+}
+
+#[test]
 fn a_node_that_never_arrives_is_named_and_several_nodes_need_the_token() {
     let port = free_port().to_string();
     let train = ["train", "--config", "never-read.yaml"];
