@@ -11,24 +11,24 @@
 //! |---|---|
 //! | [`worker_env`] | the torchrun variables (and restart count) each worker gets |
 //! | [`supervise`] | spawning (directly, or as one `mpirun` job), watching, stopping, restarting |
+//! | [`rendezvous`] | the store node 0 hosts, joining it, agreeing on each attempt across nodes |
 //! | [`plan`] | staged plans: stages in order, finished ones skipped on a rerun |
 //! | [`emit`] | cluster job scripts (SLURM `sbatch`, plain `mpirun`) for the same stages |
 //!
 //! Two ways to start a group ([`Spawn`]):
 //! - [`Spawn::Direct`]: one process per worker with `RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
-//!   ... set per worker (torchrun's way; for GPU workers, each takes the GPU of its local
-//!   rank). On the CPU workers talk over MPI only, so several direct workers are for
-//!   GPUs (NCCL); one direct worker needs no communication at all.
+//!   ... set per worker (torchrun's way; GPU workers each take the GPU of their local
+//!   rank). Several direct workers meet through the rendezvous store that node 0's
+//!   launcher hosts (`MASTER_ADDR:MASTER_PORT`, guarded by `UPCYCLE_RDZV_TOKEN`) and talk
+//!   over TCP (CPU) or NCCL (GPU); one launcher per node (`--nnodes`, `--node-rank`).
 //! - [`Spawn::Mpirun`]: the group is one `mpirun -np N` job (Open MPI); workers read
 //!   `OMPI_COMM_WORLD_*`, and the launcher sets only the job-wide variables (per-rank
 //!   torchrun variables would have to agree with MPI's, see `upcycle-parallel`'s `env`).
-//!
-//! Not here yet: the rendezvous (NCCL ids exchanged through a launcher-hosted store) and
-//! several nodes (`--nnodes`); see the README's "Launcher" section.
 
 pub mod emit;
 pub mod plan;
 mod procs;
+pub mod rendezvous;
 pub mod supervise;
 pub mod worker_env;
 
@@ -61,6 +61,10 @@ pub enum LaunchError {
     /// The group failed more often than allowed.
     #[error("{0}")]
     Failed(Box<Failure>),
+    /// The launchers could not meet or agree (a node did not join, the store was lost,
+    /// another node stopped the job, another node's failures used the last restart).
+    #[error("{0}")]
+    Rendezvous(String),
     /// The launcher was asked to stop (SIGINT, SIGTERM or SIGHUP, by number); every
     /// worker was stopped.
     #[error("stopped by signal {0}; every worker was stopped")]
@@ -102,36 +106,31 @@ fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LaunchEr
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// Through MPI: the group is one `mpirun` job (on GPUs the workers still use NCCL
-    /// between them; its id goes over MPI). The default.
+    /// between them; its id goes over MPI). The default; one node.
     Mpi,
-    /// NCCL with workers spawned directly, torchrun's way.
+    /// Workers spawned directly, torchrun's way, meeting through the launcher's store
+    /// and talking over TCP (CPU tensors; `upcycle_parallel::tcp`). No MPI needed; one
+    /// launcher per node.
+    Tcp,
+    /// Workers spawned directly, each on the GPU of its local rank, talking NCCL (its id
+    /// sent through the launcher's store). One launcher per node.
     Nccl,
 }
 
 impl Backend {
-    /// How `nproc` workers of this backend are started: one worker needs no
-    /// communication and runs directly; several run under `mpirun`. Several NCCL workers
-    /// spawned directly are refused: they would need the launcher-hosted rendezvous to
-    /// exchange the NCCL id, which does not exist yet (workers join over MPI).
+    /// How `nproc` workers (per node) of this backend are started: one worker of the MPI
+    /// backend needs no communication and runs directly; several run under `mpirun`. The
+    /// TCP and NCCL backends spawn directly; several NCCL workers need a visible GPU.
     pub fn spawn(self, nproc: usize) -> Result<Spawn, LaunchError> {
         match (self, nproc) {
-            (_, 1) => Ok(Spawn::Direct),
+            (Backend::Mpi, 1) | (Backend::Tcp, _) => Ok(Spawn::Direct),
             (Backend::Mpi, _) => Ok(Spawn::Mpirun),
-            (Backend::Nccl, n) => Err(LaunchError::Invalid(format!(
-                "--backend nccl with {n} workers: {}; use --backend mpi (the default): the \
-                 workers run under mpirun{}",
-                if gpus_visible() {
-                    "spawning GPU workers directly needs the launcher's rendezvous for the \
-                     NCCL id, which is not built yet"
-                } else {
-                    "no GPU is visible, and on the CPU workers talk over MPI only"
-                },
-                if gpus_visible() {
-                    " and still talk NCCL between GPUs (the id goes over MPI)"
-                } else {
-                    ""
-                }
+            (Backend::Nccl, n) if n > 1 && !gpus_visible() => Err(LaunchError::Invalid(format!(
+                "--backend nccl with {n} workers: no GPU is visible (no /dev/nvidia0, or \
+                 CUDA_VISIBLE_DEVICES hides them); on CPUs use --backend tcp (workers spawned \
+                 directly, talking over TCP) or --backend mpi (under mpirun)"
             ))),
+            (Backend::Nccl, _) => Ok(Spawn::Direct),
         }
     }
 }

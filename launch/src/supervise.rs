@@ -7,6 +7,12 @@
 //! a worker left (a hang), or it is asked to stop. Whatever still runs is then sent
 //! SIGTERM and, after the grace period, SIGKILL. A failed attempt is followed by the next
 //! one until `max_restarts` restarts are spent.
+//!
+//! Workers spawned directly in a world of several (`--backend tcp`/`nccl`) meet through
+//! the rendezvous store ([`crate::rendezvous`]): node 0's launcher hosts it, every node's
+//! launcher joins it, and the launchers agree there on each attempt: a failure on any node
+//! moves the job's generation, every node stops its workers, and all start the next
+//! attempt together.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
@@ -21,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::procs::{self, Tree};
+use crate::rendezvous::{News, Rendezvous};
 use crate::worker_env::{self, JobEnv};
 use crate::{io_error, LaunchError};
 
@@ -38,16 +45,28 @@ pub enum Spawn {
 pub struct LaunchSpec {
     /// The program and its arguments, run once per worker.
     pub command: Vec<OsString>,
-    /// Workers (all on this node).
+    /// Workers on this node.
     pub nproc: usize,
+    /// Nodes of the job, each with its own launcher and `nproc` workers.
+    pub nnodes: usize,
+    /// This node's index (its workers are ranks `node_rank * nproc ..`).
+    pub node_rank: usize,
     /// How they are started.
     pub spawn: Spawn,
     /// Restarts of the whole group after a failure.
     pub max_restarts: u32,
     /// `MASTER_ADDR` given to the workers.
     pub master_addr: String,
-    /// `MASTER_PORT` given to the workers.
+    /// `MASTER_PORT` given to the workers; where node 0 hosts the rendezvous store (0:
+    /// any free port, on one node).
     pub master_port: u16,
+    /// The job's rendezvous token (`UPCYCLE_RDZV_TOKEN`); `None`: a new random one, on one
+    /// node (several need it given).
+    pub token: Option<String>,
+    /// The address node 0's store listens on (default: `master_addr`).
+    pub store_bind: Option<String>,
+    /// How long the launchers wait for each other (joining, restarting together).
+    pub join_timeout: Duration,
     /// Between SIGTERM and SIGKILL when stopping the group.
     pub stop_grace: Duration,
     /// How long `mpirun` may stay up after one of its workers ended before the job
@@ -63,16 +82,22 @@ pub struct LaunchSpec {
 
 impl LaunchSpec {
     /// `command` on `nproc` workers started by `spawn`, with the defaults: no restart,
-    /// master 127.0.0.1:29500 (torchrun's), 10 s grace, 60 s for `mpirun` to end a job a
-    /// worker left, 20 lines of tail, no log files.
+    /// master 127.0.0.1:29500 (torchrun's), one node, a new token, 10 minutes to join,
+    /// 10 s grace, 60 s for `mpirun` to end a job a worker left, 20 lines of tail, no log
+    /// files.
     pub fn new(command: Vec<OsString>, nproc: usize, spawn: Spawn) -> Self {
         LaunchSpec {
             command,
             nproc,
+            nnodes: 1,
+            node_rank: 0,
             spawn,
             max_restarts: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
+            token: None,
+            store_bind: None,
+            join_timeout: Duration::from_secs(600),
             stop_grace: Duration::from_secs(10),
             hang_grace: Duration::from_secs(60),
             log_dir: None,
@@ -430,6 +455,8 @@ enum End {
     Success,
     Failed(Option<usize>, WorkerStatus, String),
     Interrupted(i32),
+    /// Another node failed, or the job stops everywhere.
+    Remote(News),
 }
 
 fn spawn_one(
@@ -479,14 +506,30 @@ fn spawn_one(
     Ok(child.id() as i32)
 }
 
+/// `OMP_NUM_THREADS` for each of `nproc` workers spawned directly on this node, unless
+/// the launcher's environment sets it: the cores this launcher may use divided among
+/// them (at least 1), as torchrun does. Otherwise each worker's libtorch would start a
+/// thread per core and the workers would oversubscribe the machine (`mpirun` binds its
+/// ranks to cores instead).
+fn threads_per_worker(nproc: usize) -> Option<(String, String)> {
+    if nproc == 1 || std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(("OMP_NUM_THREADS".into(), (cores / nproc).max(1).to_string()))
+}
+
 impl Group {
     fn start(spec: &LaunchSpec, job: &JobEnv, output: &Arc<Output>) -> Result<Self, LaunchError> {
         let mut roots = Vec::new();
         let mut readers = Vec::new();
         match spec.spawn {
             Spawn::Direct => {
-                for rank in 0..spec.nproc {
-                    let vars = job.worker_vars(Spawn::Direct, rank, spec.nproc);
+                let threads = threads_per_worker(spec.nproc);
+                for local in 0..spec.nproc {
+                    let rank = job.node * spec.nproc + local;
+                    let mut vars = job.worker_vars(Spawn::Direct, local, spec.nproc);
+                    vars.extend(threads.clone());
                     let pid = spawn_one(
                         &spec.command,
                         &vars,
@@ -542,12 +585,26 @@ impl Group {
         }
     }
 
-    fn watch(&mut self, spec: &LaunchSpec, output: &Output) -> End {
+    /// Watches the group until it ends; `news` is asked every few tenths of a second
+    /// whether something elsewhere ends the attempt.
+    fn watch(
+        &mut self,
+        spec: &LaunchSpec,
+        output: &Output,
+        news: &mut dyn FnMut() -> Option<News>,
+    ) -> End {
         let mut last_scan = Instant::now();
+        let mut last_news = Instant::now();
         let (mut peak, mut left_at, mut announced) = (0, None::<Instant>, false);
         loop {
             if let Some(sig) = stop_requested() {
                 return End::Interrupted(sig);
+            }
+            if last_news.elapsed() >= Duration::from_millis(250) {
+                last_news = Instant::now();
+                if let Some(n) = news() {
+                    return End::Remote(n);
+                }
             }
             self.reap();
             match spec.spawn {
@@ -665,7 +722,21 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
             "--nproc-per-node 0: at least one worker is needed".into(),
         ));
     }
+    if spec.nnodes == 0 || spec.node_rank >= spec.nnodes {
+        return Err(LaunchError::Invalid(format!(
+            "--node-rank {} with --nnodes {}: the node rank must be below the node count",
+            spec.node_rank, spec.nnodes
+        )));
+    }
     if spec.spawn == Spawn::Mpirun {
+        if spec.nnodes > 1 {
+            return Err(LaunchError::Invalid(format!(
+                "--nnodes {} with the MPI backend: mpirun starts every node's workers itself; \
+                 write a job script (--emit mpirun or --emit slurm), or run one launcher per \
+                 node with --backend tcp (CPU) or --backend nccl (GPU)",
+                spec.nnodes
+            )));
+        }
         check_mpirun(&spec.mpirun)?;
     }
     if let Some(dir) = &spec.log_dir {
@@ -676,23 +747,96 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
         tail_lines: spec.tail_lines,
         state: Mutex::new(OutputState::default()),
     });
+    // Workers spawned directly in a world of several meet through the store.
+    let rdzv = if spec.spawn == Spawn::Direct && spec.nproc * spec.nnodes > 1 {
+        Some(Rendezvous::join(spec)?)
+    } else {
+        None
+    };
+    let result = attempts(spec, &output, rdzv.as_ref());
+    if let Some(r) = rdzv {
+        match &result {
+            // Every node sees the restarts run out by itself.
+            Ok(()) | Err(LaunchError::Failed(_)) => {}
+            Err(e) => r.abort(&e.to_string()),
+        }
+        r.leave(spec.stop_grace + Duration::from_secs(15));
+    }
+    result
+}
+
+/// The attempts of a launch, until one succeeds or the restarts run out.
+fn attempts(
+    spec: &LaunchSpec,
+    output: &Arc<Output>,
+    rdzv: Option<&Rendezvous>,
+) -> Result<(), LaunchError> {
     for attempt in 0..=spec.max_restarts {
+        if let Some(r) = rdzv {
+            r.start_attempt(attempt)?;
+            if attempt > 0 {
+                // Every node is past the failed attempt: its failures are all reported.
+                eprintln!(
+                    "upcycle launch: {}; all workers stopped; restart {attempt} of {}",
+                    r.failures(attempt - 1),
+                    spec.max_restarts
+                );
+            }
+        }
         let job = JobEnv {
             master_addr: spec.master_addr.clone(),
-            master_port: spec.master_port,
+            master_port: rdzv.map_or(spec.master_port, |r| r.master_port),
             restart_count: attempt,
             max_restarts: spec.max_restarts,
+            node: spec.node_rank,
+            nnodes: spec.nnodes,
+            token: rdzv.map(|r| r.token.clone()),
         };
         output.begin_attempt(attempt);
-        let mut group = Group::start(spec, &job, &output)?;
-        let end = group.watch(spec, &output);
+        let mut group = Group::start(spec, &job, output)?;
+        let mut news = || {
+            let r = rdzv?;
+            match r.news(attempt) {
+                Ok(n) => n,
+                Err(e) => Some(News::Abort(e.to_string())),
+            }
+        };
+        let end = group.watch(spec, output, &mut news);
         group.stop(spec.stop_grace);
         group.wait_readers(Duration::from_secs(2));
+        let end = match (end, rdzv) {
+            // Every node's workers must have succeeded.
+            (End::Success, Some(r)) => r.finish(attempt)?.map_or(End::Success, End::Remote),
+            (end, _) => end,
+        };
         match end {
             End::Success => return Ok(()),
             End::Interrupted(sig) => return Err(LaunchError::Interrupted(sig)),
+            End::Remote(News::Abort(why)) => {
+                return Err(LaunchError::Rendezvous(format!(
+                    "the job stopped: {why}; every worker of this node was stopped"
+                )))
+            }
+            End::Remote(News::Restart) => {
+                let r = rdzv.expect("news come from the rendezvous");
+                if attempt < spec.max_restarts {
+                    continue;
+                }
+                return Err(LaunchError::Rendezvous(format!(
+                    "{}; every worker of this node was stopped; no restart left ({attempt} \
+                     used; --max-restarts raises the limit)",
+                    r.failures(attempt)
+                )));
+            }
             End::Failed(rank, status, reason) => {
                 let who = rank.map_or("a worker".into(), |r| format!("rank {r}"));
+                if let Some(r) = rdzv {
+                    r.fail(attempt, &format!("{who} {status}"))?;
+                    if attempt < spec.max_restarts {
+                        // Announced once every node is back (with every node's failure).
+                        continue;
+                    }
+                }
                 if attempt < spec.max_restarts {
                     eprintln!(
                         "upcycle launch: {who} {status}; all workers stopped; restart {} of {}",
@@ -725,6 +869,8 @@ mod tests {
             Spawn::Direct,
         );
         spec.stop_grace = Duration::from_secs(2);
+        // Several direct workers get a rendezvous store: any free port.
+        spec.master_port = 0;
         spec
     }
 
@@ -764,7 +910,8 @@ mod tests {
     fn direct_workers_get_their_identity_and_their_output_is_logged_by_rank() {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = sh(
-            "echo \"rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE restart=$UPCYCLE_RESTART_COUNT\"",
+            "echo \"rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE restart=$UPCYCLE_RESTART_COUNT \
+             threads=$OMP_NUM_THREADS\"",
             3,
         );
         spec.log_dir = Some(dir.path().into());
@@ -773,7 +920,13 @@ mod tests {
             let log = std::fs::read_to_string(dir.path().join(format!("rank-{r}.log"))).unwrap();
             assert_eq!(
                 log,
-                format!("--- attempt 0 ---\nrank={r} local={r} world=3 restart=0\n")
+                format!(
+                    "--- attempt 0 ---\nrank={r} local={r} world=3 restart=0 threads={}\n",
+                    std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| {
+                        let cores = std::thread::available_parallelism().unwrap().get();
+                        (cores / 3).max(1).to_string()
+                    })
+                )
             );
         }
     }
@@ -825,6 +978,103 @@ mod tests {
         // Killed by a signal: 128 + the signal.
         let e = launch(&sh("kill -9 $$", 1)).unwrap_err();
         assert_eq!(e.exit_code(), 137);
+    }
+
+    /// A free port on the loopback interface (for a job of several launchers).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Runs `spec` as node `node` of `nnodes` (on a thread: the launchers of one job).
+    fn node(
+        spec: &LaunchSpec,
+        node: usize,
+        nnodes: usize,
+        port: u16,
+    ) -> std::thread::JoinHandle<Result<(), LaunchError>> {
+        let mut spec = spec.clone();
+        spec.nnodes = nnodes;
+        spec.node_rank = node;
+        spec.master_port = port;
+        spec.token = Some("a-test-token-of-this-job".into());
+        std::thread::spawn(move || launch(&spec))
+    }
+
+    #[test]
+    fn launchers_of_several_nodes_form_one_world_and_restart_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let marks = dir.path().display();
+        // Rank 3 (node 1) fails on the first attempt only; the others would run for a
+        // minute if they were not stopped: node 0's workers must be stopped too.
+        let mut spec = sh(
+            &format!(
+                "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $GROUP_RANK $MASTER_PORT\" \
+                 > {marks}/$RANK-$UPCYCLE_RESTART_COUNT; \
+                 test -n \"$UPCYCLE_RDZV_TOKEN\" || exit 9; \
+                 if [ $RANK = 3 ] && [ $UPCYCLE_RESTART_COUNT = 0 ]; then sleep 1; exit 3; fi; \
+                 if [ $UPCYCLE_RESTART_COUNT = 0 ]; then sleep 60; fi"
+            ),
+            2,
+        );
+        spec.max_restarts = 1;
+        let port = free_port();
+        let t = Instant::now();
+        let nodes = [node(&spec, 0, 2, port), node(&spec, 1, 2, port)];
+        for n in nodes {
+            n.join().unwrap().unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        for rank in 0..4 {
+            for attempt in 0..2 {
+                let m = std::fs::read_to_string(dir.path().join(format!("{rank}-{attempt}")))
+                    .unwrap_or_else(|_| panic!("rank {rank} attempt {attempt} did not run"));
+                assert_eq!(
+                    m.trim(),
+                    format!("{rank} {} 4 2 {} {port}", rank % 2, rank / 2)
+                );
+            }
+        }
+
+        // Always failing on node 1: both launchers stop when the restarts run out, node 1
+        // with its worker's status, node 0 naming node 1's failure.
+        let mut spec = sh("if [ $GROUP_RANK = 1 ]; then exit 5; fi; sleep 60", 1);
+        spec.max_restarts = 1;
+        let port = free_port();
+        let nodes = [node(&spec, 0, 2, port), node(&spec, 1, 2, port)];
+        let [zero, one] = nodes.map(|n| n.join().unwrap().unwrap_err());
+        assert_eq!(one.exit_code(), 5, "{one}");
+        let zero = zero.to_string();
+        assert!(
+            zero.contains("node 1: rank 1 exited with status 5")
+                && zero.contains("no restart left"),
+            "{zero}"
+        );
+    }
+
+    #[test]
+    fn a_node_that_never_joins_is_named_and_bad_node_settings_are_refused() {
+        let mut spec = sh("true", 1);
+        spec.join_timeout = Duration::from_secs(1);
+        let t = Instant::now();
+        let e = node(&spec, 0, 3, free_port()).join().unwrap().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let text = e.to_string();
+        assert!(
+            text.contains("node(s) 1, 2 did not join within 1 s") && text.contains("joined: 0"),
+            "{text}"
+        );
+        let e = node(&spec, 2, 2, free_port()).join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("--node-rank 2"), "{e}");
+        let e = node(&spec, 0, 2, 0).join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("--master-port 0"), "{e}");
+        let mut unsafe_token = spec.clone();
+        unsafe_token.nnodes = 2;
+        let e = launch(&unsafe_token).unwrap_err().to_string();
+        assert!(e.contains("UPCYCLE_RDZV_TOKEN"), "{e}");
     }
 
     #[test]

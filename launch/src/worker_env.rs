@@ -2,6 +2,7 @@
 //! `upcycle-parallel`'s `env` reads, and the restart count.
 
 use crate::Spawn;
+use upcycle_parallel::store::TOKEN_VAR;
 
 /// How many times the group was restarted before this attempt (0 on the first).
 pub const RESTART_COUNT: &str = "UPCYCLE_RESTART_COUNT";
@@ -44,6 +45,12 @@ pub struct JobEnv {
     pub restart_count: u32,
     /// Restarts allowed.
     pub max_restarts: u32,
+    /// This node (`GROUP_RANK`).
+    pub node: usize,
+    /// Nodes in the job.
+    pub nnodes: usize,
+    /// The rendezvous token, for workers that meet through the launcher's store.
+    pub token: Option<String>,
 }
 
 impl JobEnv {
@@ -60,20 +67,23 @@ impl JobEnv {
                 self.max_restarts.to_string(),
             ),
         ]
+        .into_iter()
+        .chain(self.token.iter().map(|t| (TOKEN_VAR.into(), t.clone())))
+        .collect()
     }
 
-    /// Every variable worker `rank` of `nproc` (all on this node) gets: the job-wide ones
-    /// and, spawned directly, its torchrun identity.
-    pub fn worker_vars(&self, spawn: Spawn, rank: usize, nproc: usize) -> Vec<(String, String)> {
+    /// Every variable the worker of local rank `local` of this node's `nproc` gets: the
+    /// job-wide ones and, spawned directly, its torchrun identity (global rank
+    /// `node * nproc + local`).
+    pub fn worker_vars(&self, spawn: Spawn, local: usize, nproc: usize) -> Vec<(String, String)> {
         let mut vars = self.job_vars();
         if spawn == Spawn::Direct {
-            // One node: the local rank is the rank, the node (group) is 0.
             for (k, v) in [
-                ("RANK", rank),
-                ("LOCAL_RANK", rank),
-                ("WORLD_SIZE", nproc),
+                ("RANK", self.node * nproc + local),
+                ("LOCAL_RANK", local),
+                ("WORLD_SIZE", self.nnodes * nproc),
                 ("LOCAL_WORLD_SIZE", nproc),
-                ("GROUP_RANK", 0),
+                ("GROUP_RANK", self.node),
             ] {
                 vars.push((k.into(), v.to_string()));
             }
@@ -94,6 +104,9 @@ mod tests {
             master_port: 29500,
             restart_count: 2,
             max_restarts: 3,
+            node: 0,
+            nnodes: 1,
+            token: None,
         }
     }
 
@@ -126,7 +139,27 @@ mod tests {
             let w = read(&job().worker_vars(Spawn::Mpirun, rank, 4), Some((rank, 4)));
             assert_eq!((w.rank, w.world, w.starter), (rank, 4, Starter::OpenMpi));
         }
+        // The second of two nodes, its workers meeting through the store.
+        let node1 = JobEnv {
+            node: 1,
+            nnodes: 2,
+            token: Some("0123456789abcdef".into()),
+            ..job()
+        };
+        for local in 0..2 {
+            let vars = node1.worker_vars(Spawn::Direct, local, 2);
+            let w = read(&vars, None);
+            assert_eq!(
+                (w.rank, w.world, w.local_rank, w.local_world, w.node),
+                (2 + local, 4, local, 2, 1)
+            );
+            let m: HashMap<String, String> = vars.into_iter().collect();
+            let r =
+                upcycle_parallel::store::RendezvousEnv::from_vars(|k| m.get(k).cloned()).unwrap();
+            assert_eq!((r.addr.as_str(), r.attempt), ("127.0.0.1:29500", 2));
+        }
         let vars: HashMap<_, _> = job().job_vars().into_iter().collect();
+        assert!(!vars.contains_key(TOKEN_VAR));
         assert_eq!(vars[RESTART_COUNT], "2");
         assert_eq!(vars[TORCHELASTIC_RESTART_COUNT], "2");
         assert_eq!(vars["MASTER_PORT"], "29500");

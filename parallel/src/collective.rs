@@ -1,7 +1,9 @@
 //! Collective communication on tch tensors, behind one trait with a backend per
-//! transport: [`Single`] (a world of one: every operation is the identity) and, with the
-//! `mpi` feature, [`MpiCollective`] (CPU tensors through MPI; GPU tensors staged through
-//! host memory); with the `nccl` feature, [`crate::nccl::NcclCollective`] (GPU tensors).
+//! transport: [`Single`] (a world of one: every operation is the identity),
+//! [`crate::tcp::TcpCollective`] (CPU tensors over TCP sockets, bootstrapped through the
+//! launcher's rendezvous [`crate::store`]: no MPI needed) and, with the `mpi` feature,
+//! [`MpiCollective`] (CPU tensors through MPI; GPU tensors staged through host memory);
+//! with the `nccl` feature, [`crate::nccl::NcclCollective`] (GPU tensors).
 //!
 //! Every rank of a group must issue the same collectives in the same order (as in MPI and
 //! NCCL); tensors are contiguous and on the backend's device. Rows: all-to-all and
@@ -22,6 +24,10 @@ pub enum ReduceOp {
     Max,
 }
 
+/// Deadline of a blocking call unless the backend's `with_timeout` says otherwise (as
+/// NCCL's default in PyTorch: a first step or a checkpoint write can be long).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
 /// A collective operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
@@ -33,9 +39,26 @@ pub enum CollectiveError {
         /// What is wrong.
         message: String,
     },
+    /// Peers did not deliver (silent past the deadline, gone, or out of step); names
+    /// them. The group cannot be used after this.
+    #[error("{op} on group {group} (rank {rank} of {size}): {message}")]
+    Peers {
+        /// The operation.
+        op: &'static str,
+        /// The group's name.
+        group: String,
+        /// This rank in the group.
+        rank: usize,
+        /// Ranks in the group.
+        size: usize,
+        /// The ranks (in the group) at fault.
+        peers: Vec<usize>,
+        /// What happened, naming them.
+        message: String,
+    },
 }
 
-fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
+pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> CollectiveError {
     CollectiveError::Invalid {
         op,
         message: message.into(),
@@ -175,7 +198,6 @@ impl Collective for Single {
 }
 
 /// Elements per row of a tensor (1 for a vector).
-#[cfg(any(feature = "mpi", feature = "nccl"))]
 pub(crate) fn row_len(t: &Tensor) -> i64 {
     t.size().iter().skip(1).product()
 }
@@ -203,15 +225,13 @@ fn host_kind(op: &'static str, t: &Tensor, reduces: bool) -> Result<(), Collecti
 /// `t`'s elements, contiguous in host memory, for MPI to read: `t` itself when it is a
 /// contiguous CPU tensor (no copy), else a copy (GPU tensors are staged through host
 /// memory: MPI here is not assumed CUDA-aware).
-#[cfg(feature = "mpi")]
-fn host_view(t: &Tensor) -> Tensor {
+pub(crate) fn host_view(t: &Tensor) -> Tensor {
     t.to_device(tch::Device::Cpu).contiguous()
 }
 
 /// A contiguous host copy of `t` that MPI may write into (the caller's tensor is then
 /// updated by `copy_`, which autograd's version counter sees).
-#[cfg(feature = "mpi")]
-fn host_copy(t: &Tensor) -> Tensor {
+pub(crate) fn host_copy(t: &Tensor) -> Tensor {
     if t.device() == tch::Device::Cpu {
         t.contiguous().copy()
     } else {
@@ -234,10 +254,6 @@ mod mpi_backend {
 
     use super::*;
     use crate::watchdog::{set_responder, watch_diagnosed};
-
-    /// Deadline of a blocking call unless [`MpiCollective::with_timeout`] says otherwise
-    /// (as NCCL's default in PyTorch: a first step or a checkpoint write can be long).
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
     /// The MPI environment: initialised by the first [`MpiCollective::world`], finalised
     /// by [`finalize_mpi`] (MPI cannot start again after that).
@@ -732,4 +748,4 @@ mod mpi_backend {
 }
 
 #[cfg(feature = "mpi")]
-pub use mpi_backend::{finalize_mpi, MpiCollective, DEFAULT_TIMEOUT};
+pub use mpi_backend::{finalize_mpi, MpiCollective};

@@ -131,6 +131,15 @@ impl WorldInfo {
     }
 }
 
+/// Whether an MPI process manager (`mpirun`, `mpiexec`) started this process: its rank
+/// variables are set, and the workers join over MPI even when a launcher's `RANK`...
+/// are set too.
+pub fn mpi_started(get: impl Fn(&str) -> Option<String>) -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|k| get(k).is_some())
+}
+
 fn mpi_vars(s: Starter) -> &'static str {
     match s {
         Starter::Pmi => "PMI_RANK/PMI_SIZE",

@@ -2,7 +2,8 @@
 //!
 //! It owns, as `../shared/design/ARCHITECTURE.md` describes: the worker's identity
 //! ([`env`]: rank, world, local rank from the launcher, `mpirun` or `srun`) and the
-//! [`collective`] operations on tensors (single-rank and MPI backends) and the process
+//! [`collective`] operations on tensors (single-rank, [`tcp`] and MPI backends; the TCP
+//! backend meets its peers through the rendezvous [`store`] the launcher hosts) and the process
 //! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
 //! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
 //! autograd node in C++ calling back into Rust), every blocking call under a
@@ -18,5 +19,7 @@ pub mod grads;
 pub mod groups;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod store;
+pub mod tcp;
 pub mod testing;
 pub mod watchdog;

@@ -13,7 +13,8 @@
 //! Overlapping communication with computation is left to the performance work.
 //!
 //! The communicator's unique id is made by rank 0 and broadcast over a bootstrap
-//! [`Collective`] (MPI under `mpirun`).
+//! [`Collective`]: MPI under `mpirun`, or the TCP mesh of [`crate::tcp`] (bootstrapped
+//! through the launcher's rendezvous store) for workers spawned directly.
 
 use std::ffi::CStr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,7 @@
 //! The training loop's view of the job: which worker this is (from the environment
-//! `mpirun`, `srun` or the launcher left), the process groups for data + expert
+//! `mpirun`, `srun` or the launcher left), how it reaches the others (MPI under
+//! `mpirun`/`srun`; TCP through the launcher's rendezvous store when a torchrun-style
+//! launcher started it without MPI; NCCL between GPUs), the process groups for data + expert
 //! parallelism, and the agreements the loop needs: parameters equal at the start,
 //! gradients synchronised, stop and skip decisions taken together, and whole tensors
 //! (every expert) for the checkpoint that rank 0 writes.
@@ -16,30 +18,33 @@ use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;
 use upcycle_parallel::collective::{Collective, MpiCollective, ReduceOp};
-use upcycle_parallel::env::WorldInfo;
+use upcycle_parallel::env::{mpi_started, Starter, WorldInfo};
 use upcycle_parallel::grads::{global_grad_norm, is_expert, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
+use upcycle_parallel::store::RendezvousEnv;
+use upcycle_parallel::tcp::TcpCollective;
 
 use crate::data::loader::Shard;
 
 /// Gradient buckets of this many MiB (one all-reduce each).
 const BUCKET_MIB: f64 = 25.0;
 
-/// The world as an NCCL communicator, its id sent over `mpi`.
+/// The world as an NCCL communicator, its id sent over `bootstrap` (MPI, or TCP through
+/// the rendezvous store).
 #[cfg(feature = "nccl")]
 fn nccl_world(
-    mpi: &MpiCollective,
+    bootstrap: &dyn Collective,
     device: Device,
     timeout: std::time::Duration,
 ) -> Result<Box<dyn Collective>> {
-    let world = upcycle_parallel::nccl::NcclCollective::new(mpi, device, timeout)
+    let world = upcycle_parallel::nccl::NcclCollective::new(bootstrap, device, timeout)
         .context("joining the workers over NCCL")?;
     Ok(Box::new(world))
 }
 
 #[cfg(not(feature = "nccl"))]
 fn nccl_world(
-    _mpi: &MpiCollective,
+    _bootstrap: &dyn Collective,
     device: Device,
     _timeout: std::time::Duration,
 ) -> Result<Box<dyn Collective>> {
@@ -57,10 +62,13 @@ pub struct Distributed {
 }
 
 impl Distributed {
-    /// Reads the environment and, in a world of several workers, joins it over MPI and
-    /// builds the process groups for expert-parallel size `ep`; every blocking collective
-    /// must finish within `timeout`. On `device` CUDA, each worker takes the GPU of its
-    /// local rank and the groups communicate through NCCL (bootstrapped over MPI).
+    /// Reads the environment and, in a world of several workers, joins it and builds the
+    /// process groups for expert-parallel size `ep`; every blocking collective must finish
+    /// within `timeout`. Workers that a torchrun-style launcher started without MPI
+    /// (`RANK`, `WORLD_SIZE`, ... and no MPI rank variables) join over TCP through the
+    /// launcher's rendezvous store (`MASTER_ADDR`, `MASTER_PORT`, `UPCYCLE_RDZV_TOKEN`);
+    /// the others over MPI. On `device` CUDA, each worker takes the GPU of its local rank
+    /// and the groups communicate through NCCL (its id sent over TCP or MPI).
     pub fn new(ep: usize, timeout: std::time::Duration, device: Device) -> Result<Self> {
         let info = WorldInfo::from_env()?;
         let device = match device {
@@ -78,6 +86,28 @@ impl Distributed {
                 info,
                 device,
                 groups: None,
+            });
+        }
+        let env = |k: &str| std::env::var(k).ok();
+        if info.starter == Starter::Torchrun && !mpi_started(env) {
+            let rdzv = RendezvousEnv::from_vars(env)
+                .map_err(|m| anyhow::anyhow!("worker environment: {m}"))?;
+            let store = rdzv.connect(timeout).with_context(|| {
+                format!(
+                    "rank {} of {}: joining the rendezvous store",
+                    info.rank, info.world
+                )
+            })?;
+            let tcp = TcpCollective::new(&store, info.rank, info.world, timeout)
+                .context("joining the workers over TCP")?;
+            let world: Box<dyn Collective> = match device {
+                Device::Cuda(_) => nccl_world(&tcp, device, timeout)?,
+                _ => Box::new(tcp),
+            };
+            return Ok(Self {
+                info,
+                device,
+                groups: Some(ProcessGroups::new(world, ep)?),
             });
         }
         let world = MpiCollective::world()

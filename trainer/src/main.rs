@@ -49,9 +49,13 @@ enum Command {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum BackendArg {
-    /// Workers under one `mpirun` job (CPU; on GPUs they still talk NCCL).
+    /// Workers under one `mpirun` job (CPU; on GPUs they still talk NCCL). One node.
     Mpi,
-    /// Workers spawned directly (GPUs; needs the rendezvous, not built yet).
+    /// Workers spawned directly, talking over TCP through the launcher's rendezvous (CPU;
+    /// no MPI needed; one launcher per node).
+    Tcp,
+    /// Workers spawned directly, one GPU each, talking NCCL (its id through the
+    /// launcher's rendezvous; one launcher per node).
     Nccl,
 }
 
@@ -68,21 +72,33 @@ struct LaunchArgs {
     /// Workers on this node (default 1; with --emit, the workers per node of the script).
     #[arg(long)]
     nproc_per_node: Option<usize>,
-    /// Nodes: only 1 when launching here; a job script (--emit) may ask for more.
+    /// Nodes, each with its own launcher (--backend tcp or nccl; give each --node-rank and
+    /// the same UPCYCLE_RDZV_TOKEN); with --emit, the nodes of the job script.
     #[arg(long, default_value_t = 1)]
     nnodes: usize,
+    /// This node's index, 0 to nnodes-1 (node 0's launcher hosts the rendezvous store).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
     /// Restarts of the whole group after a worker fails (each from the latest checkpoint).
     #[arg(long, default_value_t = 0)]
     max_restarts: u32,
     /// How workers talk.
     #[arg(long, value_enum, default_value = "mpi")]
     backend: BackendArg,
-    /// MASTER_ADDR given to the workers.
+    /// MASTER_ADDR given to the workers: node 0, where the rendezvous store listens.
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
-    /// MASTER_PORT given to the workers.
+    /// MASTER_PORT given to the workers: the rendezvous store's port (0: any free one, on
+    /// one node).
     #[arg(long, default_value_t = 29500)]
     master_port: u16,
+    /// Node 0: the address its rendezvous store listens on (default: --master-addr;
+    /// 0.0.0.0 for every interface).
+    #[arg(long)]
+    store_bind: Option<String>,
+    /// Seconds the launchers wait for each other (joining, restarting together).
+    #[arg(long, default_value_t = 600.0)]
+    join_timeout_s: f64,
     /// Also write each rank's output to DIR/rank-<r>.log.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -923,6 +939,7 @@ fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError>
     let nproc = a.nproc_per_node.unwrap_or(1);
     let backend = match a.backend {
         BackendArg::Mpi => Backend::Mpi,
+        BackendArg::Tcp => Backend::Tcp,
         BackendArg::Nccl => Backend::Nccl,
     };
     if let Some(kind) = a.emit {
@@ -973,22 +990,39 @@ fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError>
             }
         };
     }
-    if a.nnodes > 1 {
+    if a.nnodes > 1 && plan.is_some() {
         return invalid(&format!(
-            "--nnodes {}: launching on several nodes is not built yet (it needs the \
-             rendezvous); write a job script with `--emit slurm` or `--emit mpirun`, whose \
-             srun/mpirun start the workers on every node",
+            "--nnodes {} with --plan: a plan runs on one node; run each stage as its own \
+             `upcycle launch --nnodes ...` on every node, or write a job script (--emit slurm)",
+            a.nnodes
+        ));
+    }
+    if a.nnodes > 1 && matches!(a.backend, BackendArg::Mpi) {
+        return invalid(&format!(
+            "--nnodes {} with --backend mpi: mpirun starts every node's workers itself; use \
+             --backend tcp (CPU) or --backend nccl (GPU) with one launcher per node, or write \
+             a job script (--emit mpirun or --emit slurm)",
             a.nnodes
         ));
     }
     if !(a.stop_grace_s >= 0.0 && a.stop_grace_s.is_finite()) {
         return invalid("--stop-grace-s must be a number of seconds, 0 or more");
     }
+    if !(a.join_timeout_s > 0.0 && a.join_timeout_s.is_finite()) {
+        return invalid("--join-timeout-s must be a positive number of seconds");
+    }
     upcycle_launch::install_signal_handlers();
     let mut spec = LaunchSpec::new(Vec::new(), nproc, backend.spawn(nproc)?);
     spec.max_restarts = a.max_restarts;
     spec.master_addr = a.master_addr;
     spec.master_port = a.master_port;
+    spec.nnodes = a.nnodes;
+    spec.node_rank = a.node_rank;
+    spec.store_bind = a.store_bind;
+    spec.join_timeout = std::time::Duration::from_secs_f64(a.join_timeout_s);
+    spec.token = std::env::var(upcycle_parallel::store::TOKEN_VAR)
+        .ok()
+        .filter(|t| !t.is_empty());
     spec.log_dir = a.log_dir;
     spec.stop_grace = std::time::Duration::from_secs_f64(a.stop_grace_s);
     match plan {

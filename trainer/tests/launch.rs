@@ -1,10 +1,13 @@
 //! `upcycle launch` end to end with real processes on the CPU (workers under one
-//! `mpirun` job): the same losses and parameters as a plain `mpirun -np 2` run; a worker
+//! `mpirun` job, or spawned directly and talking over TCP, on one launcher or on two
+//! launchers as two nodes): the same losses and parameters as a plain `mpirun -np 2` run; a worker
 //! killed with SIGKILL mid-run is followed by a restart from the latest checkpoint that
 //! ends bit-identical to the uninterrupted run; with no restart left the launcher exits
 //! with the worker's status and why; SIGINT leaves no process behind; a plan with a frozen
 //! and a full phase on 2 and 4 workers runs end to end (and is skipped when rerun); the
-//! emitted SLURM script starts the right workers under stub `sbatch`/`srun`. Real
+//! emitted SLURM script starts the right workers under stub `sbatch`/`srun`; a killed
+//! worker of one node restarts both nodes; a wrong token is turned away and logged; a node
+//! that never comes is named. Real
 //! recordings (pocketsphinx's LibriVox clips).
 
 use std::collections::BTreeMap;
@@ -46,9 +49,15 @@ struct Launcher {
 impl Launcher {
     /// `upcycle launch ARGS` (its stderr echoed for the test log).
     fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with(args, &[])
+    }
+
+    /// As [`Launcher::spawn`], with `env` set.
+    fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_upcycle"))
             .arg("launch")
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -209,6 +218,260 @@ fn launched_runs_equal_mpirun_and_a_killed_worker_is_restarted_from_the_latest_c
     assert_eq!(status.code(), Some(128 + 9), "{err}");
     assert!(
         err.contains("rank 0 was killed by signal 9") && err.contains("no restart left"),
+        "{err}"
+    );
+}
+
+/// A free port on the loopback interface (for launchers of several "nodes").
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const TOKEN: &str = "launch-test-token-0123456789";
+
+/// The arguments of node `node`'s launcher of a job of two nodes, one worker each, on the
+/// TCP backend, then `extra` and the command.
+fn two_node_args(node: usize, port: &str, extra: &[&str], train: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--backend",
+        "tcp",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        &node.to_string(),
+        "--nproc-per-node",
+        "1",
+        "--master-port",
+        port,
+        "--join-timeout-s",
+        "60",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.push("--".into());
+    args.extend(train.iter().map(|a| a.to_string()));
+    args
+}
+
+fn spawn_node(args: &[String]) -> Launcher {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Launcher::spawn_with(&args, &[(upcycle_parallel::store::TOKEN_VAR, TOKEN)])
+}
+
+#[test]
+fn tcp_workers_and_two_nodes_equal_mpirun_and_a_killed_worker_restarts_every_node() {
+    use upcycle_parallel::store::{Store, StoreError};
+    let tmp = tempfile::tempdir().unwrap();
+    // One libtorch thread per worker, however they were started: mpirun binds each rank to
+    // a core (one thread), the launcher's direct workers share the machine's cores, and
+    // CPU kernels add in another order with another thread count.
+    let (data, config) = setup(
+        tmp.path(),
+        "upcycle_conf: {seed: 3, eval_interval: 2, threads: 1}\n",
+    );
+    let (c, d) = (config.to_str().unwrap(), data.to_str().unwrap());
+    let steps = 10;
+    let s = steps.to_string();
+    let straight = tmp.path().join("straight");
+    run_workers(2, &config, &data, &straight, steps, &[]);
+    let last = format!("checkpoints/step-{steps}");
+
+    // One launcher, two workers spawned directly, talking over TCP (no MPI anywhere).
+    let tcp = tmp.path().join("tcp");
+    let mut args = vec![
+        "--backend",
+        "tcp",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "0",
+        "--",
+    ];
+    args.extend(train_args(c, d, tcp.to_str().unwrap(), &s));
+    let mut l = Launcher::spawn(&args);
+    let pids = l.worker_pids();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&env).contains("OMPI_COMM_WORLD"),
+            "not under mpirun"
+        );
+    }
+    let (status, err) = l.finish();
+    assert!(status.success(), "{err}");
+    assert_eq!(losses(&tcp), losses(&straight));
+    assert_same_parameters(&straight.join(&last), &tcp.join(&last));
+
+    // Two launchers as two nodes of one job (loopback), one worker each. A stranger with
+    // a wrong token, and a worker with a wrong token, are turned away meanwhile.
+    let nodes = tmp.path().join("nodes");
+    let port = free_port().to_string();
+    let train = train_args(c, d, nodes.to_str().unwrap(), &s);
+    let mut zero = spawn_node(&two_node_args(0, &port, &[], &train));
+    let mut one = spawn_node(&two_node_args(1, &port, &[], &train));
+    let master = format!("127.0.0.1:{port}");
+    let e = Store::connect(
+        &master,
+        "not-the-token-of-this-job",
+        Duration::from_secs(30),
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Rejected { .. }), "{e}");
+    let rogue = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args(train_args(
+            c,
+            d,
+            tmp.path().join("rogue").to_str().unwrap(),
+            &s,
+        ))
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("LOCAL_WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", port.as_str()),
+            (
+                upcycle_parallel::store::TOKEN_VAR,
+                "another-jobs-token-0123",
+            ),
+        ])
+        .output()
+        .unwrap();
+    let rogue_err = String::from_utf8_lossy(&rogue.stderr);
+    assert!(!rogue.status.success(), "{rogue_err}");
+    assert!(
+        rogue_err.contains("refused the connection: wrong rendezvous token")
+            && rogue_err.contains("UPCYCLE_RDZV_TOKEN"),
+        "{rogue_err}"
+    );
+    assert_eq!(zero.worker_pids().len(), 1);
+    assert_eq!(one.worker_pids().len(), 1);
+    let (status, err0) = zero.finish();
+    assert!(status.success(), "{err0}");
+    let (status, err1) = one.finish();
+    assert!(status.success(), "{err1}");
+    assert_eq!(
+        err0.matches("rejected a connection from 127.0.0.1:")
+            .count(),
+        2,
+        "{err0}"
+    );
+    assert!(err0.contains(": wrong rendezvous token"), "{err0}");
+    assert_eq!(losses(&nodes), losses(&straight));
+    assert_same_parameters(&straight.join(&last), &nodes.join(&last));
+
+    // A worker of node 1 killed at a random step: both nodes stop and restart together,
+    // and the run ends bit-identical to the uninterrupted one.
+    use rand::{Rng, SeedableRng};
+    let killed = tmp.path().join("killed");
+    let at = rand_chacha::ChaCha8Rng::seed_from_u64(11).random_range(3..steps - 2);
+    eprintln!("killing node 1's worker at step {at}");
+    let port = free_port().to_string();
+    let train = train_args(c, d, killed.to_str().unwrap(), &s);
+    let restarts = ["--max-restarts", "2"];
+    let mut zero = spawn_node(&two_node_args(0, &port, &restarts, &train));
+    let mut one = spawn_node(&two_node_args(1, &port, &restarts, &train));
+    let first0 = zero.worker_pids();
+    let first1 = one.worker_pids();
+    wait_for_step(&killed, at);
+    sigkill(first1[0]);
+    let second0 = zero.worker_pids();
+    let second1 = one.worker_pids();
+    assert!(
+        !first0.contains(&second0[0]) && !first1.contains(&second1[0]),
+        "new workers on both nodes"
+    );
+    let (status, err0) = zero.finish();
+    assert!(status.success(), "{err0}");
+    let (status, err1) = one.finish();
+    assert!(status.success(), "{err1}");
+    // Both nodes name the killed worker (rank 0, which lost its peer, may have failed
+    // too and is then named as well).
+    for err in [&err0, &err1] {
+        let line = err
+            .lines()
+            .find(|l| l.contains("all workers stopped; restart 1 of 2"))
+            .unwrap_or_else(|| panic!("no restart announced: {err}"));
+        assert!(
+            line.contains("node 1: rank 1 was killed by signal 9"),
+            "{line}"
+        );
+    }
+    assert!(
+        err0.contains("resuming"),
+        "the restart resumed a checkpoint: {err0}"
+    );
+    assert_eq!(losses(&killed), losses(&straight), "killed at step {at}");
+    assert_same_parameters(&straight.join(&last), &killed.join(&last));
+}
+
+#[test]
+fn expert_parallel_workers_on_two_nodes_equal_mpirun() {
+    // 4 experts, 2 on each node's worker: tokens cross the nodes by all-to-all, the
+    // groups are split over TCP.
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = setup(tmp.path(), "");
+    let config = deterministic_moe_config(tmp.path(), 2, 3);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "upcycle_conf: {seed: 4,",
+        "upcycle_conf: {threads: 1, seed: 4,",
+    );
+    std::fs::write(&config, text).unwrap();
+    let straight = tmp.path().join("mpirun");
+    run_workers(2, &config, &data, &straight, 6, &["--ep", "2"]);
+    let nodes = tmp.path().join("nodes");
+    let port = free_port().to_string();
+    let mut train = train_args(
+        config.to_str().unwrap(),
+        data.to_str().unwrap(),
+        nodes.to_str().unwrap(),
+        "6",
+    );
+    train.extend(["--ep", "2"]);
+    let launchers: Vec<Launcher> = (0..2)
+        .map(|n| spawn_node(&two_node_args(n, &port, &[], &train)))
+        .collect();
+    for l in launchers {
+        let (status, err) = l.finish();
+        assert!(status.success(), "{err}");
+    }
+    assert_eq!(losses(&nodes).len(), 6);
+    assert_eq!(losses(&nodes), losses(&straight));
+    assert_same_parameters(
+        &straight.join("checkpoints/step-6"),
+        &nodes.join("checkpoints/step-6"),
+    );
+}
+
+#[test]
+fn a_node_that_never_arrives_is_named_and_several_nodes_need_the_token() {
+    let port = free_port().to_string();
+    let train = ["train", "--config", "never-read.yaml"];
+    let t = Instant::now();
+    let mut args = two_node_args(0, &port, &[], &train);
+    let at = args.iter().position(|a| a == "--join-timeout-s").unwrap();
+    args[at + 1] = "2".into();
+    let (status, err) = spawn_node(&args).finish();
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("node(s) 1 did not join within 2 s") && err.contains("--node-rank"),
+        "{err}"
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = upcycle(&[&["launch"], &args[..]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--nnodes 2") && err.contains("UPCYCLE_RDZV_TOKEN"),
         "{err}"
     );
 }
