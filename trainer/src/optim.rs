@@ -111,7 +111,7 @@ impl AdamW {
                 .or_insert_with(|| p.zeros_like());
             // The kernel walks raw storage: every tensor of a parameter must be laid out
             // alike (dense, row-major), or it silently pairs the wrong elements.
-            if ![&*p, &*m, &*v].iter().all(|t| t.is_contiguous()) {
+            if ![p, &*m, &*v].iter().all(|t| t.is_contiguous()) {
                 anyhow::bail!("AdamW: parameter {name} or its moments are not contiguous");
             }
             params.push(p.shallow_clone());
