@@ -34,7 +34,7 @@ impl DenseFeedForward {
         }
     }
 
-    /// Applies the network to `[B, T, d]`.
+    /// Applies the network to `[B, T, d]` (or rows `[N, d]`).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let _t = crate::profile::span("ffn");
         let h = self
@@ -43,6 +43,28 @@ impl DenseFeedForward {
             .dropout(self.dropout, train);
         self.w_2.forward(&h)
     }
+}
+
+/// `f` applied to the rows of `x` `[B, T, d]` where `valid` `[B, T]` is true, as `[N, d]`;
+/// padding positions get zeros (every later layer masks them: attention's keys, the
+/// convolution's inputs, the losses). Without `valid`, `f` sees every position.
+pub fn on_valid_rows(
+    x: &Tensor,
+    valid: Option<&Tensor>,
+    f: impl FnOnce(&Tensor) -> Tensor,
+) -> Tensor {
+    let size = x.size();
+    let flat = x.reshape([-1, size[size.len() - 1]]);
+    let out = match valid {
+        None => f(&flat),
+        Some(valid) => {
+            let index = valid.reshape([-1]).nonzero().squeeze_dim(1);
+            let rows = f(&flat.index_select(0, &index));
+            rows.new_zeros(flat.size(), (rows.kind(), rows.device()))
+                .index_copy(0, &index, &rows)
+        }
+    };
+    out.view(size.as_slice())
 }
 
 /// A block's feed-forward network.
@@ -56,8 +78,10 @@ pub enum FeedForward {
 
 impl FeedForward {
     /// Applies the network to `x` `[B, T, d]`. `valid` `[B, T]` marks the positions that
-    /// are not padding (an MoE layer routes only those; padding gives zeros, which no
-    /// later layer reads); MoE layers record their routing into `routing`.
+    /// are not padding: only those are computed (an MoE layer routes only those; a dense
+    /// one skips padding on the CPU, where the work saved is the padding's share; on a
+    /// GPU finding the rows would stop the host each layer), and padding gives zeros,
+    /// which no later layer reads. MoE layers record their routing into `routing`.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -66,6 +90,9 @@ impl FeedForward {
         routing: &mut Routing,
     ) -> Tensor {
         match self {
+            FeedForward::Dense(ffn) if x.device() == tch::Device::Cpu => {
+                on_valid_rows(x, valid, |rows| ffn.forward(rows, train))
+            }
             FeedForward::Dense(ffn) => ffn.forward(x, train),
             FeedForward::Moe(moe) => moe.forward(x, valid, train, routing),
         }

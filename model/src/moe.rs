@@ -370,17 +370,14 @@ impl MoeFeedForward {
         train: bool,
         routing: &mut Routing,
     ) -> Tensor {
-        let size = x.size();
-        let d = size[size.len() - 1];
-        let flat = x.reshape([-1, d]);
-        let index = valid.map(|m| m.reshape([-1]).nonzero().squeeze_dim(1));
-        let tokens = match &index {
-            Some(i) => flat.index_select(0, i),
-            None => flat.shallow_clone(),
-        };
+        crate::ffn::on_valid_rows(x, valid, |tokens| self.forward_rows(tokens, train, routing))
+    }
+
+    /// The layer on rows `[N, d]`, all of them routed.
+    fn forward_rows(&self, tokens: &Tensor, train: bool, routing: &mut Routing) -> Tensor {
         let (route, sorted) = {
             let _t = crate::profile::span("moe_route");
-            let route = self.route(&tokens, train, routing);
+            let route = self.route(tokens, train, routing);
             let sorted = tokens.index_select(0, &route.token);
             (route, sorted)
         };
@@ -403,13 +400,8 @@ impl MoeFeedForward {
             let _t = crate::profile::span("moe_dispatch");
             self.dispatch.combine(&computed, &local)
         };
-        let weighted = back * route.weight.to_kind(x.kind()).unsqueeze(1);
-        let out = tokens.zeros_like().index_add(0, &route.token, &weighted);
-        let out = match &index {
-            Some(i) => flat.zeros_like().index_copy(0, i, &out),
-            None => out,
-        };
-        out.view(size.as_slice())
+        let weighted = back * route.weight.to_kind(tokens.kind()).unsqueeze(1);
+        tokens.zeros_like().index_add(0, &route.token, &weighted)
     }
 
     fn route(&self, tokens: &Tensor, train: bool, routing: &mut Routing) -> Route {

@@ -117,8 +117,8 @@ fn parity(config_text: &str, label: &str) {
     let lens = &io["feats_lengths"];
     let target = &io["target"];
     let tlens = &io["target_lengths"];
-    // An MoE layer routes only real frames and tokens (WeNet's routes padding too), so
-    // outputs are compared where they are not padding.
+    // Feed-forward layers compute only real frames and tokens (WeNet's compute padding
+    // too), so outputs are compared where they are not padding.
     let dec_valid = Tensor::arange(target.size()[1] + 1, (Kind::Int64, Device::Cpu))
         .unsqueeze(0)
         .lt_tensor(&(tlens + 1).unsqueeze(1))
@@ -150,7 +150,7 @@ fn parity(config_text: &str, label: &str) {
         let l = model.forward(feats, lens, target, tlens, chunk, false);
         let key = |k: &str| format!("{mode}.{k}");
         let enc_valid = io[&key("encoder_mask")].transpose(1, 2);
-        let masked = |t: &Tensor, valid: &Tensor| if moe { t * valid } else { t.shallow_clone() };
+        let masked = |t: &Tensor, valid: &Tensor| t * valid;
         check(
             &key("encoder_out"),
             &masked(&l.encoder_out.0, &enc_valid),
