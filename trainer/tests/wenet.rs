@@ -148,8 +148,9 @@ fn import_matches_reference_and_round_trips(config: &str, label: &str) {
             .into_iter()
             .collect();
     let (target, tlens) = (&io["target"], &io["target_lengths"]);
-    // Our MoE layers route only real frames and tokens (WeNet's route padding too), so
-    // outputs are compared where they are not padding (as tests/reference_parity.rs).
+    // Our feed-forward layers compute only real frames and tokens (WeNet's compute
+    // padding too), so outputs are compared where they are not padding (as
+    // tests/reference_parity.rs).
     let dec_valid = Tensor::arange(target.size()[1] + 1, (Kind::Int64, Device::Cpu))
         .unsqueeze(0)
         .lt_tensor(&(tlens + 1).unsqueeze(1))
