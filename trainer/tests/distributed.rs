@@ -102,8 +102,14 @@ fn data_and_expert_parallel_runs_equal_one_process() {
             "np {np} ep {ep}: largest difference {:.2e} ({})",
             worst.0, worst.1
         );
+        // Rounding differs between the runs (gradients summed in another order), and a
+        // pre-activation that sits at a ReLU's kink (or a top-2 choice at a tie) can take
+        // the other side in one run: that channel's later updates then differ. Measured:
+        // everything within 7e-7 except one output channel of the subsampling's second
+        // convolution, 2.7e-5 (DP 2, with the fused AdamW). A wrong reduction or a lost
+        // update moves weights by a step, ~lr = 2e-3: 1e-4 tells the two apart.
         assert!(
-            worst.0 <= 1e-5,
+            worst.0 <= 1e-4,
             "np {np} ep {ep}: {} differs by {:e}",
             worst.1,
             worst.0
