@@ -4,7 +4,7 @@ WeNet's model), same config, same utterances, same threads, same run, alternatin
 
     .venv/bin/python bench/train_step.py [--config configs/small.yaml]
         [--list data/fillets-cs/train/data.list] [--utts 16] [--steps 5] [--repeat 3]
-        [--threads 2] [--precision fp32|bf16] [--json OUT]
+        [--threads 2] [--precision fp32|bf16] [--device cpu|cuda] [--json OUT]
 
 A step is forward + backward + global-norm clipping + AdamW, full-context attention,
 dropout on. `--precision bf16` runs both forward passes under bfloat16 autocast
@@ -76,22 +76,25 @@ def batch(list_path, utts):
     return x, lens, y, tl, len(units)
 
 
-def peer(config, list_path, utts, steps, warmup, precision):
-    x, xl, y, yl, vocab = batch(list_path, utts)
+def peer(config, list_path, utts, steps, warmup, precision, device):
+    x, xl, y, yl, vocab = (t.to(device) if torch.is_tensor(t) else t for t in batch(list_path, utts))
     torch.manual_seed(0)
-    model = build_model(config, vocab)
+    model = build_model(config, vocab).to(device)
     model.train()
+    # PyTorch's default AdamW for the device: per-tensor on the CPU, foreach on a GPU.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=config.get("optim_conf", {}).get("weight_decay", 0.0))
     clip = float(config.get("grad_clip", 5.0))
     seconds = []
     for i in range(warmup + steps):
         t = time.perf_counter()
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model.compute(x, xl, y, yl, decoding_chunk_size=-1)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         if i >= warmup:
             seconds.append(time.perf_counter() - t)
     frames = int(xl.sum())
@@ -110,6 +113,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/upcycle"))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -117,7 +121,7 @@ def main():
     torch.set_num_threads(a.threads)
 
     if a.peer_only:  # one measurement in a fresh process, so its peak memory is its own
-        r = peer(config, a.list, a.utts, a.steps, a.warmup, a.precision)
+        r = peer(config, a.list, a.utts, a.steps, a.warmup, a.precision, a.device)
         r["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(r))
         return
@@ -131,11 +135,12 @@ def main():
     for _ in range(a.repeat):
         out = subprocess.run([a.bin, "bench", "train-step", "--config", ours_config, "--list", a.list,
                               "--utts", str(a.utts), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                              "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
+                              "--threads", str(a.threads), "--device", a.device],
+                             check=True, capture_output=True, text=True).stdout
         ours.append(json.loads(out))
         out = subprocess.run([sys.executable, __file__, "--peer-only", "--config", a.config, "--list", a.list,
                               "--utts", str(a.utts), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                              "--threads", str(a.threads), "--precision", a.precision],
+                              "--threads", str(a.threads), "--precision", a.precision, "--device", a.device],
                              check=True, capture_output=True, text=True).stdout
         theirs.append(json.loads(out))
     o_fps = [r["frames_per_second"] for r in ours]
@@ -144,7 +149,7 @@ def main():
     result = {
         "benchmark": "train_step", "config": os.path.relpath(a.config, ROOT), "utterances": ours[0]["utterances"],
         "frames": ours[0]["frames"], "params_upcycle": ours[0]["params"], "params_peer": theirs[0]["params"],
-        "threads": a.threads, "precision": a.precision, "steps": a.steps, "repeat": a.repeat,
+        "threads": a.threads, "precision": a.precision, "device": a.device, "steps": a.steps, "repeat": a.repeat,
         "upcycle_frames_per_s": statistics.median(o_fps), "peer_frames_per_s": statistics.median(t_fps),
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "upcycle_peak_rss_mib": max(r["peak_rss_mib"] for r in ours),

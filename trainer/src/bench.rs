@@ -74,7 +74,8 @@ pub struct TrainStepTiming {
 }
 
 /// Times `steps` training steps after `warmup` untimed ones, on the first `utts`
-/// utterances of `list` (features without dither, full-context attention).
+/// utterances of `list` (features without dither, full-context attention), on `device`
+/// (a GPU's work is waited for before each step's time is taken).
 pub fn train_step(
     config: &std::path::Path,
     list: &std::path::Path,
@@ -82,6 +83,7 @@ pub fn train_step(
     steps: usize,
     warmup: usize,
     lr: f64,
+    device: tch::Device,
 ) -> Result<TrainStepTiming> {
     use crate::config::TrainConfig;
     use crate::data::list::ListReader;
@@ -124,13 +126,16 @@ pub fn train_step(
         y[i * l as usize..i * l as usize + tg.len()].copy_from_slice(tg);
     }
     let (x, xl) = (
-        Tensor::from_slice(&x).view([b, t, 80]),
-        Tensor::from_slice(&lens),
+        Tensor::from_slice(&x).view([b, t, 80]).to_device(device),
+        Tensor::from_slice(&lens).to_device(device),
     );
-    let (y, yl) = (Tensor::from_slice(&y).view([b, l]), Tensor::from_slice(&tl));
+    let (y, yl) = (
+        Tensor::from_slice(&y).view([b, l]).to_device(device),
+        Tensor::from_slice(&tl).to_device(device),
+    );
 
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let model = c.build_model(&vs.root(), units.len() as i64)?;
     let params = vs
         .trainable_variables()
@@ -153,13 +158,16 @@ pub fn train_step(
     for i in 0..warmup + steps {
         let start = Instant::now();
         opt.zero_grad();
-        let out = upcycle_model::precision::autocast(c.upcycle_conf.precision, Device::Cpu, || {
+        let out = upcycle_model::precision::autocast(c.upcycle_conf.precision, device, || {
             model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true)
         });
         out.loss.backward();
         losses.push((out.loss.double_value(&[]), out.ctc.double_value(&[])));
         opt.clip_grad_norm(c.grad_clip);
         opt.step(lr)?;
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
         if i >= warmup {
             seconds.push(start.elapsed().as_secs_f64());
         }

@@ -558,6 +558,9 @@ enum BenchCommand {
         /// libtorch threads (0: default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Constant learning rate of the timed AdamW steps.
         #[arg(long, default_value_t = 1e-4)]
         lr: f64,
@@ -830,12 +833,20 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             threads,
             lr,
+            device: device_name,
         }) => {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            let timing =
-                upcycle_trainer::bench::train_step(&config, &list, utts, steps, warmup, lr)?;
+            let timing = upcycle_trainer::bench::train_step(
+                &config,
+                &list,
+                utts,
+                steps,
+                warmup,
+                lr,
+                device(&device_name)?,
+            )?;
             println!("{}", serde_json::to_string(&timing)?);
         }
         Command::Bench(BenchCommand::MoeLayer {
