@@ -575,6 +575,7 @@ mod tests {
             ("tiny.yaml", 27, 0.05e6, 0.15e6),
             ("small.yaml", 51, 4.0e6, 5.0e6),
             ("wenet-u2pp-conformer.yaml", 4233, 40e6, 55e6),
+            ("wenet-u2pp-moe.yaml", 51, 200e6, 230e6),
             ("dense-225m.yaml", 5000, 150e6, 260e6),
         ] {
             let c = TrainConfig::load(&configs().join(name)).unwrap();
