@@ -11,6 +11,7 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::Routing;
+use upcycle_model::precision::{autocast, Precision};
 use upcycle_model::search::{attention_rescoring, ctc_greedy, ctc_prefix_beam_search, Hypothesis};
 
 use crate::checkpoint::{load_model, LoadedModel};
@@ -65,6 +66,8 @@ pub struct DecodeOptions {
     pub reverse_weight: f64,
     /// Device.
     pub device: Device,
+    /// Arithmetic of the encoder and decoders (bf16: autocast; scores stay fp32).
+    pub precision: Precision,
 }
 
 /// One line of the eval table.
@@ -108,11 +111,14 @@ fn decode_one(
         let t0 = Instant::now();
         let x = feats.unsqueeze(0).to_device(o.device);
         let lens = Tensor::from_slice(&[feats.size()[0]]).to_device(o.device);
-        let (enc, mask) = m
-            .model
-            .encoder()
-            .forward(&x, &lens, chunk, false, &mut Routing::off());
-        let logp = m.model.ctc().log_softmax(&enc);
+        let (enc, mask, logp) = autocast(o.precision, o.device, || {
+            let (enc, mask) =
+                m.model
+                    .encoder()
+                    .forward(&x, &lens, chunk, false, &mut Routing::off());
+            let logp = m.model.ctc().log_softmax(&enc);
+            (enc, mask, logp)
+        });
         let enc_secs = t0.elapsed().as_secs_f64();
         let hlen = mask.sum(tch::Kind::Int64).int64_value(&[]);
         let mut out = Vec::new();
@@ -137,7 +143,15 @@ fn decode_one(
                             score: 0.0,
                         })
                     } else {
-                        attention_rescoring(&m.model, &enc, beams, o.ctc_weight, o.reverse_weight)
+                        autocast(o.precision, o.device, || {
+                            attention_rescoring(
+                                &m.model,
+                                &enc,
+                                beams,
+                                o.ctc_weight,
+                                o.reverse_weight,
+                            )
+                        })
                     };
                     out.push((method, h, enc_secs + base + t.elapsed().as_secs_f64()));
                     continue;

@@ -369,6 +369,13 @@ struct DecodeArgs {
     /// cpu, cuda, or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// fp32, or bf16 (encoder and decoders under bfloat16 autocast; scores in fp32).
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    precision: upcycle_model::precision::Precision,
+}
+
+fn parse_precision(s: &str) -> Result<upcycle_model::precision::Precision, String> {
+    serde_yaml::from_str(s).map_err(|_| format!("{s:?}: expected fp32 or bf16"))
 }
 
 #[derive(Args)]
@@ -430,6 +437,7 @@ impl DecodeArgs {
             ctc_weight: self.ctc_weight,
             reverse_weight: self.reverse_weight.unwrap_or(default_reverse),
             device: device(&self.device)?,
+            precision: self.precision,
         })
     }
 }

@@ -83,6 +83,38 @@ fn train_then_eval_then_transcribe() {
             >= 6
     );
 
+    // bf16 decoding (autocast) gives a table too; a precision it does not know is named.
+    let bf16 = ok(&upcycle(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--data",
+        data.join("test").to_str().unwrap(),
+        "--out",
+        tmp.path().join("eval-bf16").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+        "--mode",
+        "attention-rescoring",
+        "--chunk",
+        "0",
+    ]));
+    assert_eq!(bf16.matches("attention_rescoring").count(), 1, "{bf16}");
+    let bad = upcycle(&[
+        "eval",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--data",
+        data.join("test").to_str().unwrap(),
+        "--precision",
+        "fp8",
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+
     // Transcribe: one line per file.
     let t = ok(&upcycle(&[
         "transcribe",
