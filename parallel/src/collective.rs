@@ -197,6 +197,17 @@ impl Collective for Single {
     }
 }
 
+/// The blocking operations, by the code that messages about them carry (the MPI
+/// backend's probes, the TCP backend's headers).
+pub(crate) const OPS: [&str; 6] = [
+    "all_reduce",
+    "all_to_all",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "split",
+];
+
 /// Elements per row of a tensor (1 for a vector).
 pub(crate) fn row_len(t: &Tensor) -> i64 {
     t.size().iter().skip(1).product()
@@ -380,15 +391,7 @@ mod mpi_backend {
         }
     }
 
-    /// The blocking operations, by the code a probe's answer carries.
-    const OPS: [&str; 6] = [
-        "all_reduce",
-        "all_to_all",
-        "all_gather",
-        "broadcast",
-        "barrier",
-        "split",
-    ];
+    use super::OPS;
     const PROBE_TAG: i32 = 0x7570;
     const ANSWER_TAG: i32 = 0x7571;
     /// How long a rank whose call expired collects the others' answers.

@@ -30,18 +30,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::collective::{
     check_counts, host_copy, host_view, invalid, row_len, Collective, CollectiveError, ReduceOp,
+    OPS,
 };
 use crate::store::{self, Store, StoreError};
-
-/// The operations, by the code a message carries.
-const OPS: [&str; 6] = [
-    "all_reduce",
-    "all_to_all",
-    "all_gather",
-    "broadcast",
-    "barrier",
-    "split",
-];
 
 /// Exchange number (u64), operation code (u32), payload length (u64).
 const HEADER: usize = 20;
