@@ -52,18 +52,19 @@ fn train_then_eval_then_transcribe() {
     assert!(out.join("train.yaml").is_file());
 
     // Eval: one line per method and chunk setting, written as JSON too.
+    let (ckpt_arg, test_arg) = (out.to_str().unwrap(), data.join("test"));
+    let eval = |eval_out: &std::path::Path, more: &[&str]| {
+        let mut args = vec!["eval", "--checkpoint", ckpt_arg, "--data"];
+        args.extend([
+            test_arg.to_str().unwrap(),
+            "--out",
+            eval_out.to_str().unwrap(),
+        ]);
+        args.extend(more);
+        upcycle(&args)
+    };
     let eval_out = tmp.path().join("eval");
-    let table = ok(&upcycle(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--data",
-        data.join("test").to_str().unwrap(),
-        "--out",
-        eval_out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    let table = ok(&eval(&eval_out, &["--device", "cpu"]));
     for line in ["ctc_greedy", "ctc_prefix_beam", "attention_rescoring"] {
         assert_eq!(table.matches(line).count(), 2, "{table}");
     }
@@ -84,33 +85,21 @@ fn train_then_eval_then_transcribe() {
     );
 
     // bf16 decoding (autocast) gives a table too; a precision it does not know is named.
-    let bf16 = ok(&upcycle(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--data",
-        data.join("test").to_str().unwrap(),
-        "--out",
-        tmp.path().join("eval-bf16").to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--precision",
-        "bf16",
-        "--mode",
-        "attention-rescoring",
-        "--chunk",
-        "0",
-    ]));
+    let bf16 = ok(&eval(
+        &tmp.path().join("eval-bf16"),
+        &[
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--mode",
+            "attention-rescoring",
+            "--chunk",
+            "0",
+        ],
+    ));
     assert_eq!(bf16.matches("attention_rescoring").count(), 1, "{bf16}");
-    let bad = upcycle(&[
-        "eval",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--data",
-        data.join("test").to_str().unwrap(),
-        "--precision",
-        "fp8",
-    ]);
+    let bad = eval(&tmp.path().join("eval-fp8"), &["--precision", "fp8"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
