@@ -82,7 +82,10 @@ pub fn routing_table(
     let mut layers: Vec<(String, Tensor, f64)> = Vec::new();
     let (mut seen, mut batches) = (0usize, 0usize);
     for batch in loader.epoch(0)? {
-        let b = batch?;
+        let b = match utterances {
+            0 => batch?,
+            _ => batch?.first(utterances - seen),
+        };
         let l = tch::no_grad(|| {
             m.model.forward(
                 &b.feats,

@@ -181,7 +181,10 @@ fn evaluate(
     let mut er = ErrorRate::default();
     tch::no_grad(|| -> Result<()> {
         for batch in loader.epoch(0)? {
-            let b = batch?;
+            let b = match limit {
+                0 => batch?,
+                _ => batch?.first(limit - utts),
+            };
             let l = model.forward(
                 &b.feats.to_device(device),
                 &b.feats_lengths.to_device(device),

@@ -404,6 +404,26 @@ impl Batch {
         self.keys.len()
     }
 
+    /// The first `n` utterances (all of them when there are no more), for a count of
+    /// utterances that ends inside a batch.
+    pub fn first(self, n: usize) -> Batch {
+        if n >= self.len() {
+            return self;
+        }
+        let rows = |t: &Tensor| t.narrow(0, 0, n as i64);
+        let feats_lengths = rows(&self.feats_lengths);
+        Batch {
+            index: self.index,
+            keys: self.keys[..n].to_vec(),
+            feats: rows(&self.feats),
+            num_frames: feats_lengths.sum(tch::Kind::Int64).int64_value(&[]) as usize,
+            feats_lengths,
+            target: rows(&self.target),
+            target_lengths: rows(&self.target_lengths),
+            repeated: self.repeated,
+        }
+    }
+
     /// Never true for a yielded batch.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
@@ -969,6 +989,13 @@ mod tests {
             t.iter().filter(|&&v| v == -1).count() as i64,
             first.target.size()[1] * 4 - tl.iter().sum::<i64>()
         );
+        // A count of utterances that ends inside a batch takes its first rows.
+        let two = a[0].repeat_as(0).first(2);
+        assert_eq!(two.keys, a[0].keys[..2]);
+        assert!(two.feats.equal(&a[0].feats.narrow(0, 0, 2)));
+        assert!(two.target.equal(&a[0].target.narrow(0, 0, 2)));
+        assert_eq!(two.num_frames as i64, lens[..2].iter().sum::<i64>());
+        assert_eq!(a[0].repeat_as(0).first(9).len(), 4);
     }
 
     #[test]
