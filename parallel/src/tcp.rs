@@ -621,6 +621,15 @@ fn connect_mesh(
     Ok(peers)
 }
 
+/// Each peer's part with its rank, leaving out this rank's own.
+fn peers_of<T>(parts: Vec<T>, rank: usize) -> Vec<(usize, T)> {
+    parts
+        .into_iter()
+        .enumerate()
+        .filter(|(p, _)| *p != rank)
+        .collect()
+}
+
 impl Collective for TcpCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -728,7 +737,7 @@ impl Collective for TcpCollective {
             // SAFETY: contiguous CPU tensors; `send` is only read, each chunk of `out` is
             // written by one thread.
             let whole = unsafe { bytes(&send) };
-            let mut outgoing = cut_ref(whole, send_counts.iter().map(|&c| c as usize * row));
+            let outgoing = cut_ref(whole, send_counts.iter().map(|&c| c as usize * row));
             let mut incoming = cut(
                 unsafe { bytes_mut(&out) },
                 recv_counts.iter().map(|&c| c as usize * row),
@@ -744,16 +753,8 @@ impl Collective for TcpCollective {
                 ));
             }
             incoming[self.rank].copy_from_slice(mine);
-            let sends = outgoing
-                .drain(..)
-                .enumerate()
-                .filter(|(p, _)| *p != self.rank)
-                .collect();
-            let recvs = incoming
-                .drain(..)
-                .enumerate()
-                .filter(|(p, _)| *p != self.rank)
-                .collect();
+            let sends = peers_of(outgoing, self.rank);
+            let recvs = peers_of(incoming, self.rank);
             self.exchange(&mut st, "all_to_all", sends, recvs, deadline)?;
         }
         Ok(out.to_device(device))
@@ -783,11 +784,7 @@ impl Collective for TcpCollective {
                 .filter(|&p| p != self.rank)
                 .map(|p| (p, mine))
                 .collect();
-            let recvs = chunks
-                .drain(..)
-                .enumerate()
-                .filter(|(p, _)| *p != self.rank)
-                .collect();
+            let recvs = peers_of(chunks, self.rank);
             self.exchange(&mut st, "all_gather", sends, recvs, deadline)?;
         }
         Ok(out.to_device(device))
