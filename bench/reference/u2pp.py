@@ -208,7 +208,7 @@ class GlobalCMVN(nn.Module):
 # --------------------------------------------------------------------------------------
 class PositionalEncoding(nn.Module):
     """PE(pos, 2i) = sin(pos/(10000^(2i/dmodel))), PE(pos, 2i+1) = cos(...).
-    `pe` is a plain attribute, not a buffer: it is not in the state_dict (as in WeNet)."""
+    `pe` is a persistent buffer, as in WeNet: every state_dict holds it."""
 
     def __init__(self, d_model: int, dropout_rate: float, max_len: int = 5000,
                  reverse: bool = False):
@@ -218,14 +218,14 @@ class PositionalEncoding(nn.Module):
         self.dropout = nn.Dropout(p=dropout_rate)
         self.max_len = max_len
 
-        self.pe = torch.zeros(self.max_len, self.d_model)
+        pe = torch.zeros(self.max_len, self.d_model)
         position = torch.arange(0, self.max_len, dtype=torch.float32).unsqueeze(1)
         div_term = torch.exp(
             torch.arange(0, self.d_model, 2, dtype=torch.float32) *
             -(math.log(10000.0) / self.d_model))
-        self.pe[:, 0::2] = torch.sin(position * div_term)
-        self.pe[:, 1::2] = torch.cos(position * div_term)
-        self.pe = self.pe.unsqueeze(0)
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(0))
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         self.pe = self.pe.to(x.device)

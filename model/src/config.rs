@@ -87,6 +87,54 @@ pub struct EncoderConf {
     /// each block keeps its own router and norms. The bank lives in the group's first block.
     #[serde(default)]
     pub expert_sharing: Vec<Vec<usize>>,
+
+    // WeNet options this model computes only at WeNet's default: accepted at that value
+    // (WeNet's train.yaml files spell them out), refused by name otherwise.
+    /// WeNet: `1` (a linear feed-forward; no convolution in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positionwise_conv_kernel_size: Option<i64>,
+    /// WeNet: attention query projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_bias: Option<bool>,
+    /// WeNet: attention key projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_bias: Option<bool>,
+    /// WeNet: attention value projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_bias: Option<bool>,
+    /// WeNet: the convolution module's convolutions have biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv_bias: Option<bool>,
+    /// WeNet: `layer_norm` (not `rms_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_type: Option<String>,
+    /// WeNet: layer norm epsilon 1e-5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    /// WeNet: key/value heads (grouped-query attention); only as many as query heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<i64>,
+    /// WeNet: width of a head; only `output_size / attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    /// WeNet: feed-forward linears have biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// WeNet: the convolution module's norm epsilon 1e-5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv_norm_eps: Option<f64>,
+    /// WeNet: the convolution module widens by 2 before its GLU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv_inner_factor: Option<i64>,
+    /// WeNet: a layer norm after the last block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_norm: Option<bool>,
+    /// WeNet's activation checkpointing (memory, not results): ignored.
+    #[serde(default, skip_serializing)]
+    pub gradient_checkpointing: Option<bool>,
+    /// WeNet's choice of attention kernel (speed, not results): ignored.
+    #[serde(default, skip_serializing)]
+    pub use_sdpa: Option<bool>,
 }
 
 /// WeNet's `decoder_conf` for `decoder: bitransformer` (or `transformer`).
@@ -141,6 +189,53 @@ pub struct DecoderConf {
     /// Blocks (of both decoders) whose feed-forward is MoE (all when absent).
     #[serde(default)]
     pub moe_layers: Option<Vec<usize>>,
+
+    // WeNet options this model computes only at WeNet's default (see `EncoderConf`).
+    /// WeNet: the decoder attends to the encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_attention: Option<bool>,
+    /// WeNet: self-attention query projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_bias: Option<bool>,
+    /// WeNet: self-attention key projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_bias: Option<bool>,
+    /// WeNet: self-attention value projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_bias: Option<bool>,
+    /// WeNet: source-attention query projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_query_bias: Option<bool>,
+    /// WeNet: source-attention key projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_key_bias: Option<bool>,
+    /// WeNet: source-attention value projections have a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_value_bias: Option<bool>,
+    /// WeNet: the output layer has its own weights (not the embedding's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embedding: Option<bool>,
+    /// WeNet: `layer_norm` (not `rms_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_type: Option<String>,
+    /// WeNet: layer norm epsilon 1e-5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    /// WeNet: key/value heads; only as many as query heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<i64>,
+    /// WeNet: width of a head; only the model width / attention_heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    /// WeNet: feed-forward linears have biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// WeNet's activation checkpointing (memory, not results): ignored.
+    #[serde(default, skip_serializing)]
+    pub gradient_checkpointing: Option<bool>,
+    /// WeNet's choice of attention kernel (speed, not results): ignored.
+    #[serde(default, skip_serializing)]
+    pub use_sdpa: Option<bool>,
 }
 
 /// WeNet's `model_conf`.
@@ -234,6 +329,45 @@ impl MoeConf {
         }
         Ok(())
     }
+}
+
+/// Refuses a WeNet option set to anything but the value this model computes.
+fn only_default<T: PartialEq + std::fmt::Debug>(
+    key: &str,
+    value: &Option<T>,
+    default: T,
+) -> Result<(), String> {
+    match value {
+        Some(v) if *v != default => Err(format!(
+            "{key}: {v:?} is not supported (this model computes WeNet's default, {default:?}; \
+             remove the key or set it to that)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The WeNet options that only change memory or speed, present in a section.
+fn ignored(
+    section: &'static [&'static str; 2],
+    checkpointing: bool,
+    sdpa: bool,
+) -> Vec<&'static str> {
+    [(section[0], checkpointing), (section[1], sdpa)]
+        .into_iter()
+        .filter_map(|(k, present)| present.then_some(k))
+        .collect()
+}
+
+/// Checks what WeNet's encoder and decoder share: grouped-query heads and head width.
+fn check_heads(
+    section: &str,
+    kv: Option<i64>,
+    head_dim: Option<i64>,
+    heads: i64,
+    d: i64,
+) -> Result<(), String> {
+    only_default(&format!("{section}.n_kv_head"), &kv, heads)?;
+    only_default(&format!("{section}.head_dim"), &head_dim, d / heads.max(1))
 }
 
 /// Checks the MoE keys shared by `encoder_conf` and `decoder_conf`.
@@ -388,8 +522,55 @@ impl EncoderConf {
         }
     }
 
+    /// WeNet keys present here that change nothing this model computes.
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        ignored(
+            &[
+                "encoder_conf.gradient_checkpointing",
+                "encoder_conf.use_sdpa",
+            ],
+            self.gradient_checkpointing.is_some(),
+            self.use_sdpa.is_some(),
+        )
+    }
+
     /// Refuses values this implementation does not support, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        let e = "encoder_conf";
+        only_default(
+            &format!("{e}.positionwise_conv_kernel_size"),
+            &self.positionwise_conv_kernel_size,
+            1,
+        )?;
+        for (key, v) in [
+            ("query_bias", self.query_bias),
+            ("key_bias", self.key_bias),
+            ("value_bias", self.value_bias),
+            ("conv_bias", self.conv_bias),
+            ("mlp_bias", self.mlp_bias),
+            ("final_norm", self.final_norm),
+        ] {
+            only_default(&format!("{e}.{key}"), &v, true)?;
+        }
+        only_default(
+            &format!("{e}.layer_norm_type"),
+            &self.layer_norm_type.as_deref(),
+            "layer_norm",
+        )?;
+        only_default(&format!("{e}.norm_eps"), &self.norm_eps, 1e-5)?;
+        only_default(&format!("{e}.conv_norm_eps"), &self.conv_norm_eps, 1e-5)?;
+        only_default(
+            &format!("{e}.conv_inner_factor"),
+            &self.conv_inner_factor,
+            2,
+        )?;
+        check_heads(
+            e,
+            self.n_kv_head,
+            self.head_dim,
+            self.attention_heads,
+            self.output_size,
+        )?;
         one_of(
             "encoder_conf.input_layer",
             &self.input_layer,
@@ -476,8 +657,51 @@ impl EncoderConf {
 }
 
 impl DecoderConf {
+    /// WeNet keys present here that change nothing this model computes.
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        ignored(
+            &[
+                "decoder_conf.gradient_checkpointing",
+                "decoder_conf.use_sdpa",
+            ],
+            self.gradient_checkpointing.is_some(),
+            self.use_sdpa.is_some(),
+        )
+    }
+
     /// Refuses values this implementation does not support, naming the key.
     pub fn validate(&self, d_model: i64) -> Result<(), String> {
+        let d = "decoder_conf";
+        for (key, v) in [
+            ("src_attention", self.src_attention),
+            ("query_bias", self.query_bias),
+            ("key_bias", self.key_bias),
+            ("value_bias", self.value_bias),
+            ("src_query_bias", self.src_query_bias),
+            ("src_key_bias", self.src_key_bias),
+            ("src_value_bias", self.src_value_bias),
+            ("mlp_bias", self.mlp_bias),
+        ] {
+            only_default(&format!("{d}.{key}"), &v, true)?;
+        }
+        only_default(
+            &format!("{d}.tie_word_embedding"),
+            &self.tie_word_embedding,
+            false,
+        )?;
+        only_default(
+            &format!("{d}.layer_norm_type"),
+            &self.layer_norm_type.as_deref(),
+            "layer_norm",
+        )?;
+        only_default(&format!("{d}.norm_eps"), &self.norm_eps, 1e-5)?;
+        check_heads(
+            d,
+            self.n_kv_head,
+            self.head_dim,
+            self.attention_heads,
+            d_model,
+        )?;
         one_of("decoder_conf.input_layer", &self.input_layer, &["embed"])?;
         one_of(
             "decoder_conf.activation_type",

@@ -318,6 +318,42 @@ pub struct TrainConfig {
     is_json_cmvn: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing)]
     lfmmi_dir: Option<serde_yaml::Value>,
+    // Steps-mode saving (upcycle saves by `upcycle_conf.save_every`), WeNet 1.x data
+    // keys, and what WeNet's train.py writes into the info yaml beside each checkpoint
+    // (`epoch_N.yaml`, `final.yaml`: the config plus these), which users also pass as
+    // the config.
+    #[serde(default, skip_serializing)]
+    save_interval: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    raw_wav: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    collate_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    init_infos: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    epoch: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    step: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    lrs: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    lr: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    tag: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    save_time: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    loss_dict: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    batch_idx: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    cv_step: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    is_gradient_accumulation_boundary: Option<serde_yaml::Value>,
+    // LoRA adapters add tensors and change the model's function: refused by name in
+    // `validate` when present.
+    #[serde(default, skip_serializing)]
+    lora_conf: Option<serde_yaml::Value>,
 }
 
 fn input_dim() -> i64 {
@@ -417,13 +453,39 @@ impl TrainConfig {
             ("cmvn_file", self.cmvn_file.is_some()),
             ("is_json_cmvn", self.is_json_cmvn.is_some()),
             ("lfmmi_dir", self.lfmmi_dir.is_some()),
+            ("save_interval", self.save_interval.is_some()),
+            ("raw_wav", self.raw_wav.is_some()),
+            ("collate_conf", self.collate_conf.is_some()),
+            ("init_infos", self.init_infos.is_some()),
+            ("epoch", self.epoch.is_some()),
+            ("step", self.step.is_some()),
+            ("lrs", self.lrs.is_some()),
+            ("lr", self.lr.is_some()),
+            ("tag", self.tag.is_some()),
+            ("save_time", self.save_time.is_some()),
+            ("loss_dict", self.loss_dict.is_some()),
+            ("batch_idx", self.batch_idx.is_some()),
+            ("cv_step", self.cv_step.is_some()),
+            (
+                "is_gradient_accumulation_boundary",
+                self.is_gradient_accumulation_boundary.is_some(),
+            ),
         ];
         for (k, present) in keys {
             if present {
                 v.push(k);
             }
         }
+        v.extend(self.encoder_conf.ignored_keys());
+        v.extend(self.decoder_conf.ignored_keys());
+        v.extend(self.dataset_conf.ignored_keys());
         v
+    }
+
+    /// `tokenizer_conf.symbol_table_path` of a WeNet train.yaml (its units file).
+    pub fn wenet_symbol_table(&self) -> Option<String> {
+        let table = self.tokenizer_conf.as_ref()?.get("symbol_table_path")?;
+        table.as_str().map(str::to_string)
     }
 
     /// `output_dim` of a WeNet train.yaml (its vocabulary size), when the file has it.
@@ -512,6 +574,13 @@ impl TrainConfig {
                      (Switch-style top-1) or choose 2 or more experts"
                 ));
             }
+        }
+        if self.lora_conf.as_ref().is_some_and(|v| !v.is_null()) {
+            return bad(
+                "lora_conf: LoRA adapters are not supported (merge them into the \
+                        weights with WeNet before importing, and drop lora_conf)"
+                    .into(),
+            );
         }
         if self.model != "asr_model" {
             return bad(format!(

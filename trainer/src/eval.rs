@@ -87,7 +87,8 @@ pub struct ModeResult {
     pub errors: ErrorRate,
 }
 
-fn chunk_mode(chunk: i64, left: i64) -> ChunkMode {
+/// The chunk setting of `--chunk N` (0 or less: full context).
+pub fn chunk_mode(chunk: i64, left: i64) -> ChunkMode {
     if chunk <= 0 {
         ChunkMode::Full
     } else {
@@ -98,10 +99,10 @@ fn chunk_mode(chunk: i64, left: i64) -> ChunkMode {
     }
 }
 
-/// Decodes one utterance's features with every requested method; returns
-/// `(method, hypothesis, seconds)` per method. The encoder runs once; its time is
-/// added to every method.
-fn decode_one(
+/// Decodes one utterance's features `[T, dim]` (before CMVN, which the model applies)
+/// with every requested method; returns `(method, hypothesis, seconds)` per method. The
+/// encoder runs once; its time is added to every method.
+pub fn decode_one(
     m: &LoadedModel,
     feats: &Tensor,
     chunk: ChunkMode,

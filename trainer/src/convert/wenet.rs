@@ -92,14 +92,143 @@ fn publish(tmp: &Path, out: &Path, parent: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A WeNet state dict by name: `torch.save` file or safetensors, by extension.
+/// A WeNet state dict by name, from any form WeNet's tools leave:
+/// - a `torch.save` file (`final.pt`, `epoch_N.pt`, `avg_N.pt` from `average_model.py`,
+///   a full FSDP state dict), saved on a CPU or a GPU (the storage location is ignored),
+///   in float32, float16 or bfloat16 (widened to float32 on import);
+/// - a `.safetensors` file;
+/// - a directory of DeepSpeed's converted weights (`zero_to_fp32.py` / WeNet's
+///   `save_states: model_only` with DeepSpeed >= 0.15, which writes `pytorch_model.bin`
+///   or `model.safetensors`, or shards listed in `*.index.json`).
+///
+/// Unconverted DeepSpeed and `torch.distributed.checkpoint` directories are refused with
+/// the command that converts them.
 pub fn read_wenet_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if path.is_dir() {
+        return read_weights_dir(path);
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if name.starts_with("zero_pp_rank_")
+        || (name.starts_with("mp_rank_") && name.ends_with("_model_states.pt"))
+    {
+        let dir = path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        bail!(
+            "{}: a DeepSpeed checkpoint part, not a state dict; convert the checkpoint first: \
+             python {}/zero_to_fp32.py {} final.pt (DeepSpeed's script, saved beside it), then \
+             import final.pt",
+            path.display(),
+            dir.display(),
+            dir.display()
+        );
+    }
     let tensors = if path.extension().is_some_and(|e| e == "safetensors") {
         Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?
     } else {
         torch_file::read_state_dict(path)?
     };
     Ok(tensors.into_iter().collect())
+}
+
+/// A directory of weights: DeepSpeed's converted output (one file or shards with an
+/// index), or a raw DeepSpeed / distributed checkpoint, refused with its conversion.
+fn read_weights_dir(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    for index in [
+        "pytorch_model.bin.index.json",
+        "model.safetensors.index.json",
+    ] {
+        let index = dir.join(index);
+        if index.is_file() {
+            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)
+                .with_context(|| format!("{}: not JSON", index.display()))?;
+            let map = json["weight_map"]
+                .as_object()
+                .with_context(|| format!("{}: no weight_map", index.display()))?;
+            let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let mut out = BTreeMap::new();
+            for f in files {
+                ensure!(
+                    !f.contains('/') && !f.contains('\\') && f != ".." && !f.is_empty(),
+                    "{}: shard name {f:?} is not a file of that directory",
+                    index.display()
+                );
+                out.extend(read_wenet_tensors(&dir.join(f))?);
+            }
+            return Ok(out);
+        }
+    }
+    for single in ["pytorch_model.bin", "model.safetensors"] {
+        if dir.join(single).is_file() {
+            return read_wenet_tensors(&dir.join(single));
+        }
+    }
+    let has = |f: &str| dir.join(f).exists();
+    if has("latest") || has("zero_to_fp32.py") || has("mp_rank_00_model_states.pt") {
+        bail!(
+            "{}: an unconverted DeepSpeed checkpoint; convert it to a state dict first: \
+             python {}/zero_to_fp32.py {} final.pt (DeepSpeed's script, saved beside it; add \
+             --tag TAG for another tag than `latest`), then import final.pt",
+            dir.display(),
+            dir.display(),
+            dir.display()
+        );
+    }
+    if has(".metadata") {
+        bail!(
+            "{}: a torch.distributed.checkpoint (sharded) directory; convert it to a state \
+             dict first: python -m torch.distributed.checkpoint.format_utils dcp_to_torch {} \
+             final.pt, then import final.pt",
+            dir.display(),
+            dir.display()
+        );
+    }
+    bail!(
+        "{}: a directory without weights (expected a .pt or .safetensors file, or DeepSpeed's \
+         converted pytorch_model.bin / model.safetensors / *.index.json)",
+        dir.display()
+    )
+}
+
+/// What WeNet's train.py wrote beside `checkpoint` (`final.yaml` for `final.pt`): the
+/// step, epoch and tag it was saved at, for the log.
+fn wenet_infos(checkpoint: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(checkpoint.with_extension("yaml")).ok()?;
+    let infos: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let field = |k: &str| {
+        infos
+            .get(k)
+            .map(|v| serde_yaml::to_string(v).unwrap_or_default())
+    };
+    let parts: Vec<String> = ["tag", "epoch", "step"]
+        .into_iter()
+        .filter_map(|k| Some(format!("{k} {}", field(k)?.trim())))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Refuses a WeNet train.yaml whose missing keys mean something else in WeNet than here:
+/// WeNet's Conformer defaults to `cnn_module_norm: batch_norm`, which this model does
+/// not have (ours defaults to layer_norm, what WeNet's U2++ recipes set).
+fn check_wenet_defaults(config: &Path) -> Result<()> {
+    let raw: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(config)?)?;
+    let encoder = &raw["encoder_conf"];
+    let conformer = raw
+        .get("encoder")
+        .and_then(|e| e.as_str())
+        .unwrap_or("conformer")
+        == "conformer";
+    let with_conv = encoder
+        .get("use_cnn_module")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    ensure!(
+        !conformer || !with_conv || encoder.get("cnn_module_norm").is_some(),
+        "encoder_conf.cnn_module_norm is absent, so WeNet built this model with its default, \
+         batch_norm, which upcycle does not implement (supported: layer_norm)"
+    );
+    Ok(())
 }
 
 /// Statistics whose mean and inverse std are `mean`, `istd` (one pseudo-frame), for a
@@ -118,6 +247,27 @@ fn cmvn_from_buffers(mean: &Tensor, istd: &Tensor) -> Result<CmvnStats> {
     })
 }
 
+/// The units file when `--units` is not given: `units.txt` or WeNet's `lang_char.txt`
+/// beside the checkpoint or the config, else the config's `tokenizer_conf.
+/// symbol_table_path` (relative to the working directory, as WeNet's recipes run, or to
+/// the config's directory).
+fn default_units(o: &ImportOptions, config: &TrainConfig) -> Result<PathBuf> {
+    let config_dir = o.config.parent().unwrap_or(Path::new(""));
+    let mut candidates: Vec<PathBuf> = [&o.checkpoint, &o.config]
+        .iter()
+        .filter_map(|p| p.parent())
+        .flat_map(|d| ["units.txt", "lang_char.txt"].map(|f| d.join(f)))
+        .collect();
+    if let Some(table) = config.wenet_symbol_table() {
+        candidates.extend([PathBuf::from(&table), config_dir.join(&table)]);
+    }
+    candidates.into_iter().find(|u| u.is_file()).context(
+        "no --units given, no units.txt or lang_char.txt beside the checkpoint or the config, \
+         and the config's tokenizer_conf.symbol_table_path is not a file: pass --units \
+         data/dict/lang_char.txt",
+    )
+}
+
 /// Imports a WeNet checkpoint as our `out/step-0`; returns that directory.
 pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
     check_new(&o.out)?;
@@ -126,15 +276,28 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
                       default) or this checkpoint cannot be imported";
     let config = TrainConfig::load(&o.config)
         .and_then(|c| c.check_wenet_model_keys().map(|()| c))
+        .map_err(anyhow::Error::from)
+        .and_then(|c| check_wenet_defaults(&o.config).map(|()| c))
         .with_context(|| format!("--config {}: {what_to_do}", o.config.display()))?;
+    let ignored = config.ignored_keys();
+    if !ignored.is_empty() {
+        tracing::info!(
+            "--config {}: WeNet keys with no meaning here, ignored: {}",
+            o.config.display(),
+            ignored.join(", ")
+        );
+    }
+    if let Some(infos) = wenet_infos(&o.checkpoint) {
+        tracing::info!(
+            "--checkpoint {}: saved by WeNet at {infos}",
+            o.checkpoint.display()
+        );
+    }
     let units_path = match &o.units {
         Some(u) => u.clone(),
-        None => [&o.checkpoint, &o.config]
-            .iter()
-            .filter_map(|p| Some(p.parent()?.join("units.txt")))
-            .find(|u| u.is_file())
-            .context("no --units given and no units.txt beside the checkpoint or the config")?,
+        None => default_units(o, &config)?,
     };
+    tracing::info!("units: {}", units_path.display());
     let units = Units::load(&units_path)?;
     let vocab = units.len() as i64;
     if let Some(dim) = config.wenet_output_dim().filter(|&d| d != vocab) {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::augment::SpecAugConf;
+use super::augment::{SpecAugConf, SpecSubConf, SpecTrimConf};
 use super::fbank::FbankOptions;
 
 /// WeNet's `dataset_conf`.
@@ -28,6 +28,21 @@ pub struct DatasetConf {
     /// SpecAugment options.
     #[serde(default)]
     pub spec_aug_conf: SpecAugConf,
+    /// Time substitution in training (U2++): spans replaced by earlier frames.
+    #[serde(default)]
+    pub spec_sub: bool,
+    /// Time substitution options.
+    #[serde(default)]
+    pub spec_sub_conf: SpecSubConf,
+    /// Trailing frames trimmed in training (TrimTail).
+    #[serde(default)]
+    pub spec_trim: bool,
+    /// Trimming options.
+    #[serde(default)]
+    pub spec_trim_conf: SpecTrimConf,
+    /// Only `fbank` (WeNet also has `mfcc` and `log_mel_spectrogram`).
+    #[serde(default = "fbank")]
+    pub feats_type: String,
     /// Shuffle utterances within a window in training.
     #[serde(default = "yes")]
     pub shuffle: bool,
@@ -53,10 +68,34 @@ pub struct DatasetConf {
     /// Batches prepared ahead of the training loop.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+
+    // WeNet keys with no meaning here (list sharding and cycling are upcycle's own; one
+    // channel, one language, no speaker labels; the other feature types' options when
+    // `feats_type` is fbank): accepted so that WeNet's train.yaml files load, and named by
+    // [`DatasetConf::ignored_keys`].
+    #[serde(default, skip_serializing)]
+    pub(crate) cycle: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) list_shuffle: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) list_shuffle_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) singal_channel_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) language_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) speaker_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) mfcc_conf: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) log_mel_spectrogram_conf: Option<serde_yaml::Value>,
 }
 
 fn yes() -> bool {
     true
+}
+fn fbank() -> String {
+    "fbank".into()
 }
 fn default_max_bad_fraction() -> f64 {
     0.05
@@ -75,8 +114,65 @@ impl Default for DatasetConf {
 }
 
 impl DatasetConf {
+    /// WeNet's `dataset_conf` keys present here that upcycle ignores (prefixed with the
+    /// section).
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        [
+            ("dataset_conf.cycle", self.cycle.is_some()),
+            ("dataset_conf.list_shuffle", self.list_shuffle.is_some()),
+            (
+                "dataset_conf.list_shuffle_conf",
+                self.list_shuffle_conf.is_some(),
+            ),
+            (
+                "dataset_conf.singal_channel_conf",
+                self.singal_channel_conf.is_some(),
+            ),
+            ("dataset_conf.language_conf", self.language_conf.is_some()),
+            ("dataset_conf.speaker_conf", self.speaker_conf.is_some()),
+            ("dataset_conf.mfcc_conf", self.mfcc_conf.is_some()),
+            (
+                "dataset_conf.log_mel_spectrogram_conf",
+                self.log_mel_spectrogram_conf.is_some(),
+            ),
+            (
+                "dataset_conf.spec_aug_conf.max_w",
+                self.spec_aug_conf.max_w.is_some(),
+            ),
+            (
+                "dataset_conf.batch_conf.bucket_boundaries",
+                self.batch_conf.bucket_boundaries.is_some(),
+            ),
+            (
+                "dataset_conf.batch_conf.bucket_batch_sizes",
+                self.batch_conf.bucket_batch_sizes.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, present)| present.then_some(k))
+        .collect()
+    }
+
     /// Checks values that parse but cannot work, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.feats_type != "fbank" {
+            return Err(format!(
+                "dataset_conf.feats_type: {:?} is not supported (supported: fbank, Kaldi's \
+                 log-mel filterbank; a model trained on other features needs them to decode)",
+                self.feats_type
+            ));
+        }
+        if let Some(w) = self
+            .fbank_conf
+            .window_type
+            .as_deref()
+            .filter(|w| *w != "povey")
+        {
+            return Err(format!(
+                "dataset_conf.fbank_conf.window_type: {w:?} is not supported (supported: povey, \
+                 WeNet's default)"
+            ));
+        }
         let f = &self.filter_conf;
         if f.min_length > f.max_length {
             return Err("dataset_conf.filter_conf: min_length is above max_length".into());
@@ -233,12 +329,32 @@ impl Default for SortConf {
 
 /// How utterances are grouped into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum BatchType {
     /// A fixed number of utterances.
     Static,
     /// As many as fit `max_frames_in_batch` once padded.
     Dynamic,
+}
+
+impl TryFrom<String> for BatchType {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "static" => Ok(Self::Static),
+            "dynamic" => Ok(Self::Dynamic),
+            "bucket" => Err(
+                "batch_type: bucket (WeNet's length buckets) is not implemented; \
+                             use dynamic (max_frames_in_batch), which also groups utterances \
+                             of similar length, or static (batch_size)"
+                    .into(),
+            ),
+            other => Err(format!(
+                "batch_type: {other:?} is not one of static, dynamic"
+            )),
+        }
+    }
 }
 
 /// WeNet's `batch_conf`.
@@ -254,6 +370,12 @@ pub struct BatchConf {
     /// Padded frames per dynamic batch.
     #[serde(default = "default_max_frames")]
     pub max_frames_in_batch: usize,
+    /// WeNet's bucket batching (not implemented; accepted when another type is chosen).
+    #[serde(default, skip_serializing)]
+    pub bucket_boundaries: Option<serde_yaml::Value>,
+    /// WeNet's bucket batching (not implemented; accepted when another type is chosen).
+    #[serde(default, skip_serializing)]
+    pub bucket_batch_sizes: Option<serde_yaml::Value>,
 }
 
 fn default_batch_type() -> BatchType {
@@ -272,6 +394,8 @@ impl Default for BatchConf {
             batch_type: default_batch_type(),
             batch_size: default_batch_size(),
             max_frames_in_batch: default_max_frames(),
+            bucket_boundaries: None,
+            bucket_batch_sizes: None,
         }
     }
 }
@@ -309,14 +433,18 @@ batch_conf: {batch_type: dynamic, max_frames_in_batch: 12000}
         assert_eq!(c.fbank_conf.dither, 1.0);
         c.validate().unwrap();
 
-        let e = serde_yaml::from_str::<DatasetConf>("spec_sub: true")
+        let e = serde_yaml::from_str::<DatasetConf>("spec_subs: true")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("spec_sub"), "{e}");
+        assert!(e.contains("spec_subs"), "{e}");
         let e = serde_yaml::from_str::<DatasetConf>("fbank_conf: {num_mel_bin: 80}")
             .unwrap_err()
             .to_string();
         assert!(e.contains("num_mel_bin"), "{e}");
+        let e = serde_yaml::from_str::<DatasetConf>("batch_conf: {batch_type: bucket}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bucket") && e.contains("use dynamic"), "{e}");
         let bad: DatasetConf =
             serde_yaml::from_str("resample_conf: {resample_rate: 8000}").unwrap();
         assert!(bad.validate().unwrap_err().contains("resample_rate"));

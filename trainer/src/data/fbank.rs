@@ -33,6 +33,9 @@ pub struct FbankOptions {
     /// Sample rate of the input in Hz.
     #[serde(default = "default_sample_rate", skip_serializing)]
     pub sample_rate: u32,
+    /// WeNet's window choice; only `povey` (its default) is computed here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_type: Option<String>,
 }
 
 fn default_num_mel_bins() -> usize {
@@ -56,6 +59,7 @@ impl Default for FbankOptions {
             frame_shift: default_frame_shift(),
             dither: 0.0,
             sample_rate: default_sample_rate(),
+            window_type: None,
         }
     }
 }

@@ -665,8 +665,17 @@ impl DataLoader {
                 dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            // WeNet's order: masks, then substitution, then trimming.
             if train && self.conf.spec_aug {
                 augment::spec_augment(&mut f, dim, &self.conf.spec_aug_conf, &mut rng);
+            }
+            if train && self.conf.spec_sub {
+                augment::spec_substitute(&mut f, dim, &self.conf.spec_sub_conf, &mut rng);
+            }
+            if train && self.conf.spec_trim {
+                let trim =
+                    augment::spec_trim_frames(f.len() / dim, &self.conf.spec_trim_conf, &mut rng);
+                f.truncate(f.len() - trim * dim);
             }
             feats.push(f);
             keys.push(u.key);
@@ -907,11 +916,13 @@ mod tests {
                 batch_type: BatchType::Static,
                 batch_size: 3,
                 max_frames_in_batch: 0,
+                ..BatchConf::default()
             },
             BatchConf {
                 batch_type: BatchType::Dynamic,
                 batch_size: 0,
                 max_frames_in_batch: 120,
+                ..BatchConf::default()
             },
         ];
         for batch in batchings {
@@ -962,8 +973,11 @@ mod tests {
             batch_type: BatchType::Static,
             batch_size: 4,
             max_frames_in_batch: 0,
+            ..BatchConf::default()
         });
         c.spec_aug = true;
+        c.spec_sub = true;
+        c.spec_trim = true;
         c.speed_perturb = true;
         c.fbank_conf.dither = 1.0;
         let l = DataLoader::new(&list, units, c, Mode::Train, Shard::SINGLE, 1).unwrap();
