@@ -29,10 +29,12 @@ pub mod emit;
 pub mod plan;
 mod procs;
 pub mod rendezvous;
+pub mod spec;
 pub mod supervise;
 pub mod worker_env;
 
-pub use supervise::{install_signal_handlers, launch, Failure, LaunchSpec, Spawn, WorkerStatus};
+pub use spec::{LaunchSpec, Spawn};
+pub use supervise::{install_signal_handlers, launch, Failure, WorkerStatus};
 
 use std::path::PathBuf;
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use upcycle_parallel::store::{Store, StoreError, StoreServer, TOKEN_VAR};
 
-use crate::supervise::LaunchSpec;
+use crate::spec::LaunchSpec;
 use crate::LaunchError;
 
 /// Shortest token accepted from [`TOKEN_VAR`].

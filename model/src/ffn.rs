@@ -5,6 +5,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::activation::Activation;
+use crate::mask::on_valid_rows;
 use crate::moe::{ExpertBank, MoeContext, MoeFeedForward, MoeSpec, Routing};
 
 /// `w_2(dropout(act(w_1(x))))` (parameters `w_1.weight`, `w_1.bias`, `w_2.weight`,
@@ -43,28 +44,6 @@ impl DenseFeedForward {
             .dropout(self.dropout, train);
         self.w_2.forward(&h)
     }
-}
-
-/// `f` applied to the rows of `x` `[B, T, d]` where `valid` `[B, T]` is true, as `[N, d]`;
-/// padding positions get zeros (every later layer masks them: attention's keys, the
-/// convolution's inputs, the losses). Without `valid`, `f` sees every position.
-pub fn on_valid_rows(
-    x: &Tensor,
-    valid: Option<&Tensor>,
-    f: impl FnOnce(&Tensor) -> Tensor,
-) -> Tensor {
-    let size = x.size();
-    let flat = x.reshape([-1, size[size.len() - 1]]);
-    let out = match valid {
-        None => f(&flat),
-        Some(valid) => {
-            let index = valid.reshape([-1]).nonzero().squeeze_dim(1);
-            let rows = f(&flat.index_select(0, &index));
-            rows.new_zeros(flat.size(), (rows.kind(), rows.device()))
-                .index_copy(0, &index, &rows)
-        }
-    };
-    out.view(size.as_slice())
 }
 
 /// A block's feed-forward network.

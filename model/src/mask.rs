@@ -1,4 +1,5 @@
-//! Masks, as WeNet builds them: `true` marks a position that may be attended to.
+//! Masks, as WeNet builds them (`true` marks a position that may be attended to), and
+//! computing on the unmasked positions only.
 
 use tch::{Device, Kind, Tensor};
 
@@ -117,6 +118,28 @@ pub fn chunk_attention_mask(masks: &Tensor, mode: ChunkMode) -> Tensor {
         }
         ChunkMode::Dynamic { .. } => unreachable!("resolved above"),
     }
+}
+
+/// `f` applied to the rows of `x` `[B, T, d]` where `valid` `[B, T]` is true, as `[N, d]`;
+/// padding positions get zeros (every later layer masks them: attention's keys, the
+/// convolution's inputs, the losses). Without `valid`, `f` sees every position.
+pub fn on_valid_rows(
+    x: &Tensor,
+    valid: Option<&Tensor>,
+    f: impl FnOnce(&Tensor) -> Tensor,
+) -> Tensor {
+    let size = x.size();
+    let flat = x.reshape([-1, size[size.len() - 1]]);
+    let out = match valid {
+        None => f(&flat),
+        Some(valid) => {
+            let index = valid.reshape([-1]).nonzero().squeeze_dim(1);
+            let rows = f(&flat.index_select(0, &index));
+            rows.new_zeros(flat.size(), (rows.kind(), rows.device()))
+                .index_copy(0, &index, &rows)
+        }
+    };
+    out.view(size.as_slice())
 }
 
 #[cfg(test)]

@@ -370,7 +370,7 @@ impl MoeFeedForward {
         train: bool,
         routing: &mut Routing,
     ) -> Tensor {
-        crate::ffn::on_valid_rows(x, valid, |tokens| self.forward_rows(tokens, train, routing))
+        crate::mask::on_valid_rows(x, valid, |tokens| self.forward_rows(tokens, train, routing))
     }
 
     /// The layer on rows `[N, d]`, all of them routed.
