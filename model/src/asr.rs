@@ -42,6 +42,27 @@ pub struct Losses {
     pub routing: Routing,
 }
 
+/// The output units as the model sees them: how many, and which one is `<sos/eos>`
+/// (WeNet's `special_tokens`; its default, and ours, is the last unit, while its char
+/// recipes put it at 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vocab {
+    /// Number of units, `<blank>` and `<sos/eos>` included.
+    pub size: i64,
+    /// The id that starts and ends every decoder sequence.
+    pub sos_eos: i64,
+}
+
+impl Vocab {
+    /// `size` units with `<sos/eos>` last.
+    pub fn sos_eos_last(size: i64) -> Self {
+        Self {
+            size,
+            sos_eos: size - 1,
+        }
+    }
+}
+
 /// The U2++ ASR model (parameters `encoder.`, `decoder.`, `ctc.` as WeNet names them).
 #[derive(Debug)]
 pub struct AsrModel {
@@ -50,7 +71,7 @@ pub struct AsrModel {
     ctc: Ctc,
     conf: ModelConf,
     moe: MoeContext,
-    vocab: i64,
+    vocab: Vocab,
 }
 
 impl AsrModel {
@@ -58,7 +79,7 @@ impl AsrModel {
     pub fn new(
         root: &nn::Path<'_>,
         input_dim: i64,
-        vocab: i64,
+        vocab: Vocab,
         encoder_conf: &EncoderConf,
         decoder_conf: &DecoderConf,
         model_conf: &ModelConf,
@@ -70,6 +91,12 @@ impl AsrModel {
             .validate(encoder_conf.output_size)
             .map_err(ConfigError)?;
         model_conf.validate().map_err(ConfigError)?;
+        if !(0..vocab.size).contains(&vocab.sos_eos) {
+            return Err(ConfigError(format!(
+                "<sos/eos> id {} is not one of the {} units",
+                vocab.sos_eos, vocab.size
+            )));
+        }
         if model_conf.reverse_weight > 0.0 && decoder_conf.r_num_blocks == 0 {
             return Err(ConfigError(
                 "model_conf.reverse_weight > 0 needs decoder_conf.r_num_blocks > 0".into(),
@@ -78,8 +105,14 @@ impl AsrModel {
         let d = encoder_conf.output_size;
         Ok(Self {
             encoder: ConformerEncoder::new(&(root / "encoder"), input_dim, encoder_conf, moe),
-            decoder: BiTransformerDecoder::new(&(root / "decoder"), vocab, d, decoder_conf, moe),
-            ctc: Ctc::new(&(root / "ctc"), d, vocab),
+            decoder: BiTransformerDecoder::new(
+                &(root / "decoder"),
+                vocab.size,
+                d,
+                decoder_conf,
+                moe,
+            ),
+            ctc: Ctc::new(&(root / "ctc"), d, vocab.size),
             conf: model_conf.clone(),
             moe: moe.clone(),
             vocab,
@@ -106,9 +139,14 @@ impl AsrModel {
         &self.ctc
     }
 
-    /// Vocabulary size (the last id is `<sos/eos>`).
+    /// Vocabulary size.
     pub fn vocab(&self) -> i64 {
-        self.vocab
+        self.vocab.size
+    }
+
+    /// The id of `<sos/eos>`.
+    pub fn sos_eos(&self) -> i64 {
+        self.vocab.sos_eos
     }
 
     /// Forward pass and losses for features `[B, T, idim]` and targets `[B, L]`
@@ -136,7 +174,7 @@ impl AsrModel {
             (log_probs, ctc)
         };
 
-        let eos = self.vocab - 1;
+        let eos = self.vocab.sos_eos;
         let (ys_in, ys_out) = add_sos_eos(target, target_lens, eos, eos);
         let ys_in_lens = target_lens + 1;
         let decoder_out =

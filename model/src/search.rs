@@ -139,7 +139,7 @@ pub fn attention_rescoring(
     }
     let dev = encoder_out.device();
     let n = hyps.len() as i64;
-    let eos = model.vocab() - 1;
+    let eos = model.sos_eos();
     let max_len = hyps.iter().map(|h| h.tokens.len()).max().unwrap_or(0) as i64;
     // <sos> y padded with eos, for each direction.
     let mut l2r = vec![eos; (n * (max_len + 1)) as usize];

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tch::{nn, Device, Kind, Tensor};
+use upcycle_model::asr::Vocab;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::naming::from_wenet;
 use upcycle_trainer::config::TrainConfig;
@@ -96,7 +97,9 @@ fn parity(config_text: &str, label: &str) {
     let c = TrainConfig::load(&config).unwrap();
 
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = c.build_model(&vs.root(), VOCAB).unwrap();
+    let model = c
+        .build_model(&vs.root(), Vocab::sos_eos_last(VOCAB))
+        .unwrap();
     let moe = c.encoder_conf.mlp_type == "moe" || c.decoder_conf.mlp_type == "moe";
     let weights = from_wenet(weights).unwrap();
     // The parameter names are WeNet's (experts stacked): both sets are equal.

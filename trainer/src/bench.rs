@@ -136,7 +136,7 @@ pub fn train_step(
 
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let model = c.build_model(&vs.root(), units.len() as i64)?;
+    let model = c.build_model(&vs.root(), crate::config::vocab(&units))?;
     let params = vs
         .trainable_variables()
         .iter()
@@ -311,7 +311,7 @@ fn model_tensors(
 ) -> Result<(crate::config::TrainConfig, Vec<(String, tch::Tensor)>)> {
     let c = crate::config::TrainConfig::load(config)?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    c.build_model(&vs.root(), vocab)?;
+    c.build_model(&vs.root(), upcycle_model::asr::Vocab::sos_eos_last(vocab))?;
     Ok((c, vs.variables().into_iter().collect()))
 }
 

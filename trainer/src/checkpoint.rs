@@ -913,7 +913,7 @@ pub fn load_model(path: &Path, device: Device) -> Result<LoadedModel> {
     let config = TrainConfig::load(&dir.join("train.yaml"))?;
     let units = Arc::new(Units::load(&dir.join("units.txt"))?);
     let vs = nn::VarStore::new(device);
-    let model = config.build_model(&vs.root(), units.len() as i64)?;
+    let model = config.build_model(&vs.root(), crate::config::vocab(&units))?;
     load_weights(&dir, &vs)?;
     Ok(LoadedModel {
         config,

@@ -6,11 +6,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use upcycle_model::asr::AsrModel;
+use upcycle_model::asr::{AsrModel, Vocab};
 use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf};
 use upcycle_model::moe::MoeContext;
 
 use crate::data::config::DatasetConf;
+use crate::data::text::Units;
 
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]
@@ -387,12 +388,20 @@ fn log_interval() -> u64 {
     100
 }
 
+/// The model's view of `units`: their number and the `<sos/eos>` id.
+pub fn vocab(units: &Units) -> Vocab {
+    Vocab {
+        size: units.len() as i64,
+        sos_eos: units.sos_eos() as i64,
+    }
+}
+
 impl TrainConfig {
     /// Builds the model this config describes under `root`, every expert local.
     pub fn build_model(
         &self,
         root: &tch::nn::Path<'_>,
-        vocab: i64,
+        vocab: Vocab,
     ) -> Result<AsrModel, upcycle_model::asr::ConfigError> {
         self.build_model_with(root, vocab, &MoeContext::local(self.moe_conf.clone()))
     }
@@ -401,7 +410,7 @@ impl TrainConfig {
     pub fn build_model_with(
         &self,
         root: &tch::nn::Path<'_>,
-        vocab: i64,
+        vocab: Vocab,
         moe: &MoeContext,
     ) -> Result<AsrModel, upcycle_model::asr::ConfigError> {
         AsrModel::new(
@@ -486,6 +495,12 @@ impl TrainConfig {
     pub fn wenet_symbol_table(&self) -> Option<String> {
         let table = self.tokenizer_conf.as_ref()?.get("symbol_table_path")?;
         table.as_str().map(str::to_string)
+    }
+
+    /// `tokenizer_conf.special_tokens[name]` of a WeNet train.yaml, when given.
+    pub fn wenet_special_token(&self, name: &str) -> Option<i64> {
+        let tokens = self.tokenizer_conf.as_ref()?.get("special_tokens")?;
+        tokens.get(name)?.as_i64()
     }
 
     /// `output_dim` of a WeNet train.yaml (its vocabulary size), when the file has it.
@@ -649,7 +664,8 @@ mod tests {
         ] {
             let c = TrainConfig::load(&configs().join(name)).unwrap();
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            c.build_model(&vs.root(), vocab).unwrap();
+            c.build_model(&vs.root(), Vocab::sos_eos_last(vocab))
+                .unwrap();
             let n: i64 = vs
                 .trainable_variables()
                 .iter()

@@ -76,7 +76,7 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
 
     tch::manual_seed(o.seed as i64);
     let vs = nn::VarStore::new(Device::Cpu);
-    config.build_model(&vs.root(), dense.units.len() as i64)?;
+    config.build_model(&vs.root(), crate::config::vocab(&dense.units))?;
     let parent = checkpoint::read_tensors(&dense.dir)?;
     let report = upcycle(&parent, &vs, o.noise).map_err(anyhow::Error::msg)?;
     let cmvn = CmvnStats::load(&dense.dir.join("global_cmvn"))?;

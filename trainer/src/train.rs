@@ -386,7 +386,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
 
     tch::manual_seed(uc.seed as i64);
     let vs = nn::VarStore::new(device);
-    let vocab = units.len() as i64;
+    let vocab = crate::config::vocab(&units);
     let moe = dist.moe_context(config.moe_conf.clone());
     let mut model = config.build_model_with(&vs.root(), vocab, &moe)?;
     let (mean, istd) = cmvn.mean_istd();
@@ -451,7 +451,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    tracing::info!(params = n_params, vocab, device = ?device, "model built");
+    tracing::info!(params = n_params, vocab = vocab.size, sos_eos = vocab.sos_eos, device = ?device, "model built");
 
     let mut opt_conf = config.optim_conf.clone();
     if config.optim == "adam" {

@@ -307,6 +307,19 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
             o.config.display()
         );
     }
+    // WeNet's model takes <sos> and <eos> from special_tokens (default: the last unit);
+    // ours from the units file: they must name the same unit.
+    let special = |name: &str| config.wenet_special_token(name).unwrap_or(vocab - 1);
+    let (sos, eos, ours) = (special("<sos>"), special("<eos>"), units.sos_eos() as i64);
+    ensure!(
+        sos == ours && eos == ours,
+        "--config {}: the model starts sequences with unit {sos} and ends them with unit {eos} \
+         (tokenizer_conf.special_tokens; WeNet's default is the last unit), but {} has \
+         <sos/eos> at {ours}; pass the units file the model was trained with (upcycle uses \
+         one unit for both)",
+        o.config.display(),
+        units_path.display()
+    );
     let given_cmvn = o.cmvn.as_deref().map(CmvnStats::load).transpose()?;
 
     let wenet = read_wenet_tensors(&o.checkpoint)
@@ -323,7 +336,9 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
     }
     let mut tensors = from_wenet(wenet)
         .map_err(|e| anyhow::anyhow!("--checkpoint {}: {e}", o.checkpoint.display()))?;
-    // Our checkpoints are float32; half-precision weights widen exactly.
+    // Our checkpoints are float32; half-precision weights widen exactly. A --cmvn file
+    // is compared with the buffers at the precision they were saved in.
+    let saved_kind = tensors.get(CMVN_MEAN).map_or(Kind::Float, Tensor::kind);
     for t in tensors.values_mut() {
         if matches!(t.kind(), Kind::Half | Kind::BFloat16) {
             *t = t.to_kind(Kind::Float);
@@ -335,7 +350,9 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
         (Some(mean), Some(istd), Some(given)) => {
             let (m, s) = given.mean_istd();
             let close = |a: &Tensor, b: Vec<f32>| {
-                let b = Tensor::from_slice(&b);
+                let b = Tensor::from_slice(&b)
+                    .to_kind(saved_kind)
+                    .to_kind(Kind::Float);
                 a.size() == b.size() && a.to_kind(Kind::Float).allclose(&b, 1e-4, 1e-6, false)
             };
             ensure!(
@@ -472,7 +489,8 @@ fn check_wenet_expressible(c: &TrainConfig) -> Result<()> {
 /// `encoder_conf`, `decoder_conf` and `model_conf` as keyword arguments, so only its own
 /// keys may be there), the data-derived ones it expects (`output_dim`, CMVN, tokenizer),
 /// and our `moe_conf` at the top level, which WeNet does not read.
-fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_yaml::Value> {
+fn wenet_train_yaml(c: &TrainConfig, units: &Units, out: &Path) -> Result<serde_yaml::Value> {
+    let vocab = units.len();
     use serde_yaml::{Mapping, Value};
     let mut v = serde_yaml::to_value(c)?;
     let root = v.as_mapping_mut().context("config is not a mapping")?;
@@ -510,7 +528,7 @@ fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_y
     let out = std::path::absolute(out)?;
     let path = |f: &str| Value::from(out.join(f).display().to_string());
     let yaml = |s: &str| -> Result<Value> { Ok(serde_yaml::from_str(s)?) };
-    let v_1 = vocab as i64 - 1;
+    let sos_eos = units.sos_eos();
     root.insert("output_dim".into(), (vocab as i64).into());
     root.insert("vocab_size".into(), (vocab as i64).into());
     root.insert("cmvn".into(), "global_cmvn".into());
@@ -525,7 +543,7 @@ fn wenet_train_yaml(c: &TrainConfig, vocab: usize, out: &Path) -> Result<serde_y
     let mut tok = yaml(&format!(
         "{{split_with_space: false, bpe_path: null, non_lang_syms_path: null, \
          is_multilingual: false, num_languages: 1, \
-         special_tokens: {{'<blank>': 0, '<unk>': 1, '<sos>': {v_1}, '<eos>': {v_1}}}}}"
+         special_tokens: {{'<blank>': 0, '<unk>': 1, '<sos>': {sos_eos}, '<eos>': {sos_eos}}}}}"
     ))?;
     tok.as_mapping_mut()
         .expect("a mapping")
@@ -573,7 +591,7 @@ pub fn export_wenet(o: &ExportOptions) -> Result<PathBuf> {
     check_wenet_expressible(&loaded.config)
         .with_context(|| format!("--checkpoint {}", loaded.dir.display()))?;
     let cmvn = CmvnStats::load(&loaded.dir.join("global_cmvn"))?;
-    let yaml = wenet_train_yaml(&loaded.config, loaded.units.len(), &o.out)?;
+    let yaml = wenet_train_yaml(&loaded.config, &loaded.units, &o.out)?;
     let tensors: Vec<(String, Tensor)> = to_wenet(loaded.vs.variables().into_iter().collect())
         .into_iter()
         .collect();
@@ -621,7 +639,8 @@ mod tests {
         let mut c = tiny();
         c.encoder_conf.mlp_type = "moe".into();
         c.encoder_conf.n_expert = 4;
-        let v = wenet_train_yaml(&c, 27, Path::new("/x/out")).unwrap();
+        let units = Units::from_texts(["abcdefghijklmnopqrstuvwx"]);
+        let v = wenet_train_yaml(&c, &units, Path::new("/x/out")).unwrap();
         let enc = v["encoder_conf"].as_mapping().unwrap();
         assert!(enc.contains_key("n_expert") && !enc.contains_key("moe_macaron"));
         let dec = v["decoder_conf"].as_mapping().unwrap();
@@ -644,6 +663,8 @@ mod tests {
         assert_eq!(back.decoder_conf, c.decoder_conf);
         assert_eq!(back.model_conf, c.model_conf);
         assert_eq!(back.wenet_output_dim(), Some(27));
+        assert_eq!(back.wenet_special_token("<sos>"), Some(26));
+        assert_eq!(back.wenet_special_token("<eos>"), Some(26));
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub enum UnitsError {
     },
 }
 
-/// The character vocabulary: `<blank> 0`, `<unk> 1`, characters, `<sos/eos>` last.
+/// The character vocabulary: `<blank> 0`, `<unk> 1`, characters and `<sos/eos>` (last in
+/// the vocabularies upcycle builds; anywhere in one it loads, e.g. 2 in WeNet's char
+/// recipes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Units {
     symbols: Vec<String>,
@@ -143,11 +145,15 @@ impl Units {
                 });
             }
         }
-        if symbols.last().map(String::as_str) != Some(SOS_EOS) {
+        // WeNet's char recipes put it at 2, its BPE recipes and upcycle last.
+        let sos_eos: Vec<usize> = (0..symbols.len())
+            .filter(|&i| symbols[i] == SOS_EOS)
+            .collect();
+        if sos_eos.len() != 1 {
             return Err(UnitsError::Malformed {
                 path: p,
-                line: symbols.len(),
-                message: format!("the last unit must be {SOS_EOS}"),
+                line: sos_eos.get(1).map_or(symbols.len(), |i| i + 1),
+                message: format!("{SOS_EOS} must be there exactly once"),
             });
         }
         Ok(Self::from_symbols(symbols))
@@ -174,7 +180,7 @@ impl Units {
 
     /// The id of `<sos/eos>`.
     pub fn sos_eos(&self) -> usize {
-        self.symbols.len() - 1
+        self.ids[SOS_EOS]
     }
 
     /// Units of a normalised transcript as ids; unknown characters become `<unk>`.
@@ -251,5 +257,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("<sos/eos>"));
+        std::fs::write(&p, "<blank> 0\n<unk> 1\n<sos/eos> 2\na 3\n<sos/eos> 4\n").unwrap();
+        let e = Units::load(&p).unwrap_err().to_string();
+        assert!(e.contains(":5:") && e.contains("exactly once"), "{e}");
+    }
+
+    #[test]
+    fn wenet_char_recipes_put_sos_eos_at_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lang_char.txt");
+        std::fs::write(&p, "<blank> 0\n<unk> 1\n<sos/eos> 2\na 3\nb 4\n").unwrap();
+        let u = Units::load(&p).unwrap();
+        assert_eq!((u.len(), u.sos_eos()), (5, 2));
+        let (ids, unk) = u.encode("ba");
+        assert_eq!((ids.clone(), unk), (vec![4, 3], 0));
+        assert_eq!(u.decode(&[4, 2, 3]), "ba");
     }
 }
