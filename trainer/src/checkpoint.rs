@@ -34,6 +34,7 @@ use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::text::Units;
 use crate::distributed::Distributed;
+use crate::optim::OptimSteps;
 
 /// The manifest's `format`.
 const FORMAT: &str = "upcycle-checkpoint/1";
@@ -118,14 +119,29 @@ pub struct Manifest {
     pub format: String,
     /// Optimizer steps taken.
     pub step: u64,
-    /// Optimizer's own step count (bias correction).
+    /// Optimizer's own step count (updates taken).
     pub optimizer_step: u64,
+    /// Each tensor's own step (its bias correction), by parameter name; absent from
+    /// checkpoints of earlier versions, whose tensors with moments all had
+    /// `optimizer_step`.
+    #[serde(default)]
+    pub optimizer_tensor_steps: BTreeMap<String, u64>,
     /// Who wrote it.
     pub layout: Layout,
     /// The configuration that ran.
     pub config: serde_json::Value,
     /// Every tensor, `model/<name>` and `optim/<name>`.
     pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Manifest {
+    /// The optimizer's step counts.
+    pub fn optimizer_steps(&self) -> OptimSteps {
+        OptimSteps {
+            global: self.optimizer_step,
+            per_tensor: self.optimizer_tensor_steps.clone(),
+        }
+    }
 }
 
 /// Fault injection for the crash tests: `UPCYCLE_FAULT_SAVE_PAUSE_MS` makes every stage
@@ -310,8 +326,8 @@ pub struct SaveRequest<'a> {
     pub units: &'a Units,
     /// CMVN statistics of the data.
     pub cmvn: &'a CmvnStats,
-    /// Optimizer step count and moments.
-    pub optimizer: (u64, Vec<(String, Tensor)>),
+    /// Optimizer step counts and moments.
+    pub optimizer: (OptimSteps, Vec<(String, Tensor)>),
     /// Also point `best` at it.
     pub is_best: bool,
 }
@@ -358,7 +374,8 @@ pub fn commit(
     let manifest = Manifest {
         format: FORMAT.into(),
         step: req.state.step,
-        optimizer_step: req.optimizer.0,
+        optimizer_step: req.optimizer.0.global,
+        optimizer_tensor_steps: req.optimizer.0.per_tensor.clone(),
         layout,
         config: serde_json::to_value(req.config)?,
         tensors,
@@ -493,7 +510,7 @@ struct Pending {
     state: TrainState,
     units: Arc<Units>,
     cmvn: CmvnStats,
-    optimizer_step: u64,
+    optimizer_steps: OptimSteps,
     is_best: bool,
 }
 
@@ -553,7 +570,7 @@ impl Checkpointer {
             state: req.state.clone(),
             units: units.clone(),
             cmvn: req.cmvn.clone(),
-            optimizer_step: req.optimizer.0,
+            optimizer_steps: req.optimizer.0.clone(),
             is_best: req.is_best,
         });
         Ok(None)
@@ -585,7 +602,7 @@ impl Checkpointer {
             state: &p.state,
             units: &p.units,
             cmvn: &p.cmvn,
-            optimizer: (p.optimizer_step, Vec::new()),
+            optimizer: (p.optimizer_steps, Vec::new()),
             is_best: p.is_best,
         };
         let dir = gather_and_commit(&self.root, dist, p.layout, part, &req)?;
@@ -955,4 +972,26 @@ pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_without_per_tensor_steps_still_read() {
+        // Written before each tensor had its own step.
+        let m: Manifest = serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "step": 5, "optimizer_step": 5,
+            "layout": {"world": 1, "ep": 1, "dp": 1}, "config": {}, "tensors": {}
+        }))
+        .unwrap();
+        assert_eq!(
+            m.optimizer_steps(),
+            OptimSteps {
+                global: 5,
+                per_tensor: BTreeMap::new()
+            }
+        );
+    }
 }

@@ -477,7 +477,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             .into_iter()
             .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
             .collect::<Result<Vec<_>>>()?;
-        opt.load_state(manifest.optimizer_step, moments)
+        opt.load_state(&manifest.optimizer_steps(), moments)
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         state = checkpoint::read_state(dir)?;
     }
