@@ -714,21 +714,47 @@ fn is_checkpoint(dir: &Path) -> bool {
     dir.join("manifest.json").is_file() || dir.join("model.safetensors").is_file()
 }
 
-/// The checkpoint directory that `path` names: a checkpoint itself, or a training
-/// output directory (its `best`, else `latest`), or a checkpoints folder.
+/// The checkpoint directory that `path` names: a checkpoint itself, a pointer file
+/// (`.../checkpoints/best`, `.../checkpoints/latest`: the one it names), or a training
+/// output directory or checkpoints folder (its `best`, else `latest`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     resolve_with(path, &["best", "latest"])
 }
 
-/// The newest checkpoint under `path` (a training output or a checkpoints folder, its
-/// `latest`), or `path` itself if it is one: where a run resumes.
+/// As [`resolve`], but a training output or checkpoints folder gives its `latest`: where
+/// a run resumes.
 pub fn resolve_latest(path: &Path) -> Result<PathBuf> {
     resolve_with(path, &["latest"])
+}
+
+/// The checkpoint a new run starts from (`train --init`, `convert upcycle --from`): as
+/// [`resolve_latest`], since UME continues from where the parent stopped (name its
+/// `checkpoints/best` to start from the best one). Logs which step it is.
+pub fn resolve_parent(path: &Path) -> Result<PathBuf> {
+    let dir = resolve_latest(path)?;
+    // Imported or consolidated checkpoints may have no trainer state.
+    let step = read_state(&dir).ok().map(|s| s.step);
+    tracing::info!(from = %path.display(), checkpoint = %dir.display(), step = ?step, "starting from the parent checkpoint");
+    Ok(dir)
 }
 
 fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
     if is_checkpoint(path) {
         return Ok(path.to_path_buf());
+    }
+    if path.is_file() {
+        // A pointer asked for by name: what it names, or an error (never another one).
+        let name =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let dir = path.with_file_name(name.trim());
+        if !is_checkpoint(&dir) {
+            bail!(
+                "{} names {}, which is not a checkpoint",
+                path.display(),
+                dir.display()
+            );
+        }
+        return Ok(dir);
     }
     for root in [path.join("checkpoints"), path.to_path_buf()] {
         for pointer in pointers {
@@ -977,6 +1003,37 @@ pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_choose_the_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let root = run.join("checkpoints");
+        for step in [2, 4] {
+            let dir = root.join(format!("step-{step}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        }
+        std::fs::write(root.join("best"), "step-2").unwrap();
+        std::fs::write(root.join("latest"), "step-4\n").unwrap();
+        let (best, latest) = (root.join("step-2"), root.join("step-4"));
+        for path in [run, root.as_path()] {
+            // Decoding prefers the best; resuming and a parent for a new run, the latest.
+            assert_eq!(resolve(path).unwrap(), best);
+            assert_eq!(resolve_latest(path).unwrap(), latest);
+            assert_eq!(resolve_parent(path).unwrap(), latest);
+        }
+        // A pointer named is followed, whoever resolves it.
+        for f in [resolve, resolve_latest, resolve_parent] {
+            assert_eq!(f(&root.join("best")).unwrap(), best);
+            assert_eq!(f(&root.join("latest")).unwrap(), latest);
+            assert_eq!(f(&best).unwrap(), best);
+        }
+        // ... and never replaced by another when it names no checkpoint.
+        std::fs::write(root.join("best"), "step-3").unwrap();
+        let e = resolve_parent(&root.join("best")).unwrap_err().to_string();
+        assert!(e.contains("step-3, which is not a checkpoint"), "{e}");
+    }
 
     #[test]
     fn manifests_without_per_tensor_steps_still_read() {

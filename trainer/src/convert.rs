@@ -23,7 +23,8 @@ use crate::optim::OptimSteps;
 /// What `upcycle convert upcycle` was asked to do.
 #[derive(Debug, Clone)]
 pub struct UpcycleOptions {
-    /// The dense checkpoint (a run's `checkpoints/` or a `step-N` directory).
+    /// The dense checkpoint (a run, its `checkpoints/`: the latest; a pointer such as
+    /// `checkpoints/best`; or a `step-N` directory).
     pub from: PathBuf,
     /// Output checkpoint root (gets `step-0/` and `latest`); must not hold one yet.
     pub out: PathBuf,
@@ -54,7 +55,8 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
             o.out.display()
         );
     }
-    let dense = checkpoint::load_model(&o.from, Device::Cpu)
+    let dense = checkpoint::resolve_parent(&o.from)
+        .and_then(|dir| checkpoint::load_model(&dir, Device::Cpu))
         .with_context(|| format!("--from {}", o.from.display()))?;
     let mut config = dense.config.clone();
     if config.encoder_conf.mlp_type == "moe" || config.decoder_conf.mlp_type == "moe" {
