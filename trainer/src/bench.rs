@@ -360,7 +360,7 @@ pub fn checkpoint_io(
         state: &state,
         units: &units,
         cmvn: &cmvn,
-        optimizer: (0, Vec::new()),
+        optimizer: Default::default(),
         is_best: false,
     };
     let bytes_of = |m: &BTreeMap<String, Tensor>| -> u64 {
@@ -442,7 +442,7 @@ pub fn checkpoint_io(
                     .collect(),
                 &units_arc,
                 SaveRequest {
-                    optimizer: (0, opt),
+                    optimizer: (Default::default(), opt),
                     ..req()
                 },
             )?;

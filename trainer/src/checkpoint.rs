@@ -34,6 +34,7 @@ use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::text::Units;
 use crate::distributed::Distributed;
+use crate::optim::OptimSteps;
 
 /// The manifest's `format`.
 const FORMAT: &str = "upcycle-checkpoint/1";
@@ -118,14 +119,29 @@ pub struct Manifest {
     pub format: String,
     /// Optimizer steps taken.
     pub step: u64,
-    /// Optimizer's own step count (bias correction).
+    /// Optimizer's own step count (updates taken).
     pub optimizer_step: u64,
+    /// Each tensor's own step (its bias correction), by parameter name; absent from
+    /// checkpoints of earlier versions, whose tensors with moments all had
+    /// `optimizer_step`.
+    #[serde(default)]
+    pub optimizer_tensor_steps: BTreeMap<String, u64>,
     /// Who wrote it.
     pub layout: Layout,
     /// The configuration that ran.
     pub config: serde_json::Value,
     /// Every tensor, `model/<name>` and `optim/<name>`.
     pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Manifest {
+    /// The optimizer's step counts.
+    pub fn optimizer_steps(&self) -> OptimSteps {
+        OptimSteps {
+            global: self.optimizer_step,
+            per_tensor: self.optimizer_tensor_steps.clone(),
+        }
+    }
 }
 
 /// Fault injection for the crash tests: `UPCYCLE_FAULT_SAVE_PAUSE_MS` makes every stage
@@ -310,8 +326,8 @@ pub struct SaveRequest<'a> {
     pub units: &'a Units,
     /// CMVN statistics of the data.
     pub cmvn: &'a CmvnStats,
-    /// Optimizer step count and moments.
-    pub optimizer: (u64, Vec<(String, Tensor)>),
+    /// Optimizer step counts and moments.
+    pub optimizer: (OptimSteps, Vec<(String, Tensor)>),
     /// Also point `best` at it.
     pub is_best: bool,
 }
@@ -358,7 +374,8 @@ pub fn commit(
     let manifest = Manifest {
         format: FORMAT.into(),
         step: req.state.step,
-        optimizer_step: req.optimizer.0,
+        optimizer_step: req.optimizer.0.global,
+        optimizer_tensor_steps: req.optimizer.0.per_tensor.clone(),
         layout,
         config: serde_json::to_value(req.config)?,
         tensors,
@@ -493,7 +510,7 @@ struct Pending {
     state: TrainState,
     units: Arc<Units>,
     cmvn: CmvnStats,
-    optimizer_step: u64,
+    optimizer_steps: OptimSteps,
     is_best: bool,
 }
 
@@ -553,7 +570,7 @@ impl Checkpointer {
             state: req.state.clone(),
             units: units.clone(),
             cmvn: req.cmvn.clone(),
-            optimizer_step: req.optimizer.0,
+            optimizer_steps: req.optimizer.0.clone(),
             is_best: req.is_best,
         });
         Ok(None)
@@ -585,7 +602,7 @@ impl Checkpointer {
             state: &p.state,
             units: &p.units,
             cmvn: &p.cmvn,
-            optimizer: (p.optimizer_step, Vec::new()),
+            optimizer: (p.optimizer_steps, Vec::new()),
             is_best: p.is_best,
         };
         let dir = gather_and_commit(&self.root, dist, p.layout, part, &req)?;
@@ -697,21 +714,47 @@ fn is_checkpoint(dir: &Path) -> bool {
     dir.join("manifest.json").is_file() || dir.join("model.safetensors").is_file()
 }
 
-/// The checkpoint directory that `path` names: a checkpoint itself, or a training
-/// output directory (its `best`, else `latest`), or a checkpoints folder.
+/// The checkpoint directory that `path` names: a checkpoint itself, a pointer file
+/// (`.../checkpoints/best`, `.../checkpoints/latest`: the one it names), or a training
+/// output directory or checkpoints folder (its `best`, else `latest`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     resolve_with(path, &["best", "latest"])
 }
 
-/// The newest checkpoint under `path` (a training output or a checkpoints folder, its
-/// `latest`), or `path` itself if it is one: where a run resumes.
+/// As [`resolve`], but a training output or checkpoints folder gives its `latest`: where
+/// a run resumes.
 pub fn resolve_latest(path: &Path) -> Result<PathBuf> {
     resolve_with(path, &["latest"])
+}
+
+/// The checkpoint a new run starts from (`train --init`, `convert upcycle --from`): as
+/// [`resolve_latest`], since UME continues from where the parent stopped (name its
+/// `checkpoints/best` to start from the best one). Logs which step it is.
+pub fn resolve_parent(path: &Path) -> Result<PathBuf> {
+    let dir = resolve_latest(path)?;
+    // Imported or consolidated checkpoints may have no trainer state.
+    let step = read_state(&dir).ok().map(|s| s.step);
+    tracing::info!(from = %path.display(), checkpoint = %dir.display(), step = ?step, "starting from the parent checkpoint");
+    Ok(dir)
 }
 
 fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
     if is_checkpoint(path) {
         return Ok(path.to_path_buf());
+    }
+    if path.is_file() {
+        // A pointer asked for by name: what it names, or an error (never another one).
+        let name =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let dir = path.with_file_name(name.trim());
+        if !is_checkpoint(&dir) {
+            bail!(
+                "{} names {}, which is not a checkpoint",
+                path.display(),
+                dir.display()
+            );
+        }
+        return Ok(dir);
     }
     for root in [path.join("checkpoints"), path.to_path_buf()] {
         for pointer in pointers {
@@ -955,4 +998,57 @@ pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_choose_the_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let root = run.join("checkpoints");
+        for step in [2, 4] {
+            let dir = root.join(format!("step-{step}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        }
+        std::fs::write(root.join("best"), "step-2").unwrap();
+        std::fs::write(root.join("latest"), "step-4\n").unwrap();
+        let (best, latest) = (root.join("step-2"), root.join("step-4"));
+        for path in [run, root.as_path()] {
+            // Decoding prefers the best; resuming and a parent for a new run, the latest.
+            assert_eq!(resolve(path).unwrap(), best);
+            assert_eq!(resolve_latest(path).unwrap(), latest);
+            assert_eq!(resolve_parent(path).unwrap(), latest);
+        }
+        // A pointer named is followed, whoever resolves it.
+        for f in [resolve, resolve_latest, resolve_parent] {
+            assert_eq!(f(&root.join("best")).unwrap(), best);
+            assert_eq!(f(&root.join("latest")).unwrap(), latest);
+            assert_eq!(f(&best).unwrap(), best);
+        }
+        // ... and never replaced by another when it names no checkpoint.
+        std::fs::write(root.join("best"), "step-3").unwrap();
+        let e = resolve_parent(&root.join("best")).unwrap_err().to_string();
+        assert!(e.contains("step-3, which is not a checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn manifests_without_per_tensor_steps_still_read() {
+        // Written before each tensor had its own step.
+        let m: Manifest = serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "step": 5, "optimizer_step": 5,
+            "layout": {"world": 1, "ep": 1, "dp": 1}, "config": {}, "tensors": {}
+        }))
+        .unwrap();
+        assert_eq!(
+            m.optimizer_steps(),
+            OptimSteps {
+                global: 5,
+                per_tensor: BTreeMap::new()
+            }
+        );
+    }
 }

@@ -18,11 +18,13 @@ use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
 use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::text::Units;
+use crate::optim::OptimSteps;
 
 /// What `upcycle convert upcycle` was asked to do.
 #[derive(Debug, Clone)]
 pub struct UpcycleOptions {
-    /// The dense checkpoint (a run's `checkpoints/` or a `step-N` directory).
+    /// The dense checkpoint (a run, its `checkpoints/`: the latest; a pointer such as
+    /// `checkpoints/best`; or a `step-N` directory).
     pub from: PathBuf,
     /// Output checkpoint root (gets `step-0/` and `latest`); must not hold one yet.
     pub out: PathBuf,
@@ -53,7 +55,8 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
             o.out.display()
         );
     }
-    let dense = checkpoint::load_model(&o.from, Device::Cpu)
+    let dense = checkpoint::resolve_parent(&o.from)
+        .and_then(|dir| checkpoint::load_model(&dir, Device::Cpu))
         .with_context(|| format!("--from {}", o.from.display()))?;
     let mut config = dense.config.clone();
     if config.encoder_conf.mlp_type == "moe" || config.decoder_conf.mlp_type == "moe" {
@@ -90,7 +93,7 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
             state: &TrainState::default(),
             units: &dense.units,
             cmvn: &cmvn,
-            optimizer: (0, Vec::new()),
+            optimizer: Default::default(),
             is_best: false,
         },
     )?;
@@ -115,7 +118,7 @@ struct Whole {
     units: Units,
     cmvn: CmvnStats,
     state: TrainState,
-    optimizer_step: u64,
+    optimizer_steps: OptimSteps,
     model: BTreeMap<String, Tensor>,
     moments: BTreeMap<String, Tensor>,
 }
@@ -126,13 +129,13 @@ fn read_whole(from: &Path) -> Result<Whole> {
     let sharded = dir.join("manifest.json").is_file();
     // Checks every tensor's name and shape against the model the config builds.
     let loaded = checkpoint::load_model(&dir, Device::Cpu)?;
-    let (moments, optimizer_step) = if sharded {
+    let (moments, optimizer_steps) = if sharded {
         (
             checkpoint::read_group(&dir, "optim")?,
-            checkpoint::read_manifest(&dir)?.optimizer_step,
+            checkpoint::read_manifest(&dir)?.optimizer_steps(),
         )
     } else {
-        (BTreeMap::new(), 0)
+        (BTreeMap::new(), OptimSteps::default())
     };
     let state = if dir.join("state.json").is_file() {
         checkpoint::read_state(&dir)?
@@ -144,7 +147,7 @@ fn read_whole(from: &Path) -> Result<Whole> {
         units: (*loaded.units).clone(),
         cmvn: CmvnStats::load(&dir.join("global_cmvn"))?,
         state,
-        optimizer_step,
+        optimizer_steps,
         // The loaded (and checked) variables: the checkpoint is read once.
         model: loaded.vs.variables().into_iter().collect(),
         moments,
@@ -197,7 +200,8 @@ pub fn reshard(from: &Path, world: usize, ep: usize, out: &Path) -> Result<PathB
             state: &w.state,
             units: &w.units,
             cmvn: &w.cmvn,
-            optimizer: (w.optimizer_step, Vec::new()),
+            // Scalars per tensor: the same whatever the layout.
+            optimizer: (w.optimizer_steps, Vec::new()),
             is_best: false,
         },
     )

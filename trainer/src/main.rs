@@ -276,7 +276,8 @@ struct ExportWenetArgs {
 
 #[derive(Args)]
 struct UpcycleArgs {
-    /// The dense checkpoint (a run's checkpoints/ directory or a step-N directory).
+    /// The dense checkpoint: a run or its checkpoints/ directory (its latest: where the
+    /// parent stopped), a pointer such as runs/x/checkpoints/best, or a step-N directory.
     #[arg(long)]
     from: PathBuf,
     /// Where to write the MoE checkpoint (a new directory: gets step-0/ and latest).
@@ -332,7 +333,8 @@ struct TrainArgs {
     #[arg(long, default_value = "auto")]
     device: String,
     /// Start from this checkpoint's weights (step 0, fresh optimizer): a dense parent to
-    /// continue, or its MoE child from `convert upcycle`.
+    /// continue, or its MoE child from `convert upcycle`. A run or checkpoints/ directory
+    /// gives its latest; name runs/x/checkpoints/best for the best one.
     #[arg(long)]
     init: Option<PathBuf>,
     /// Expert-parallel size: workers (started by `mpirun -np N`) that share one copy of
@@ -380,7 +382,8 @@ fn parse_precision(s: &str) -> Result<upcycle_model::precision::Precision, Strin
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint directory, or a training output directory (its best checkpoint).
+    /// A checkpoint directory, a training output directory (its best checkpoint), or a
+    /// pointer such as runs/x/checkpoints/latest.
     #[arg(long)]
     checkpoint: PathBuf,
     /// A split folder with data.list (e.g. DATA/test), or the list.

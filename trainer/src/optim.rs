@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::config::{OptimConf, SchedulerConf};
@@ -14,9 +15,29 @@ pub struct AdamW {
     conf: OptimConf,
     /// Parameters by name, in a fixed order.
     params: Vec<(String, Tensor)>,
-    exp_avg: BTreeMap<String, Tensor>,
-    exp_avg_sq: BTreeMap<String, Tensor>,
+    /// By parameter name, created at its first update (as PyTorch's per-parameter state).
+    state: BTreeMap<String, ParamState>,
     step: u64,
+}
+
+/// One parameter's state.
+#[derive(Debug)]
+struct ParamState {
+    /// Its own update count, the step of its bias correction: a parameter released by
+    /// the freezing schedule starts at 1, whatever the global step.
+    step: u64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// The optimizer's step counts, saved in a checkpoint's manifest (scalars: the same on
+/// every shard of a tensor).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptimSteps {
+    /// Updates taken ([`AdamW::step`] calls).
+    pub global: u64,
+    /// Each parameter's own update count, by name (those with moments).
+    pub per_tensor: BTreeMap<String, u64>,
 }
 
 impl AdamW {
@@ -29,8 +50,7 @@ impl AdamW {
         Self {
             conf,
             params,
-            exp_avg: BTreeMap::new(),
-            exp_avg_sq: BTreeMap::new(),
+            state: BTreeMap::new(),
             step: 0,
         }
     }
@@ -90,34 +110,39 @@ impl AdamW {
 
     /// One update at learning rate `lr`, by libtorch's fused AdamW kernel (the update of
     /// `torch.optim.AdamW`, one pass over each tensor). Frozen parameters and those without
-    /// a gradient are skipped (they get no optimizer state).
+    /// a gradient are skipped: they get no optimizer state, and their step count stays.
     pub fn step(&mut self, lr: f64) -> anyhow::Result<()> {
         self.step += 1;
-        let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs, mut steps) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // Frozen parameters (requires_grad off) keep a stale gradient: skip them.
         for (name, p) in self.params.iter().filter(|(_, p)| p.requires_grad()) {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
-            let m = self
-                .exp_avg
+            let s = self
+                .state
                 .entry(name.clone())
-                .or_insert_with(|| p.zeros_like());
-            let v = self
-                .exp_avg_sq
-                .entry(name.clone())
-                .or_insert_with(|| p.zeros_like());
+                .or_insert_with(|| ParamState {
+                    step: 0,
+                    exp_avg: p.zeros_like(),
+                    exp_avg_sq: p.zeros_like(),
+                });
             // The kernel walks raw storage: every tensor of a parameter must be laid out
             // alike (dense, row-major), or it silently pairs the wrong elements.
-            if ![p, &*m, &*v].iter().all(|t| t.is_contiguous()) {
+            if ![p, &s.exp_avg, &s.exp_avg_sq]
+                .iter()
+                .all(|t| t.is_contiguous())
+            {
                 anyhow::bail!("AdamW: parameter {name} or its moments are not contiguous");
             }
+            s.step += 1;
             params.push(p.shallow_clone());
             grads.push(if g.is_contiguous() { g } else { g.contiguous() });
-            exp_avgs.push(m.shallow_clone());
-            exp_avg_sqs.push(v.shallow_clone());
+            exp_avgs.push(s.exp_avg.shallow_clone());
+            exp_avg_sqs.push(s.exp_avg_sq.shallow_clone());
+            steps.push(s.step as f64);
         }
         let (beta1, beta2) = self.conf.betas;
         fused_adamw(
@@ -125,7 +150,7 @@ impl AdamW {
             &grads,
             &exp_avgs,
             &exp_avg_sqs,
-            self.step,
+            &steps,
             lr,
             (beta1, beta2),
             self.conf.weight_decay,
@@ -133,39 +158,80 @@ impl AdamW {
         )
     }
 
-    /// The state to save: step and moments by parameter name (`exp_avg.<name>`,
+    /// The state to save: step counts, and moments by parameter name (`exp_avg.<name>`,
     /// `exp_avg_sq.<name>`).
-    pub fn state(&self) -> (u64, Vec<(String, Tensor)>) {
+    pub fn state(&self) -> (OptimSteps, Vec<(String, Tensor)>) {
         let mut v = Vec::new();
-        for (k, t) in &self.exp_avg {
-            v.push((format!("exp_avg.{k}"), t.shallow_clone()));
+        for (k, s) in &self.state {
+            v.push((format!("exp_avg.{k}"), s.exp_avg.shallow_clone()));
         }
-        for (k, t) in &self.exp_avg_sq {
-            v.push((format!("exp_avg_sq.{k}"), t.shallow_clone()));
+        for (k, s) in &self.state {
+            v.push((format!("exp_avg_sq.{k}"), s.exp_avg_sq.shallow_clone()));
         }
-        (self.step, v)
+        let per_tensor = self
+            .state
+            .iter()
+            .map(|(k, s)| (k.clone(), s.step))
+            .collect();
+        (
+            OptimSteps {
+                global: self.step,
+                per_tensor,
+            },
+            v,
+        )
     }
 
-    /// Restores what [`AdamW::state`] saved; names that match no parameter are errors.
-    pub fn load_state(&mut self, step: u64, tensors: Vec<(String, Tensor)>) -> Result<(), String> {
+    /// Restores what [`AdamW::state`] saved; names that match no parameter, and a
+    /// parameter with one moment only or a step but no moments, are errors. A parameter
+    /// with moments but no step of its own (checkpoints of versions that kept one step
+    /// for all) takes the global step, the one its bias correction used.
+    pub fn load_state(
+        &mut self,
+        steps: &OptimSteps,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<(), String> {
         let names: std::collections::HashSet<&str> =
             self.params.iter().map(|(n, _)| n.as_str()).collect();
+        let mut moments: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         for (k, t) in tensors {
-            let (slot, name) = if let Some(n) = k.strip_prefix("exp_avg_sq.") {
-                (&mut self.exp_avg_sq, n.to_string())
+            let (name, second) = if let Some(n) = k.strip_prefix("exp_avg_sq.") {
+                (n, true)
             } else if let Some(n) = k.strip_prefix("exp_avg.") {
-                (&mut self.exp_avg, n.to_string())
+                (n, false)
             } else {
                 return Err(format!("optimizer state has an unknown tensor {k}"));
             };
-            if !names.contains(name.as_str()) {
+            if !names.contains(name) {
                 return Err(format!(
                     "optimizer state names {name}, which is not a trainable parameter"
                 ));
             }
-            slot.insert(name, t);
+            let slot = moments.entry(name.to_string()).or_default();
+            *if second { &mut slot.1 } else { &mut slot.0 } = Some(t);
         }
-        self.step = step;
+        if let Some(name) = steps.per_tensor.keys().find(|n| !moments.contains_key(*n)) {
+            return Err(format!(
+                "optimizer state has a step for {name} but no moments"
+            ));
+        }
+        let mut state = BTreeMap::new();
+        for (name, pair) in moments {
+            let (Some(exp_avg), Some(exp_avg_sq)) = pair else {
+                return Err(format!("optimizer state has one moment of {name} only"));
+            };
+            let step = steps.per_tensor.get(&name).copied().unwrap_or(steps.global);
+            state.insert(
+                name,
+                ParamState {
+                    step,
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
+        }
+        self.state = state;
+        self.step = steps.global;
         Ok(())
     }
 }
@@ -177,7 +243,7 @@ extern "C" {
         exp_avgs: *const *mut torch_sys::C_tensor,
         exp_avg_sqs: *const *mut torch_sys::C_tensor,
         n: i64,
-        step: f64,
+        steps: *const f64,
         lr: f64,
         beta1: f64,
         beta2: f64,
@@ -188,32 +254,39 @@ extern "C" {
     ) -> std::ffi::c_int;
 }
 
-/// `at::_fused_adamw_` over equally long lists (trainer/csrc/fused_adamw.cpp).
+/// `at::_fused_adamw_` over equally long lists (trainer/csrc/fused_adamw.cpp), each
+/// parameter at its own step.
 #[allow(clippy::too_many_arguments)]
 fn fused_adamw(
     params: &[Tensor],
     grads: &[Tensor],
     exp_avgs: &[Tensor],
     exp_avg_sqs: &[Tensor],
-    step: u64,
+    steps: &[f64],
     lr: f64,
     (beta1, beta2): (f64, f64),
     weight_decay: f64,
     eps: f64,
 ) -> anyhow::Result<()> {
+    let n = params.len();
+    anyhow::ensure!(
+        [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()] == [n; 4],
+        "AdamW: lists of different lengths"
+    );
     let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut _).collect::<Vec<_>>();
     let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
     let mut err = [0 as std::ffi::c_char; 512];
-    // SAFETY: the four lists hold `n` live tensors each, borrowed for the call; the
-    // kernel updates params and moments in place and frees nothing.
+    // SAFETY: the four lists hold `n` live tensors each, borrowed for the call, and
+    // `steps` `n` numbers; the kernel updates params and moments in place and frees
+    // nothing.
     let status = unsafe {
         upcycle_fused_adamw(
             p.as_ptr(),
             g.as_ptr(),
             m.as_ptr(),
             v.as_ptr(),
-            p.len() as i64,
-            step as f64,
+            n as i64,
+            steps.as_ptr(),
             lr,
             beta1,
             beta2,
@@ -328,20 +401,44 @@ mod tests {
             "{}",
             p.double_value(&[0])
         );
-        let (step, state) = opt.state();
-        assert_eq!(step, 2);
+        let (steps, state) = opt.state();
+        assert_eq!(steps.global, 2);
+        assert_eq!(steps.per_tensor, BTreeMap::from([("p".to_string(), 2)]));
         assert_eq!(state.len(), 2);
         let mut fresh = AdamW::new(OptimConf::default(), vec![("p".into(), p.shallow_clone())]);
-        fresh.load_state(step, state).unwrap();
-        assert!(fresh
-            .load_state(
-                0,
-                vec![(
-                    "exp_avg.q".into(),
-                    Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))
-                )]
-            )
-            .is_err());
+        fresh.load_state(&steps, state).unwrap();
+        let zeros = || Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+        let refused = |opt: &mut AdamW, steps: &OptimSteps, tensors: Vec<(String, Tensor)>| {
+            opt.load_state(steps, tensors).unwrap_err()
+        };
+        let none = OptimSteps::default();
+        let e = refused(&mut fresh, &none, vec![("exp_avg.q".into(), zeros())]);
+        assert!(e.contains("q, which is not a trainable parameter"), "{e}");
+        let e = refused(&mut fresh, &none, vec![("exp_avg.p".into(), zeros())]);
+        assert!(e.contains("one moment of p"), "{e}");
+        let e = refused(&mut fresh, &steps, Vec::new());
+        assert!(e.contains("a step for p but no moments"), "{e}");
+    }
+
+    #[test]
+    fn a_parameter_without_its_own_step_takes_the_global_one() {
+        // Checkpoints of earlier versions kept one step for every tensor.
+        let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let mut opt = AdamW::new(OptimConf::default(), vec![("p".into(), p.shallow_clone())]);
+        let moments = ["exp_avg.p", "exp_avg_sq.p"]
+            .into_iter()
+            .map(|n| (n.to_string(), Tensor::from_slice(&[0.5f32])))
+            .collect();
+        let old = OptimSteps {
+            global: 7,
+            per_tensor: BTreeMap::new(),
+        };
+        opt.load_state(&old, moments).unwrap();
+        assert_eq!(opt.state().0.per_tensor["p"], 7);
+        opt.zero_grad();
+        (&p * 2.0).sum(Kind::Float).backward();
+        opt.step(0.01).unwrap();
+        assert_eq!(opt.state().0.per_tensor["p"], 8);
     }
 
     #[test]

@@ -407,8 +407,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         tracing::info!(from = %dir.display(), "resuming");
         Some((checkpoint::read_tensors(dir)?, dir.display().to_string()))
     } else if let Some(init) = &opts.init {
-        let dir = checkpoint::resolve(init)?;
-        tracing::info!(from = %dir.display(), "weights (and CMVN) initialised from the checkpoint");
+        // Weights (and CMVN buffers) only: step 0, a fresh optimizer.
+        let dir = checkpoint::resolve_parent(init)?;
         Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
     } else if dist.ep() > 1 {
         tch::manual_seed(uc.seed as i64);
@@ -477,7 +477,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             .into_iter()
             .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
             .collect::<Result<Vec<_>>>()?;
-        opt.load_state(manifest.optimizer_step, moments)
+        opt.load_state(&manifest.optimizer_steps(), moments)
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         state = checkpoint::read_state(dir)?;
     }

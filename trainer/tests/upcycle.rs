@@ -33,8 +33,10 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
     );
     let dense = tmp.path().join("dense");
     train(&config, &data, &dense, 8, None);
+    // The parent's best is not where it stopped: the child starts from the latest.
+    std::fs::write(dense.join("checkpoints/best"), "step-2").unwrap();
     let moe_ckpt = tmp.path().join("moe");
-    let out = ok(&upcycle(&[
+    let converted = upcycle(&[
         "convert",
         "upcycle",
         "--from",
@@ -50,8 +52,14 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
         "2",
         "--out",
         moe_ckpt.to_str().unwrap(),
-    ]));
+    ]);
+    let out = ok(&converted);
     assert!(out.contains("expert banks filled"), "{out}");
+    let log = String::from_utf8_lossy(&converted.stderr);
+    assert!(
+        log.contains("starting from the parent checkpoint") && log.contains("step-8"),
+        "{log}"
+    );
     let m = checkpoint::read_manifest(&checkpoint::resolve(&moe_ckpt).unwrap()).unwrap();
     assert_eq!((m.layout.world, m.layout.ep), (2, 2));
     // Converting into a directory that holds a checkpoint is refused.
@@ -66,8 +74,46 @@ fn upcycled_model_computes_its_parents_outputs_then_trains_by_the_freezing_sched
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a checkpoint"));
 
+    // The best one when its pointer is named: what the child copies verbatim (all but
+    // the feed-forward networks) is step-2's.
+    let from_best = tmp.path().join("moe-best");
+    ok(&upcycle(&[
+        "convert",
+        "upcycle",
+        "--from",
+        dense.join("checkpoints/best").to_str().unwrap(),
+        "--experts",
+        "4",
+        "--out",
+        from_best.to_str().unwrap(),
+    ]));
+    let (best, last) = (
+        tensors(&dense.join("checkpoints/step-2")),
+        tensors(&dense.join("checkpoints/step-8")),
+    );
+    let child = tensors(&checkpoint::resolve(&from_best).unwrap());
+    let copied: Vec<&String> = child.keys().filter(|n| best.contains_key(*n)).collect();
+    assert!(copied.len() > 10, "{copied:?}");
+    assert!(copied.iter().all(|n| child[*n].equal(&best[*n])));
+    assert!(copied.iter().any(|n| !child[*n].equal(&last[*n])));
+    // Continuing the dense parent (`train --init`) starts where it stopped too.
+    let args = train_args(
+        &config,
+        &data,
+        &tmp.path().join("continued"),
+        1,
+        &["--init", dense.to_str().unwrap()],
+    );
+    let continued = train_workers(1, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&continued);
+    let log = String::from_utf8_lossy(&continued.stderr);
+    assert!(
+        log.contains("starting from the parent checkpoint") && log.contains("step-8"),
+        "{log}"
+    );
+
     // Same outputs on real utterances, full context and chunked.
-    let parent = load_model(&dense.join("checkpoints"), Device::Cpu).unwrap();
+    let parent = load_model(&dense.join("checkpoints/step-8"), Device::Cpu).unwrap();
     let child = load_model(&moe_ckpt, Device::Cpu).unwrap();
     assert_eq!(child.config.encoder_conf.mlp_type, "moe");
     assert!(child

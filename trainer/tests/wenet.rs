@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{ok, upcycle};
+use common::{ok, python, upcycle};
 use tch::{Device, Kind, Tensor};
 use upcycle_model::mask::ChunkMode;
 use upcycle_trainer::checkpoint;
@@ -24,23 +24,6 @@ const WAVS: [&str; 2] = [
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python(script: &str, args: &[&Path]) -> String {
-    let o = Command::new(root().join(".venv/bin/python"))
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .current_dir(root().join("bench/reference"))
-        .output()
-        .expect("the project's Python environment exists (scripts/setup.sh)");
-    assert!(
-        o.status.success(),
-        "python failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 fn tiny() -> String {

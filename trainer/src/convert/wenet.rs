@@ -397,7 +397,7 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
                 state: &TrainState::default(),
                 units: &units,
                 cmvn: &cmvn,
-                optimizer: (0, Vec::new()),
+                optimizer: Default::default(),
                 is_best: false,
             },
         )?;

@@ -22,6 +22,26 @@ pub(crate) fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// Runs `script` (with `args`) in the project's Python environment, in the reference
+/// folder (bench/reference); panics with its output if it fails; returns stdout.
+pub(crate) fn python(script: &str, args: &[&Path]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .current_dir(root.join("bench/reference"))
+        .output()
+        .expect("the project's Python environment exists (scripts/setup.sh)");
+    assert!(
+        o.status.success(),
+        "python failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
 pub(crate) fn configs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
 }

@@ -1,0 +1,165 @@
+//! Our AdamW against PyTorch's own `torch.optim.AdamW` on a small model whose
+//! parameters are frozen and released by a freezing schedule mid-run, as in UME's
+//! training: PyTorch keeps one step count per parameter (created at its first update,
+//! not advanced while it is frozen), and so must we.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::python;
+use tch::{Kind, Tensor};
+use upcycle_trainer::config::OptimConf;
+use upcycle_trainer::freeze::{FreezePhase, FreezeSchedule};
+use upcycle_trainer::optim::{AdamW, Schedule};
+
+/// Trains `torch.nn.Sequential(Linear(6, 8), Tanh(), Linear(8, 4))` with
+/// `torch.optim.AdamW` for the steps of `plan.json` (learning rate, hyper-parameters and
+/// freezing phases; frozen means `requires_grad` off, and `zero_grad` leaves no gradient,
+/// so PyTorch skips the parameter), and saves in `adamw.safetensors` the initial
+/// parameters (`init.<name>`), and after each step `s` every gradient it used
+/// (`grad.<s>.<name>`), every parameter (`param.<s>.<name>`) and every step count
+/// (`step.<s>.<name>`).
+const TORCH_ADAMW: &str = r#"
+import fnmatch, json, sys
+import torch
+from safetensors.torch import save_file
+
+out = sys.argv[1]
+plan = json.load(open(out + "/plan.json"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+saved = {f"init.{n}": p.detach().clone() for n, p in model.named_parameters()}
+opt = torch.optim.AdamW(model.parameters(), lr=plan["lrs"][0], betas=plan["betas"],
+                        eps=plan["eps"], weight_decay=plan["weight_decay"])
+
+def trainable(step, name):
+    phase = [p for p in plan["phases"] if p["from_step"] <= step][-1]
+    return any(fnmatch.fnmatchcase(name, g) for g in phase["trainable"])
+
+for step, lr in enumerate(plan["lrs"]):
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable(step, n))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x, y = torch.randn(16, 6), torch.randn(16, 4)
+    ((model(x) - y) ** 2).mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            saved[f"grad.{step}.{n}"] = p.grad.clone()
+    opt.step()
+    opt.zero_grad()
+    for n, p in model.named_parameters():
+        saved[f"param.{step}.{n}"] = p.detach().clone()
+        if p in opt.state:
+            saved[f"step.{step}.{n}"] = opt.state[p]["step"].clone().reshape(1)
+save_file(saved, out + "/adamw.safetensors")
+"#;
+
+#[test]
+fn adamw_equals_torch_when_frozen_parameters_are_released() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = OptimConf {
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let phases: Vec<FreezePhase> = [
+        // The second layer starts frozen and is released at step 3; the first layer's
+        // bias is frozen again at 5 and released at 7 (its count waits meanwhile).
+        (0, &["0.*"][..]),
+        (3, &["*"][..]),
+        (5, &["0.weight", "2.*"][..]),
+        (7, &["*"][..]),
+    ]
+    .iter()
+    .map(|(from_step, globs)| FreezePhase {
+        from_step: *from_step,
+        trainable: globs.iter().map(|g| g.to_string()).collect(),
+    })
+    .collect();
+    let (release, steps) = (3, 12);
+    let schedule = Schedule::Warmup {
+        lr: 0.01,
+        warmup: 4,
+    };
+    let lrs: Vec<f64> = (0..steps).map(|s| schedule.lr(s)).collect();
+    let plan = serde_json::json!({
+        "lrs": lrs, "betas": conf.betas, "eps": conf.eps,
+        "weight_decay": conf.weight_decay, "phases": phases,
+    });
+    std::fs::write(tmp.path().join("plan.json"), plan.to_string()).unwrap();
+    python(TORCH_ADAMW, &[tmp.path()]);
+    let torch: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(tmp.path().join("adamw.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+
+    let params: BTreeMap<String, Tensor> = torch
+        .iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix("init.")?;
+            Some((name.to_string(), t.copy().set_requires_grad(true)))
+        })
+        .collect();
+    assert_eq!(params.len(), 4);
+    let freeze = FreezeSchedule::new(&phases, &params).unwrap();
+    let mut opt = AdamW::new(
+        conf,
+        params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect(),
+    );
+    let mut worst_after_release = 0f64;
+    for step in 0..steps {
+        // As the training loop: phase, backward, clip (nothing to clip here), step, zero.
+        freeze.apply(step);
+        // PyTorch's gradients, given to the parameters it computed them for: the
+        // gradient of sum(p * g) is g exactly.
+        let mut surrogate = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        for (name, p) in &params {
+            let grad = torch.get(&format!("grad.{step}.{name}"));
+            assert_eq!(
+                grad.is_some(),
+                p.requires_grad(),
+                "step {step}: {name} is trainable in one of the two only"
+            );
+            if let Some(g) = grad {
+                surrogate += (p * g).sum(Kind::Float);
+            }
+        }
+        surrogate.backward();
+        opt.step(lrs[step as usize]).unwrap();
+        opt.zero_grad();
+        let counts = opt.state().0.per_tensor;
+        for (name, p) in &params {
+            let want = &torch[&format!("param.{step}.{name}")];
+            let diff = (p - want).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-6,
+                "step {step}: {name} differs from torch.optim.AdamW by {diff}"
+            );
+            if step >= release {
+                worst_after_release = worst_after_release.max(diff);
+            }
+            let torch_count = torch
+                .get(&format!("step.{step}.{name}"))
+                .map(|t| t.double_value(&[0]) as u64);
+            assert_eq!(
+                counts.get(name).copied(),
+                torch_count,
+                "step {step}: {name}'s step count"
+            );
+        }
+    }
+    let counts = opt.state().0.per_tensor;
+    // Released at 3, and 0.bias waited two steps.
+    assert_eq!(counts["2.weight"], steps - release);
+    assert_eq!(counts["0.bias"], steps - 2);
+    assert_eq!(counts["0.weight"], steps);
+    eprintln!(
+        "max |ours - torch.optim.AdamW| over every tensor from the release (step {release}) \
+         to step {steps}: {worst_after_release:.3e}"
+    );
+}
