@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 pub mod wire;
 
-use wire::{read_field, read_hello_answer, read_u64, ERROR, HANDSHAKE_TIMEOUT, OK};
+use wire::{read_field, read_u64, HelloReply, ERROR, HANDSHAKE_TIMEOUT, OK};
 
 /// The environment variable that carries the job's rendezvous token.
 pub const TOKEN_VAR: &str = "UPCYCLE_RDZV_TOKEN";
@@ -82,6 +82,15 @@ struct Conn {
     stream: TcpStream,
 }
 
+/// How a handshake ended, when the store did not refuse the client.
+enum Handshake {
+    /// Accepted.
+    Done(Store),
+    /// Worth trying again (the server was busy, or closed the connection before an
+    /// answer); the error to give when the time is up.
+    Again(StoreError),
+}
+
 /// A client of the store, with a key prefix. Cheap to clone; clones share one connection
 /// and take turns (a blocking `get` holds it until it returns): threads that wait on
 /// the store at the same time need their own [`Store::connect`].
@@ -102,18 +111,22 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Connects to the store at `addr` (`host:port`) with `token`, trying again until
-    /// `timeout` while nothing listens there yet (the host's launcher may start later).
+    /// `timeout` while nothing listens there yet (the host's launcher may start later) or
+    /// the server is too busy to read the handshake.
     pub fn connect(addr: &str, token: &str, timeout: Duration) -> Result<Self, StoreError> {
         let start = Instant::now();
-        let mut stream = loop {
+        loop {
             let tried = addr.to_socket_addrs().and_then(|mut a| {
                 let a = a.next().ok_or_else(|| {
                     std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
                 })?;
                 TcpStream::connect_timeout(&a, Duration::from_secs(5))
             });
-            match tried {
-                Ok(s) => break s,
+            let again = match tried {
+                Ok(stream) => match Self::handshake(stream, addr, token)? {
+                    Handshake::Done(store) => return Ok(store),
+                    Handshake::Again(e) => Some(e),
+                },
                 Err(e) if start.elapsed() >= timeout => {
                     return Err(StoreError::Unreachable {
                         addr: addr.into(),
@@ -121,36 +134,50 @@ impl Store {
                         source: e,
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => None,
+            };
+            if let Some(e) = again.filter(|_| start.elapsed() >= timeout) {
+                return Err(e);
             }
-        };
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Presents the token on a new connection.
+    fn handshake(mut stream: TcpStream, addr: &str, token: &str) -> Result<Handshake, StoreError> {
         let lost = |source| StoreError::Lost {
             addr: addr.into(),
             source,
+        };
+        let refused = |message: String| StoreError::Rejected {
+            addr: addr.into(),
+            message,
         };
         stream.set_nodelay(true).map_err(lost)?;
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(lost)?;
-        stream.write_all(&wire::hello(token)).map_err(lost)?;
-        match read_hello_answer(&mut stream) {
-            Ok(()) => {}
-            Err(reason) => {
-                return Err(StoreError::Rejected {
-                    addr: addr.into(),
-                    message: reason.unwrap_or_else(|| "closed during the handshake".into()),
-                })
+        // A busy server answers without reading, and may reset the connection first.
+        let _ = stream.write_all(&wire::hello(token));
+        match wire::read_hello_reply(&mut stream) {
+            HelloReply::Accepted => {}
+            HelloReply::Refused(why) => return Err(refused(why)),
+            HelloReply::Busy(why) => return Ok(Handshake::Again(refused(why))),
+            HelloReply::Closed => {
+                return Ok(Handshake::Again(refused(
+                    "closed during the handshake".into(),
+                )))
             }
         }
         stream.set_read_timeout(None).map_err(lost)?;
         let local_ip = stream.local_addr().map_err(lost)?.ip();
-        Ok(Store {
+        Ok(Handshake::Done(Store {
             conn: Arc::new(Mutex::new(Conn { stream })),
             addr: addr.into(),
             token: token.into(),
             prefix: String::new(),
             local_ip,
-        })
+        }))
     }
 
     /// The same store with `prefix` added to every key.

@@ -5,7 +5,9 @@
 //!
 //! - **Handshake.** The client sends [`MAGIC`] then the job's token as a field
 //!   ([`hello`]); the server checks both ([`check_hello`]) and answers one status byte
-//!   ([`answer_hello`]): [`OK`], or [`ERROR`] and the reason as a field (then closes).
+//!   ([`answer_hello`]): [`OK`], or [`ERROR`] and the reason as a field (then closes), or
+//!   [`BUSY`] and a message when it has too many connections still presenting their token
+//!   (the client tries again).
 //! - **Requests.** One op byte ([`OP_SET`], [`OP_GET`], [`OP_ADD`], [`OP_CAS`]), the key
 //!   as a field, then the op's arguments (see [`Request`]); the client encodes them with
 //!   [`set_request`], [`get_request`], [`add_request`], [`compare_set_request`], the
@@ -43,6 +45,9 @@ pub const OK: u8 = 0;
 pub const ABSENT: u8 = 1;
 /// Status: refused (the reason follows as a field).
 pub const ERROR: u8 = 2;
+/// Status, in answer to a handshake only: the server is busy (a message follows as a
+/// field); try again later.
+pub const BUSY: u8 = 3;
 
 /// Whether `a` and `b` are equal, in time that does not depend on where they differ.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
@@ -123,6 +128,13 @@ pub fn answer_hello(w: &mut impl Write, refusal: Option<&str>) -> std::io::Resul
     w.write_all(&m)
 }
 
+/// The answer a busy server gives instead of reading a handshake ([`BUSY`] and `why`).
+pub fn busy_answer(why: &str) -> Vec<u8> {
+    let mut m = vec![BUSY];
+    write_field(&mut m, why.as_bytes());
+    m
+}
+
 /// What a handshake was answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HelloReply {
@@ -130,6 +142,8 @@ pub enum HelloReply {
     Accepted,
     /// [`ERROR`]: refused, with the reason.
     Refused(String),
+    /// [`BUSY`]: not now, with the server's message; try again.
+    Busy(String),
     /// The connection closed (or failed) before an answer.
     Closed,
 }
@@ -147,15 +161,17 @@ pub fn read_hello_reply(r: &mut impl Read) -> HelloReply {
     };
     match status[0] {
         OK => HelloReply::Accepted,
+        BUSY => HelloReply::Busy(message("busy")),
         _ => HelloReply::Refused(message("refused")),
     }
 }
 
-/// Reads the answer to a handshake: `Err(Some(reason))` refused, `Err(None)` closed.
+/// Reads the answer to a handshake: `Err(Some(reason))` refused (or busy), `Err(None)`
+/// closed.
 pub fn read_hello_answer(r: &mut impl Read) -> Result<(), Option<String>> {
     match read_hello_reply(r) {
         HelloReply::Accepted => Ok(()),
-        HelloReply::Refused(why) => Err(Some(why)),
+        HelloReply::Refused(why) | HelloReply::Busy(why) => Err(Some(why)),
         HelloReply::Closed => Err(None),
     }
 }
@@ -342,6 +358,10 @@ mod tests {
         let mut a = Vec::new();
         answer_hello(&mut a, Some("no")).unwrap();
         assert_eq!(read_hello_answer(&mut a.as_slice()), Err(Some("no".into())));
+        assert_eq!(
+            read_hello_reply(&mut busy_answer("later").as_slice()),
+            HelloReply::Busy("later".into())
+        );
         assert_eq!(read_hello_reply(&mut &[][..]), HelloReply::Closed);
     }
 }
