@@ -11,7 +11,8 @@
 //! |---|---|
 //! | [`worker_env`] | the torchrun variables (and restart count) each worker gets |
 //! | [`supervise`] | spawning (directly, or as one `mpirun` job), watching, stopping, restarting |
-//! | [`rendezvous`] | the store node 0 hosts, joining it, agreeing on each attempt across nodes |
+//! | [`rendezvous`] | node 0 hosting the store, every launcher joining it, agreeing on each attempt across nodes |
+//! | [`store_server`] | the rendezvous store's server (the client, and the protocol, are `upcycle_parallel::store`) |
 //! | [`plan`] | staged plans: stages in order, finished ones skipped on a rerun |
 //! | [`emit`] | cluster job scripts (SLURM `sbatch`, plain `mpirun`) for the same stages |
 //!
@@ -30,6 +31,7 @@ pub mod plan;
 mod procs;
 pub mod rendezvous;
 pub mod spec;
+pub mod store_server;
 pub mod supervise;
 pub mod worker_env;
 

@@ -1,6 +1,7 @@
 //! The launchers' side of the rendezvous: node 0's launcher hosts the store
-//! (`upcycle_parallel::store`) that its workers and every other node meet through; every
-//! launcher joins it and they agree on each attempt there.
+//! ([`StoreServer`]) that its workers and every other node meet through; every launcher
+//! joins it as a client (`upcycle_parallel::store::Store`) and they agree on each attempt
+//! there.
 //!
 //! Keys (under `launcher/`; the workers' keys are under `attempt-N/`):
 //!
@@ -18,9 +19,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upcycle_parallel::store::{Store, StoreError, StoreServer, TOKEN_VAR};
+use upcycle_parallel::store::{Store, StoreError, TOKEN_VAR};
 
 use crate::spec::LaunchSpec;
+use crate::store_server::StoreServer;
 use crate::LaunchError;
 
 /// Shortest token accepted from [`TOKEN_VAR`].

@@ -3,8 +3,9 @@
 //! It owns, as `../shared/design/ARCHITECTURE.md` describes: the worker's identity
 //! ([`env`]: rank, world, local rank from the launcher, `mpirun` or `srun`) and the
 //! [`collective`] operations on tensors (single-rank, [`tcp`] and MPI backends; the TCP
-//! backend meets its peers through the rendezvous [`store`] the launcher hosts) and the process
-//! [`groups`] (world, expert-parallel, expert-data-parallel), and data-parallel
+//! backend meets its peers through the rendezvous [`store`]: the client and the wire
+//! protocol; the server is the launcher's) and the process [`groups`] (world,
+//! expert-parallel, expert-data-parallel), and data-parallel
 //! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
 //! autograd node in C++ calling back into Rust), every blocking call under a
 //! [`watchdog`] deadline. With the `nccl` feature, the NCCL backend for GPUs (loaded at
