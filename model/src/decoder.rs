@@ -103,7 +103,10 @@ impl TransformerDecoder {
         let layer = |i: usize| {
             let at = path / "decoders" / i;
             let ffn = if c.is_moe_block(i) {
-                ffns.moe(&(&at / "feed_forward"), &(&at / "feed_forward" / "experts"))
+                ffns.moe(
+                    &(&at / "feed_forward"),
+                    &(&at / "feed_forward" / crate::moe::EXPERT_BANK),
+                )
             } else {
                 ffns.dense(&(&at / "feed_forward"))
             };

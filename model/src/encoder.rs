@@ -146,7 +146,8 @@ impl ConformerEncoder {
         let mut ffn = |block: usize, name: &str, moe: bool| {
             let at = path / "encoders" / block / name;
             if moe {
-                let owner = path / "encoders" / c.expert_bank_owner(block) / name / "experts";
+                let owner =
+                    path / "encoders" / c.expert_bank_owner(block) / name / crate::moe::EXPERT_BANK;
                 ffns.moe(&at, &owner)
             } else {
                 ffns.dense(&at)

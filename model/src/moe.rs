@@ -16,6 +16,22 @@ use tch::{Kind, Tensor};
 
 use crate::activation::Activation;
 use crate::config::MoeConf;
+pub use upcycle_parallel::grads::Placement;
+
+/// The path component under which every expert bank's tensors live
+/// (`P.experts.w_1`, ...; WeNet's `P.experts.{j}.w_1.weight`).
+pub const EXPERT_BANK: &str = "experts";
+
+/// Where a parameter of this model lives under expert parallelism: the tensors of an
+/// expert bank are split over the expert-parallel group by expert, the rest replicated.
+/// The model names its tensors, so it is the one to say.
+pub fn placement(name: &str) -> Placement {
+    if name.split('.').any(|part| part == EXPERT_BANK) {
+        Placement::Expert
+    } else {
+        Placement::Replicated
+    }
+}
 
 /// How the local experts are computed over tokens sorted by expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -131,7 +131,7 @@ mod tests {
         let moe = nn::VarStore::new(Device::Cpu);
         let root = moe.root();
         FfnFactory::new(8, 12, act, 0.0, (4, 2), &ctx)
-            .moe(&(&root / "ff"), &(&root / "ff" / "experts"));
+            .moe(&(&root / "ff"), &(&root / "ff" / crate::moe::EXPERT_BANK));
         (dense.variables().into_iter().collect(), moe)
     }
 

@@ -4,16 +4,22 @@
 //! collective per bucket, not per tensor), then divided by the global data-parallel size.
 //! Frozen parameters (`requires_grad` off) are skipped; every rank issues the same
 //! collectives in the same order, so a parameter that got no gradient here (an expert
-//! without tokens) takes part with zeros.
+//! without tokens) takes part with zeros. Which parameters are experts is the model's
+//! to say: each comes with its [`Placement`].
 
 use tch::{Kind, Tensor};
 
 use crate::collective::{CollectiveError, ReduceOp};
 use crate::groups::ProcessGroups;
 
-/// Whether a parameter belongs to an expert bank (synchronised over `edp`).
-pub fn is_expert(name: &str) -> bool {
-    name.contains(".experts.")
+/// Where a parameter's copies live, as the model that owns it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On every rank (summed over the world).
+    Replicated,
+    /// A slice of an expert bank: on the ranks of one expert-data-parallel group (summed
+    /// over `edp`).
+    Expert,
 }
 
 /// Gradients grouped into buckets of at most `bucket_elements` (a tensor larger than
@@ -31,20 +37,23 @@ impl GradSync {
         }
     }
 
-    /// All-reduces the gradients of `params` (name, tensor; the same list, in the same
-    /// order, on every rank) and divides them by the global data-parallel size.
+    /// All-reduces the gradients of `params` (the same list, in the same order, on every
+    /// rank) and divides them by the global data-parallel size.
     pub fn sync(
         &self,
-        params: &[(String, Tensor)],
+        params: &[(Tensor, Placement)],
         groups: &ProcessGroups,
     ) -> Result<(), CollectiveError> {
         let scale = 1.0 / groups.data_parallel_size() as f64;
-        for experts in [false, true] {
-            let group = if experts { &groups.edp } else { &groups.world };
+        for placement in [Placement::Replicated, Placement::Expert] {
+            let group = match placement {
+                Placement::Replicated => &groups.world,
+                Placement::Expert => &groups.edp,
+            };
             let chosen: Vec<&Tensor> = params
                 .iter()
-                .filter(|(n, p)| is_expert(n) == experts && p.requires_grad())
-                .map(|(_, p)| p)
+                .filter(|(p, at)| *at == placement && p.requires_grad())
+                .map(|(p, _)| p)
                 .collect();
             for bucket in self.buckets(&chosen) {
                 let grads: Vec<Tensor> = bucket.iter().map(|p| grad_or_zeros(p)).collect();
@@ -105,14 +114,14 @@ fn grad_or_zeros(p: &Tensor) -> Tensor {
 /// are equal on every rank and counted once; each expert lives on one rank of every
 /// expert-parallel group, so their squares are summed over `ep`.
 pub fn global_grad_norm(
-    params: &[(String, Tensor)],
+    params: &[(Tensor, Placement)],
     groups: &ProcessGroups,
 ) -> Result<f64, CollectiveError> {
-    let square = |experts: bool| -> f64 {
+    let square = |placement: Placement| -> f64 {
         params
             .iter()
-            .filter(|(n, p)| is_expert(n) == experts && p.requires_grad())
-            .map(|(_, p)| p.grad())
+            .filter(|(p, at)| *at == placement && p.requires_grad())
+            .map(|(p, _)| p.grad())
             .filter(|g| g.defined())
             .map(|g| {
                 g.to_kind(Kind::Double)
@@ -122,9 +131,9 @@ pub fn global_grad_norm(
             })
             .sum()
     };
-    let mut experts = Tensor::from_slice(&[square(true)]);
+    let mut experts = Tensor::from_slice(&[square(Placement::Expert)]);
     if groups.ep.size() > 1 {
         groups.ep.all_reduce(&mut experts, ReduceOp::Sum)?;
     }
-    Ok((square(false) + experts.double_value(&[0])).sqrt())
+    Ok((square(Placement::Replicated) + experts.double_value(&[0])).sqrt())
 }

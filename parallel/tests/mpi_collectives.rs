@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use upcycle_parallel::alltoall::all_to_all;
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::WorldInfo;
-use upcycle_parallel::grads::{global_grad_norm, GradSync};
+use upcycle_parallel::grads::{global_grad_norm, GradSync, Placement};
 use upcycle_parallel::groups::ProcessGroups;
 use upcycle_parallel::testing::{check_collectives, mpirun_self, mpirun_self_with};
 
@@ -70,7 +70,18 @@ fn worker() {
         }
     }
     let _ = params[3].1.shallow_clone().requires_grad_(false);
-    GradSync::new(1e-5).sync(&params, &groups).unwrap();
+    let placed: Vec<(Tensor, Placement)> = params
+        .iter()
+        .map(|(name, p)| {
+            let at = if name.contains("experts") {
+                Placement::Expert
+            } else {
+                Placement::Replicated
+            };
+            (p.shallow_clone(), at)
+        })
+        .collect();
+    GradSync::new(1e-5).sync(&placed, &groups).unwrap();
     let got = |i: usize| params[i].1.grad().double_value(&[0]);
     let n = size as f64;
     assert!(
@@ -91,7 +102,7 @@ fn worker() {
     );
     assert_eq!(got(3), r, "frozen gradients are not communicated");
     // The global norm counts dense gradients once and every expert once.
-    let norm = global_grad_norm(&params, &groups).unwrap();
+    let norm = global_grad_norm(&placed, &groups).unwrap();
     let experts_sq: f64 = (0..2)
         .map(|pos| {
             let s: f64 = (0..size)

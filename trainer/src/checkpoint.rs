@@ -28,13 +28,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::AsrModel;
-use upcycle_parallel::grads::is_expert;
+use upcycle_model::moe::{placement, Placement};
 
 use crate::config::TrainConfig;
 use crate::data::cmvn::CmvnStats;
 use crate::data::text::Units;
 use crate::distributed::Distributed;
 use crate::optim::OptimSteps;
+
+/// Whether `name` is a slice of an expert bank (split over the expert-parallel group).
+fn is_expert(name: &str) -> bool {
+    placement(name) == Placement::Expert
+}
 
 /// The manifest's `format`.
 const FORMAT: &str = "upcycle-checkpoint/1";

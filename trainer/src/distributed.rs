@@ -17,9 +17,10 @@ use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;
+use upcycle_model::moe::{placement, Placement};
 use upcycle_parallel::collective::{Collective, MpiCollective, ReduceOp};
 use upcycle_parallel::env::{mpi_started, Starter, WorldInfo};
-use upcycle_parallel::grads::{global_grad_norm, is_expert, GradSync};
+use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
 use upcycle_parallel::store::RendezvousEnv;
 use upcycle_parallel::tcp::TcpCollective;
@@ -173,7 +174,7 @@ impl Distributed {
     /// expert banks narrowed to the local experts (by global expert id), the rest whole.
     pub fn local_rows(&self, name: &str, t: &Tensor) -> Result<Tensor> {
         match &self.groups {
-            Some(g) if g.ep_size > 1 && is_expert(name) => {
+            Some(g) if g.ep_size > 1 && placement(name) == Placement::Expert => {
                 let experts = t.size()[0];
                 if experts % g.ep_size as i64 != 0 {
                     bail!(
@@ -251,7 +252,10 @@ impl Distributed {
         };
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         for (name, var) in vars {
-            let group = if is_expert(&name) { &g.edp } else { &g.world };
+            let group = match placement(&name) {
+                Placement::Expert => &g.edp,
+                Placement::Replicated => &g.world,
+            };
             let mut t = var.detach();
             group.broadcast(&mut t, 0)?;
         }
@@ -261,7 +265,7 @@ impl Distributed {
     /// After `backward`: gradients all-reduced and divided by the data-parallel size.
     pub fn sync_gradients(&self, params: &[(String, Tensor)]) -> Result<()> {
         if let Some(g) = &self.groups {
-            GradSync::new(BUCKET_MIB).sync(params, g)?;
+            GradSync::new(BUCKET_MIB).sync(&placed(params), g)?;
         }
         Ok(())
     }
@@ -270,7 +274,7 @@ impl Distributed {
     /// process (the optimizer computes it).
     pub fn grad_norm(&self, params: &[(String, Tensor)]) -> Result<Option<f64>> {
         match &self.groups {
-            Some(g) => Ok(Some(global_grad_norm(params, g)?)),
+            Some(g) => Ok(Some(global_grad_norm(&placed(params), g)?)),
             None => Ok(None),
         }
     }
@@ -294,4 +298,13 @@ impl Distributed {
         g.world.all_reduce(&mut t, ReduceOp::Sum)?;
         Ok(Vec::<f64>::try_from(&t)?)
     }
+}
+
+/// The model's parameters with where each lives (experts or replicated), for the
+/// gradient collectives.
+fn placed(params: &[(String, Tensor)]) -> Vec<(Tensor, Placement)> {
+    params
+        .iter()
+        .map(|(name, p)| (p.shallow_clone(), placement(name)))
+        .collect()
 }
