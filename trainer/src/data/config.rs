@@ -22,8 +22,8 @@ pub struct DatasetConf {
     /// Filterbank options (dither applies in training only).
     #[serde(default)]
     pub fbank_conf: FbankOptions,
-    /// SpecAugment in training.
-    #[serde(default)]
+    /// SpecAugment in training (on unless set false, as in WeNet).
+    #[serde(default = "yes")]
     pub spec_aug: bool,
     /// SpecAugment options.
     #[serde(default)]
@@ -239,8 +239,9 @@ pub struct FilterConf {
     pub max_output_input_ratio: f64,
 }
 
+// WeNet's defaults (its `processor.filter`), so that a train.yaml means the same here.
 fn default_max_length() -> f64 {
-    40960.0
+    10240.0
 }
 fn default_min_length() -> f64 {
     10.0

@@ -59,7 +59,7 @@ pub(crate) fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
         data.to_str().unwrap(),
     ]));
     let mut text = std::fs::read_to_string(configs().join("tiny.yaml")).unwrap()
-        + "dataset_conf:\n  batch_conf: {batch_type: static, batch_size: 4}\n  filter_conf: {min_length: 0}\n"
+        + "dataset_conf:\n  batch_conf: {batch_type: static, batch_size: 4}\n  filter_conf: {min_length: 0}\n  spec_aug: false\n"
         + "optim: adamw\nlog_interval: 1\n"
         + extra;
     // Defaults for keys `extra` does not set.
