@@ -24,40 +24,14 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
-import wave
 
-WENET_COMMIT = "015469960db73eb19c49a48c020d5ac9db69bae5"
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
+# The fixture script's WeNet commit, clips, shims, features and decoding settings.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_wenet_fixture import (CHUNKS, DECODE, WENET_COMMIT,  # noqa: E402
+                                _patch_for_torch_2_11, fbank, read_clips)
+
 METHODS = ["ctc_greedy_search", "attention_rescoring"]
-CHUNKS = {"full": -1, "chunk16": 16}
-DECODE = dict(beam_size=10, num_decoding_left_chunks=-1, ctc_weight=0.3,
-              reverse_weight=0.3, simulate_streaming=False, blank_id=0,
-              blank_penalty=0.0, length_penalty=0.0)
-
-
-def read_clips():
-    clips = []
-    with open(os.path.join(LIBRIVOX, "transcription"), encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^<s> (.*) </s> \((.*)\)$", line.strip())
-            assert m, line
-            clips.append((m.group(2), os.path.join(LIBRIVOX, m.group(2) + ".wav"),
-                          m.group(1).strip()))
-    return sorted(clips)
-
-
-def read_wav(path):
-    """What torchaudio.load gives for a 16-bit PCM WAV: float32 / 32768, [C, N]."""
-    import numpy as np
-    import torch
-    with wave.open(path, "rb") as w:
-        assert w.getsampwidth() == 2, path
-        sr, ch = w.getframerate(), w.getnchannels()
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    data = data.reshape(-1, ch).T.astype(np.float32) / 32768.0
-    return torch.from_numpy(np.ascontiguousarray(data)), sr
 
 
 def main():
@@ -75,14 +49,11 @@ def main():
 
 
 def run(args):
-    import typing
     import types
 
     import torch
-    import torch.nn.modules.conv
     import yaml
-    torch.nn.modules.conv.Union = typing.Union  # squeezeformer imports it (torch < 2.11)
-    from wenet.dataset import processor
+    _patch_for_torch_2_11()
     from wenet.utils.init_model import init_model
 
     d = os.path.abspath(args.export_dir)
@@ -112,11 +83,7 @@ def run(args):
     hyps, text = {}, {}
     with torch.no_grad():
         for key, wav, _ in read_clips():
-            wav, sr = read_wav(wav)
-            sample = processor.compute_fbank(
-                {"key": key, "wav": wav, "sample_rate": sr}, num_mel_bins=80,
-                frame_length=25, frame_shift=10, dither=0.0)
-            feats = sample["feat"].unsqueeze(0)
+            feats = fbank(wav).unsqueeze(0)
             lens = torch.tensor([feats.size(1)], dtype=torch.int32)
             for cname, chunk in CHUNKS.items():
                 res = model.decode(METHODS, feats, lens, decoding_chunk_size=chunk,

@@ -57,6 +57,17 @@ fn import(model: &str, checkpoint: &Path, config: &Path, out: &Path) -> std::pro
     ])
 }
 
+/// Imports `model`'s `final.pt` with its `train.yaml` into `out`, which must succeed.
+fn import_final(model: &str, out: &Path) {
+    let dir = fixture().join(model);
+    ok(&import(
+        model,
+        &dir.join("final.pt"),
+        &dir.join("train.yaml"),
+        out,
+    ));
+}
+
 fn expected(model: &str) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture().join(model).join("expected.safetensors"))
         .unwrap()
@@ -105,14 +116,8 @@ const MODES: [(&str, i64); 2] = [("full", 0), ("chunk16", 16)];
 /// decoding mode against WeNet's.
 fn imports_and_decodes_as_wenet(model: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture().join(model);
     let out = tmp.path().join("ours");
-    ok(&import(
-        model,
-        &dir.join("final.pt"),
-        &dir.join("train.yaml"),
-        &out,
-    ));
+    import_final(model, &out);
     let m = checkpoint::load_model(&out, Device::Cpu).unwrap();
     let want = expected(model);
     let wenet = hyps(model);
@@ -334,14 +339,8 @@ torch.save(sd, sys.argv[2] + "/pe.pt")
 fn export_gives_back_what_wenet_saved() {
     for model in ["dense", "moe"] {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = fixture().join(model);
         let ours = tmp.path().join("ours");
-        ok(&import(
-            model,
-            &dir.join("final.pt"),
-            &dir.join("train.yaml"),
-            &ours,
-        ));
+        import_final(model, &ours);
         let back = tmp.path().join("wenet");
         ok(&upcycle(&[
             "convert",
@@ -351,10 +350,11 @@ fn export_gives_back_what_wenet_saved() {
             "--out",
             back.to_str().unwrap(),
         ]));
-        let theirs: BTreeMap<String, Tensor> = read_state_dict(&dir.join("final.pt"))
-            .unwrap()
-            .into_iter()
-            .collect();
+        let theirs: BTreeMap<String, Tensor> =
+            read_state_dict(&fixture().join(model).join("final.pt"))
+                .unwrap()
+                .into_iter()
+                .collect();
         let exported: BTreeMap<String, Tensor> = read_state_dict(&back.join("final.pt"))
             .unwrap()
             .into_iter()
