@@ -3,11 +3,10 @@
 //! training: PyTorch keeps one step count per parameter (created at its first update,
 //! not advanced while it is frozen), and so must we.
 
-mod common;
-
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
 
-use common::python;
 use tch::{Kind, Tensor};
 use upcycle_trainer::config::OptimConf;
 use upcycle_trainer::freeze::{FreezePhase, FreezeSchedule};
@@ -162,4 +161,24 @@ fn adamw_equals_torch_when_frozen_parameters_are_released() {
         "max |ours - torch.optim.AdamW| over every tensor from the release (step {release}) \
          to step {steps}: {worst_after_release:.3e}"
     );
+}
+
+/// Runs `script` (with `args`) in the project's Python environment, in the reference
+/// folder (bench/reference); panics with its output if it fails; returns stdout.
+fn python(script: &str, args: &[&Path]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .current_dir(root.join("bench/reference"))
+        .output()
+        .expect("the project's Python environment exists (scripts/setup.sh)");
+    assert!(
+        o.status.success(),
+        "python failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
 }
