@@ -1,5 +1,5 @@
 // Shared by the build scripts that compile C++ against libtorch (`include!`d by
-// parallel/build.rs and trainer/build.rs): the headers are those torch-sys found
+// parallel/build.rs, model/build.rs and trainer/build.rs): the headers are those torch-sys found
 // (`DEP_TCH_LIBTORCH_LIB` is `<torch>/lib`), with libtorch's ABI flags.
 
 /// Compiles `file` against the libtorch headers into the static library `name`.

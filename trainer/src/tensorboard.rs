@@ -6,7 +6,7 @@
 //! (`tensorflow/core/util/event.proto`): first `file_version: "brain.Event:2"`, then
 //! events with a wall time, a step and a `Summary` of tagged values. Only the few
 //! message fields used here are encoded, by hand: a protobuf compiler and its generated
-//! code would outweigh them. `trainer/tests/report.rs` reads the files back with
+//! code would outweigh them. `cli/tests/report.rs` reads the files back with
 //! TensorBoard's own `EventAccumulator`.
 
 use std::fs::File;

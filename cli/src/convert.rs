@@ -1,0 +1,192 @@
+//! `upcycle convert`: dense -> MoE, consolidate, (re)shard, WeNet import and export.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use upcycle_trainer::convert;
+
+#[derive(Subcommand)]
+pub(crate) enum ConvertCommand {
+    /// Dense -> MoE: every feed-forward network becomes experts that are copies of it,
+    /// with fresh routers; the result computes its parent's outputs at step 0.
+    Upcycle(UpcycleArgs),
+    /// Sharded -> one safetensors file (whole experts) with train.yaml, units.txt,
+    /// global_cmvn and state.json, in a new directory.
+    Consolidate {
+        /// A checkpoint (or a run / checkpoints directory: its latest).
+        #[arg(long)]
+        from: PathBuf,
+        /// The new directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Consolidated (or any checkpoint) -> sharded for WORLD workers with expert
+    /// parallelism EP (a new checkpoints directory with step-N/ and latest).
+    Shard(LayoutArgs),
+    /// A sharded checkpoint -> another layout, optimizer state included (resuming does
+    /// this by itself at load; this writes it out).
+    Reshard(LayoutArgs),
+    /// A WeNet checkpoint (torch.save state dict or safetensors, and its train.yaml) ->
+    /// our checkpoint; read without running any pickle code.
+    ImportWenet(ImportWenetArgs),
+    /// Our checkpoint -> a WeNet model directory: final.pt, train.yaml, units.txt,
+    /// global_cmvn.
+    ExportWenet(ExportWenetArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct LayoutArgs {
+    /// A checkpoint (or a run / checkpoints directory: its latest).
+    #[arg(long)]
+    pub(crate) from: PathBuf,
+    /// Workers of the new layout.
+    #[arg(long)]
+    pub(crate) world: usize,
+    /// Expert-parallel size of the new layout (divides world and every n_expert).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) ep: usize,
+    /// The new checkpoints directory.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct ImportWenetArgs {
+    /// WeNet's model: MODEL.pt (torch.save(model.state_dict())) or MODEL.safetensors.
+    #[arg(long)]
+    pub(crate) checkpoint: PathBuf,
+    /// The train.yaml it was trained with.
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// Its units (default: units.txt beside the checkpoint, else beside the config).
+    #[arg(long)]
+    pub(crate) units: Option<PathBuf>,
+    /// Its global_cmvn JSON (default: made from the checkpoint's CMVN buffers).
+    #[arg(long)]
+    pub(crate) cmvn: Option<PathBuf>,
+    /// Where to write our checkpoint (a new directory: gets step-0/ and latest).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportWenetArgs {
+    /// Our checkpoint (a run, its checkpoints/ directory or a step-N directory).
+    #[arg(long)]
+    pub(crate) checkpoint: PathBuf,
+    /// Where to write the WeNet model (a new directory).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Also write final.safetensors.
+    #[arg(long)]
+    pub(crate) safetensors: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct UpcycleArgs {
+    /// The dense checkpoint: a run or its checkpoints/ directory (its latest: where the
+    /// parent stopped), a pointer such as runs/x/checkpoints/best, or a step-N directory.
+    #[arg(long)]
+    pub(crate) from: PathBuf,
+    /// Where to write the MoE checkpoint (a new directory: gets step-0/ and latest).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Experts per MoE layer.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) experts: i64,
+    /// Experts each token goes to.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) top_k: i64,
+    /// Relative Gaussian noise on each expert copy (0 keeps the parent's outputs exact).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) noise: f64,
+    /// Router initialisation: normal (small random, breaks the copies' symmetry) or zero.
+    #[arg(long, default_value = "normal")]
+    pub(crate) router_init: String,
+    /// Standard deviation of a normal router.
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) router_std: f64,
+    /// Keep the decoder's feed-forward networks dense.
+    #[arg(long)]
+    pub(crate) encoder_only: bool,
+    /// Seed of the routers and the noise.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// Shard the checkpoint for this many workers (any layout loads it).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) world: usize,
+    /// ... with this expert-parallel size (divides world and --experts).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) ep: usize,
+}
+
+/// Runs one `upcycle convert` subcommand.
+pub(crate) fn run(command: ConvertCommand) -> Result<()> {
+    match command {
+        ConvertCommand::Upcycle(a) => {
+            let (dir, r) = convert::upcycle_checkpoint(&convert::UpcycleOptions {
+                from: a.from,
+                out: a.out,
+                experts: a.experts,
+                top_k: a.top_k,
+                noise: a.noise,
+                router_init: a.router_init,
+                router_std: a.router_std,
+                encoder_only: a.encoder_only,
+                seed: a.seed,
+                layout: upcycle_trainer::checkpoint::Layout::new(a.world, a.ep),
+            })?;
+            let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
+            println!(
+                "upcycled: {} expert banks filled, {} fresh routers, {} tensors copied; \
+                 {total} parameters ({active} active per token) -> {}",
+                r.banks,
+                r.routers,
+                r.copied,
+                dir.display()
+            );
+            if !r.unused.is_empty() {
+                println!(
+                    "dense networks not copied (their blocks share another block's bank): {}",
+                    r.unused.join(", ")
+                );
+            }
+        }
+        ConvertCommand::ImportWenet(a) => {
+            let dir = convert::wenet::import_wenet(&convert::wenet::ImportOptions {
+                checkpoint: a.checkpoint,
+                config: a.config,
+                units: a.units,
+                cmvn: a.cmvn,
+                out: a.out,
+            })?;
+            let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
+            println!(
+                "imported: {total} parameters ({active} active per token) -> {}",
+                dir.display()
+            );
+        }
+        ConvertCommand::ExportWenet(a) => {
+            let dir = convert::wenet::export_wenet(&convert::wenet::ExportOptions {
+                checkpoint: a.checkpoint,
+                out: a.out,
+                safetensors: a.safetensors,
+            })?;
+            println!(
+                "exported: {} (final.pt, train.yaml, units.txt, global_cmvn)",
+                dir.display()
+            );
+        }
+        ConvertCommand::Consolidate { from, out } => {
+            let dir = convert::consolidate(&from, &out)?;
+            println!("consolidated -> {}", dir.display());
+        }
+        ConvertCommand::Shard(a) | ConvertCommand::Reshard(a) => {
+            let dir = convert::reshard(&a.from, a.world, a.ep, &a.out)?;
+            println!("world {} ep {} -> {}", a.world, a.ep, dir.display());
+        }
+    }
+    Ok(())
+}
