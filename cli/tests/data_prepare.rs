@@ -6,12 +6,12 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use upcycle_trainer::data::audio;
-use upcycle_trainer::data::cmvn::CmvnStats;
-use upcycle_trainer::data::config::DatasetConf;
-use upcycle_trainer::data::list::ListReader;
-use upcycle_trainer::data::loader::{DataLoader, Mode, Shard};
-use upcycle_trainer::data::text::Units;
+use upcycle_data::audio;
+use upcycle_data::cmvn::CmvnStats;
+use upcycle_data::config::DatasetConf;
+use upcycle_data::list::ListReader;
+use upcycle_data::loader::{DataLoader, Mode, Shard};
+use upcycle_data::text::Units;
 
 fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))

@@ -6,9 +6,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-
-use crate::data::audio;
-use crate::data::fbank::{Fbank, FbankOptions};
+use upcycle_data::audio;
+use upcycle_data::fbank::{Fbank, FbankOptions};
 
 /// One timing of the filterbank over a set of files.
 #[derive(Debug, Serialize)]
@@ -86,10 +85,10 @@ pub fn train_step(
     device: tch::Device,
 ) -> Result<TrainStepTiming> {
     use crate::config::TrainConfig;
-    use crate::data::list::ListReader;
-    use crate::data::text::{normalize, Units};
     use crate::optim::AdamW;
     use tch::{nn, Device, Tensor};
+    use upcycle_data::list::ListReader;
+    use upcycle_data::text::{normalize, Units};
     use upcycle_model::mask::ChunkMode;
 
     let c = TrainConfig::load(config)?;
@@ -145,7 +144,7 @@ pub fn train_step(
     let mut opt = AdamW::new(c.optim_conf.clone(), vs.variables().into_iter().collect());
     let mut seconds = Vec::new();
     let mut losses = Vec::new();
-    let (mean, istd) = crate::data::cmvn::CmvnStats::load(
+    let (mean, istd) = upcycle_data::cmvn::CmvnStats::load(
         &list
             .parent()
             .unwrap_or(std::path::Path::new("."))
@@ -325,11 +324,11 @@ pub fn checkpoint_io(
     dir: &std::path::Path,
 ) -> Result<(Vec<CheckpointIo>, CheckpointStall)> {
     use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
-    use crate::data::cmvn::CmvnStats;
-    use crate::data::text::Units;
     use std::collections::BTreeMap;
     use std::io::{Read, Write};
     use tch::{Kind, Tensor};
+    use upcycle_data::cmvn::CmvnStats;
+    use upcycle_data::text::Units;
 
     let units = Units::from_texts(["abcdefghijklmnopqrstuvwxyz"]);
     let (config_v, params) = model_tensors(config, units.len() as i64)?;

@@ -27,12 +27,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
+use upcycle_data::cmvn::CmvnStats;
+use upcycle_data::text::Units;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 
 use crate::config::TrainConfig;
-use crate::data::cmvn::CmvnStats;
-use crate::data::text::Units;
 use crate::distributed::Distributed;
 use crate::optim::OptimSteps;
 

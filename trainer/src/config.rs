@@ -6,12 +6,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use upcycle_data::config::DatasetConf;
+use upcycle_data::text::Units;
 use upcycle_model::asr::{AsrModel, Vocab};
 use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf};
 use upcycle_model::moe::MoeContext;
-
-use crate::data::config::DatasetConf;
-use crate::data::text::Units;
 
 /// A configuration that cannot be used.
 #[derive(Debug, Error)]

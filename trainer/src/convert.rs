@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Tensor};
+use upcycle_data::cmvn::CmvnStats;
+use upcycle_data::text::Units;
 use upcycle_model::upcycle::{upcycle, UpcycleReport};
 
 use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
 use crate::config::TrainConfig;
-use crate::data::cmvn::CmvnStats;
-use crate::data::text::Units;
 use crate::optim::OptimSteps;
 
 /// What `upcycle convert upcycle` was asked to do.

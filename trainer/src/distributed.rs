@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
+use upcycle_data::loader::Shard;
 use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;
@@ -24,8 +25,6 @@ use upcycle_parallel::grads::{global_grad_norm, GradSync};
 use upcycle_parallel::groups::ProcessGroups;
 use upcycle_parallel::store::RendezvousEnv;
 use upcycle_parallel::tcp::TcpCollective;
-
-use crate::data::loader::Shard;
 
 /// Gradient buckets of this many MiB (one all-reduce each).
 const BUCKET_MIB: f64 = 25.0;

@@ -9,15 +9,15 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::{Device, Tensor};
+use upcycle_data::audio;
+use upcycle_data::fbank::{Fbank, FbankOptions};
+use upcycle_data::list::ListReader;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::Routing;
 use upcycle_model::precision::{autocast, Precision};
 use upcycle_model::search::{attention_rescoring, ctc_greedy, ctc_prefix_beam_search, Hypothesis};
 
 use crate::checkpoint::{load_model, LoadedModel};
-use crate::data::audio;
-use crate::data::fbank::{Fbank, FbankOptions};
-use crate::data::list::ListReader;
 use crate::scoring::ErrorRate;
 
 /// A decoding method.

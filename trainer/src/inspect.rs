@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
+use upcycle_data::loader::{DataLoader, Mode, Shard};
 use upcycle_model::mask::ChunkMode;
 
 use crate::checkpoint::{self, load_model};
-use crate::data::loader::{DataLoader, Mode, Shard};
 
 /// Parameters of a checkpoint's model: (total, active per token). An expert bank counts
 /// `k` of its `E` experts as active for every layer that uses it.

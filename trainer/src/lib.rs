@@ -1,9 +1,9 @@
 //! `upcycle-trainer`: everything around the model that a training run needs.
+//! The speech data pipeline it reads from is its own crate, `upcycle-data`.
 //!
 //! | module | what |
 //! |---|---|
 //! | [`config`] | the training configuration (WeNet `train.yaml` keys + `upcycle_conf`) |
-//! | [`data`] | the speech data pipeline |
 //! | [`optim`] | AdamW with saveable state, clipping, schedules |
 //! | [`train`] | the training loop |
 //! | [`distributed`] | the loop's view of the job: groups, gradient sync, agreements |
@@ -23,7 +23,6 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
-pub mod data;
 pub mod distributed;
 pub mod eval;
 pub mod freeze;

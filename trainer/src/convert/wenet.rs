@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
+use upcycle_data::cmvn::CmvnStats;
+use upcycle_data::text::Units;
 use upcycle_model::naming::{from_wenet, to_wenet};
 
 use crate::checkpoint::{self, fsync_dir, write_synced, SaveRequest, TrainState};
 use crate::config::TrainConfig;
-use crate::data::cmvn::CmvnStats;
-use crate::data::text::Units;
 use crate::torch_file;
 
 const CMVN_MEAN: &str = "encoder.global_cmvn.mean";

@@ -219,7 +219,7 @@ fn inspect(
 }
 
 /// Deterministic seeds for independent streams (splitmix64 over the inputs).
-pub(crate) fn stream_seed(parts: &[u64]) -> u64 {
+pub fn stream_seed(parts: &[u64]) -> u64 {
     let mut z = 0x9E37_79B9_7F4A_7C15u64;
     for &p in parts {
         z = z.wrapping_add(p).wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -867,7 +867,7 @@ impl Drop for EpochIter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::list::{write_list, ListEntry};
+    use crate::list::{write_list, ListEntry};
     use std::collections::HashSet;
 
     /// A list of `n` tiny WAVs of varied length (synthetic: this tests bookkeeping,

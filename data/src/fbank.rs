@@ -48,7 +48,7 @@ fn default_frame_shift() -> f32 {
     10.0
 }
 fn default_sample_rate() -> u32 {
-    crate::data::audio::SAMPLE_RATE
+    crate::audio::SAMPLE_RATE
 }
 
 impl Default for FbankOptions {

@@ -408,7 +408,7 @@ mod tests {
     #[test]
     fn the_shipped_config_parses_and_validates() {
         let c: DatasetConf =
-            serde_yaml::from_str(include_str!("../../../configs/dataset_conf.yaml")).unwrap();
+            serde_yaml::from_str(include_str!("../../configs/dataset_conf.yaml")).unwrap();
         c.validate().unwrap();
         assert!(c.spec_aug && c.speed_perturb);
         assert_eq!(c.batch_conf.batch_type, BatchType::Dynamic);

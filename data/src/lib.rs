@@ -1,4 +1,5 @@
-//! The speech data pipeline: audio, features, text, lists, corpora and the loader.
+//! `upcycle-data`: the speech data pipeline: audio, features, text, lists, corpora and
+//! the loader.
 //!
 //! | module | what |
 //! |---|---|
@@ -11,6 +12,11 @@
 //! | [`config`] | WeNet's `dataset_conf` |
 //! | [`loader`] | sharded, batched, background feature extraction |
 //! | [`corpus`] | `data prepare` for the corpora of DATA.md |
+//! | [`npy`] | `.npy` writing, for features to inspect (`upcycle data fbank`) |
+//!
+//! The crate knows nothing of training, models or processes: the caller says which
+//! part of a list is its own ([`loader::Shard`]), and batches come out as `tch`
+//! tensors.
 
 pub mod audio;
 pub mod augment;

@@ -8,8 +8,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::RawUtterance;
-use crate::data::list::{read_kaldi_dir, ListReader};
-use crate::data::text;
+use crate::list::{read_kaldi_dir, ListReader};
+use crate::text;
 
 /// Fish Fillets NG, Czech dialogue.
 pub(crate) const FILLETS_ROOT: &str = "/usr/share/games/fillets-ng";
@@ -459,7 +459,7 @@ pub(crate) fn user_dir(src: &Path) -> Result<Vec<RawUtterance>> {
         .collect())
 }
 
-fn read_list_entries(path: &Path) -> Result<Vec<crate::data::list::ListEntry>> {
+fn read_list_entries(path: &Path) -> Result<Vec<crate::list::ListEntry>> {
     let mut reader = ListReader::open(path)?;
     let mut out = Vec::new();
     while let Some(item) = reader.next() {
