@@ -401,7 +401,58 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
     }
 }
 
+/// Builds the dataset in `work`: gather, convert, split, units, CMVN, lists, summary.
 fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    let utts = gather(opts, work, &mut skipped)?;
+    let kept = convert_all(opts, work, utts, &mut skipped)?;
+    let (mut splits, removed_overlap) = split(&kept);
+    let train = splits
+        .get("train")
+        .filter(|t| !t.is_empty())
+        .context("no training utterances left after the split")?;
+
+    let units = Units::from_texts(train.iter().map(|i| i.entry.txt.as_str()));
+    units.save(&work.join("units.txt"))?;
+    let cmvn = global_cmvn(work, train)?;
+    let stats = write_splits(work, &mut splits, &units)?;
+    let summary = Summary {
+        corpus: opts.corpus,
+        splits: stats,
+        units: units.len(),
+        skipped,
+        removed_overlap,
+        cmvn_frames: cmvn.frame_num,
+    };
+    std::fs::write(
+        work.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// A recording converted to `wav/`, with its path relative to the dataset and seconds.
+struct Converted {
+    utt: RawUtterance,
+    wav: String,
+    secs: f64,
+}
+
+/// A list entry of a split, with what its statistics need.
+struct SplitItem {
+    entry: ListEntry,
+    speaker: String,
+    secs: f64,
+    group: String,
+}
+
+/// The corpus's utterances, without duplicate keys or empty transcripts (counted in
+/// `skipped`).
+fn gather(
+    opts: &PrepareOptions,
+    work: &Path,
+    skipped: &mut BTreeMap<String, usize>,
+) -> Result<Vec<RawUtterance>> {
     let mut utts = match opts.corpus {
         CorpusName::FilletsCs => sources::fillets_cs()?,
         CorpusName::AsteriskEn => sources::asterisk_en()?,
@@ -415,7 +466,6 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
             sources::user_dir(src)?
         }
     };
-    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut seen_keys = HashSet::new();
     utts.retain(|u| {
         let fresh = seen_keys.insert(u.key.clone());
@@ -437,6 +487,17 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
             opts.corpus.label()
         );
     }
+    Ok(utts)
+}
+
+/// Converts every recording to 16 kHz mono under `work/wav`; recordings that fail are
+/// counted in `skipped`, and refused when more than `max_bad_fraction` of them fail.
+fn convert_all(
+    opts: &PrepareOptions,
+    work: &Path,
+    utts: Vec<RawUtterance>,
+    skipped: &mut BTreeMap<String, usize>,
+) -> Result<Vec<Converted>> {
     tracing::info!("converting {} recordings to 16 kHz mono", utts.len());
     let tmp = work.join("tmp");
     std::fs::create_dir_all(&tmp)?;
@@ -461,7 +522,7 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
     let mut bad = 0;
     for (u, c) in utts.into_iter().zip(converted) {
         match c {
-            Ok((wav, secs)) => kept.push((u, wav, secs)),
+            Ok((wav, secs)) => kept.push(Converted { utt: u, wav, secs }),
             Err(why) => {
                 bad += 1;
                 tracing::debug!(key = %u.key, audio = %u.audio.display(), "skipped: {why}");
@@ -476,19 +537,23 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
     if bad > 0 {
         tracing::warn!("skipped {bad} of {total} recordings: {skipped:?}");
     }
+    Ok(kept)
+}
 
-    // Split by group, then keep train free of dev/test sentences.
-    let raw: Vec<RawUtterance> = kept.iter().map(|(u, _, _)| u.clone()).collect();
+/// Splits by group, then keeps train free of dev/test sentences: the items of each
+/// split, and how many training utterances were removed for it.
+fn split(kept: &[Converted]) -> (BTreeMap<&'static str, Vec<SplitItem>>, usize) {
+    let raw: Vec<RawUtterance> = kept.iter().map(|c| c.utt.clone()).collect();
     let by_group = assign_splits(&raw);
     let split_of = |u: &RawUtterance| u.split.unwrap_or_else(|| by_group[&u.group]);
     let held_out: HashSet<String> = kept
         .iter()
-        .filter(|(u, _, _)| split_of(u) != "train")
-        .map(|(u, _, _)| text::normalize(&u.text))
+        .filter(|c| split_of(&c.utt) != "train")
+        .map(|c| text::normalize(&c.utt.text))
         .collect();
     let mut removed_overlap = 0;
-    let mut splits: BTreeMap<&str, Vec<(ListEntry, String, f64, String)>> = BTreeMap::new();
-    for (u, wav, secs) in &kept {
+    let mut splits: BTreeMap<&'static str, Vec<SplitItem>> = BTreeMap::new();
+    for Converted { utt: u, wav, secs } in kept {
         let split = split_of(u);
         let norm = text::normalize(&u.text);
         if split == "train" && held_out.contains(&norm) {
@@ -500,29 +565,30 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
             wav: format!("../{wav}"),
             txt: norm,
         };
-        splits
-            .entry(split)
-            .or_default()
-            .push((entry, u.speaker.clone(), *secs, u.group.clone()));
+        splits.entry(split).or_default().push(SplitItem {
+            entry,
+            speaker: u.speaker.clone(),
+            secs: *secs,
+            group: u.group.clone(),
+        });
     }
-    let train = splits
-        .get("train")
-        .filter(|t| !t.is_empty())
-        .context("no training utterances left after the split")?;
+    (splits, removed_overlap)
+}
 
-    let units = Units::from_texts(train.iter().map(|(e, ..)| e.txt.as_str()));
-    units.save(&work.join("units.txt"))?;
-
+/// Global CMVN over the training features, written to `work/global_cmvn`.
+fn global_cmvn(work: &Path, train: &[SplitItem]) -> Result<CmvnStats> {
     tracing::info!(
         "computing global CMVN over {} training utterances",
         train.len()
     );
     let fbank = Fbank::new(FbankOptions::default());
-    let partial = parallel_map("CMVN", train, |(e, ..)| {
+    let partial = parallel_map("CMVN", train, |item| {
         let mut st = CmvnStats::new(fbank.dim());
-        if let Ok(samples) =
-            audio::read_model_input(&work.join("wav").join(e.wav.trim_start_matches("../wav/")))
-        {
+        if let Ok(samples) = audio::read_model_input(
+            &work
+                .join("wav")
+                .join(item.entry.wav.trim_start_matches("../wav/")),
+        ) {
             st.accumulate(&fbank.compute(&samples, &mut rand::rng()));
         }
         st
@@ -530,44 +596,41 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
     let mut cmvn = CmvnStats::new(fbank.dim());
     partial.iter().for_each(|p| cmvn.merge(p));
     cmvn.save(&work.join("global_cmvn"))?;
+    Ok(cmvn)
+}
 
+/// Writes `work/<split>/data.list` for train, dev and test (empty when a split has no
+/// items) and returns their statistics.
+fn write_splits(
+    work: &Path,
+    splits: &mut BTreeMap<&'static str, Vec<SplitItem>>,
+    units: &Units,
+) -> Result<BTreeMap<String, SplitStats>> {
     let mut stats = BTreeMap::new();
     for name in ["train", "dev", "test"] {
         let items = splits.remove(name).unwrap_or_default();
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
-        let entries: Vec<ListEntry> = items.iter().map(|(e, ..)| e.clone()).collect();
+        let entries: Vec<ListEntry> = items.iter().map(|i| i.entry.clone()).collect();
         write_list(&dir.join("data.list"), &entries)?;
-        let speakers: BTreeSet<&str> = items.iter().map(|(_, s, ..)| s.as_str()).collect();
-        let groups: BTreeSet<&str> = items.iter().map(|(.., g)| g.as_str()).collect();
+        let speakers: BTreeSet<&str> = items.iter().map(|i| i.speaker.as_str()).collect();
+        let groups: BTreeSet<&str> = items.iter().map(|i| i.group.as_str()).collect();
         stats.insert(
             name.to_string(),
             SplitStats {
                 utterances: items.len(),
-                hours: items.iter().map(|(_, _, s, _)| s).sum::<f64>() / 3600.0,
+                hours: items.iter().map(|i| i.secs).sum::<f64>() / 3600.0,
                 speakers: speakers.len(),
-                characters: items.iter().map(|(e, ..)| e.txt.chars().count()).sum(),
+                characters: items.iter().map(|i| i.entry.txt.chars().count()).sum(),
                 groups: groups.len(),
                 with_unknown_characters: items
                     .iter()
-                    .filter(|(e, ..)| units.encode(&e.txt).1 > 0)
+                    .filter(|i| units.encode(&i.entry.txt).1 > 0)
                     .count(),
             },
         );
     }
-    let summary = Summary {
-        corpus: opts.corpus,
-        splits: stats,
-        units: units.len(),
-        skipped,
-        removed_overlap,
-        cmvn_frames: cmvn.frame_num,
-    };
-    std::fs::write(
-        work.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
-    Ok(summary)
+    Ok(stats)
 }
 
 #[cfg(test)]
