@@ -315,11 +315,10 @@ pub fn checkpoint_io(
     repeat: usize,
     dir: &std::path::Path,
 ) -> Result<(Vec<CheckpointIo>, CheckpointStall)> {
-    use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
+    use crate::checkpoint::{SaveRequest, TrainState};
     use crate::data::cmvn::CmvnStats;
     use crate::data::text::Units;
     use std::collections::BTreeMap;
-    use std::io::{Read, Write};
     use tch::{Kind, Tensor};
 
     let units = Units::from_texts(["abcdefghijklmnopqrstuvwxyz"]);
@@ -354,61 +353,92 @@ pub fn checkpoint_io(
         optimizer: Default::default(),
         is_best: false,
     };
-    let bytes_of = |m: &BTreeMap<String, Tensor>| -> u64 {
-        m.values()
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
-    };
     let empty = BTreeMap::new();
     let cases = [
         ("small MoE + moments", &model, &moments),
         ("synthetic", &synthetic, &empty),
     ];
-    let mut results = Vec::new();
-    for (name, m, o) in cases {
-        let bytes = bytes_of(m) + bytes_of(o);
-        let blob: Vec<u8> = (0..bytes).map(|i| (i * 2654435761 % 251) as u8).collect();
-        let (mut save_s, mut write_s, mut load_s, mut read_s) = (vec![], vec![], vec![], vec![]);
-        for r in 0..repeat {
-            let root = dir.join(format!("ckpt-{r}"));
-            let _ = std::fs::remove_dir_all(&root);
-            let t = Instant::now();
-            let saved = checkpoint::save_layout(&root, Layout::new(1, 1), m, o, req())?;
-            save_s.push(t.elapsed().as_secs_f64());
-            let plain = dir.join(format!("plain-{r}.bin"));
-            let t = Instant::now();
-            let mut f = std::fs::File::create(&plain)?;
-            f.write_all(&blob)?;
-            f.sync_all()?;
-            write_s.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let got = checkpoint::read_group(&saved, "model")?;
-            let got_o = checkpoint::read_group(&saved, "optim")?;
-            load_s.push(t.elapsed().as_secs_f64());
-            anyhow::ensure!(
-                got.len() == m.len() && got_o.len() == o.len(),
-                "{name}: reloaded"
-            );
-            let t = Instant::now();
-            let mut back = Vec::with_capacity(blob.len());
-            std::fs::File::open(&plain)?.read_to_end(&mut back)?;
-            read_s.push(t.elapsed().as_secs_f64());
-            std::fs::remove_dir_all(&root)?;
-            std::fs::remove_file(&plain)?;
-        }
-        results.push(CheckpointIo {
-            name: name.into(),
-            bytes,
-            save_ratio: median(&write_s) / median(&save_s),
-            load_ratio: median(&read_s) / median(&load_s),
-            save_s,
-            write_s,
-            load_s,
-            read_s,
-        });
-    }
+    let results = cases
+        .into_iter()
+        .map(|(name, m, o)| time_save_and_load(name, m, o, &req, repeat, dir))
+        .collect::<Result<Vec<_>>>()?;
+    let stalls = checkpoint_stall(&model, &moments, &units, &req, repeat, dir)?;
+    Ok((results, stalls))
+}
 
-    // The stall: what Checkpointer::save costs the training loop in either mode.
+/// Times `repeat` saves and loads of `m` (with optimizer tensors `o`) as a checkpoint
+/// in `dir`, each against a plain write and read of as many bytes.
+fn time_save_and_load<'a>(
+    name: &str,
+    m: &std::collections::BTreeMap<String, tch::Tensor>,
+    o: &std::collections::BTreeMap<String, tch::Tensor>,
+    req: &dyn Fn() -> crate::checkpoint::SaveRequest<'a>,
+    repeat: usize,
+    dir: &std::path::Path,
+) -> Result<CheckpointIo> {
+    use crate::checkpoint::{self, Layout};
+    use std::io::{Read, Write};
+
+    let bytes_of = |m: &std::collections::BTreeMap<String, tch::Tensor>| -> u64 {
+        m.values()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    };
+    let bytes = bytes_of(m) + bytes_of(o);
+    let blob: Vec<u8> = (0..bytes).map(|i| (i * 2654435761 % 251) as u8).collect();
+    let (mut save_s, mut write_s, mut load_s, mut read_s) = (vec![], vec![], vec![], vec![]);
+    for r in 0..repeat {
+        let root = dir.join(format!("ckpt-{r}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let t = Instant::now();
+        let saved = checkpoint::save_layout(&root, Layout::new(1, 1), m, o, req())?;
+        save_s.push(t.elapsed().as_secs_f64());
+        let plain = dir.join(format!("plain-{r}.bin"));
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&plain)?;
+        f.write_all(&blob)?;
+        f.sync_all()?;
+        write_s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let got = checkpoint::read_group(&saved, "model")?;
+        let got_o = checkpoint::read_group(&saved, "optim")?;
+        load_s.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            got.len() == m.len() && got_o.len() == o.len(),
+            "{name}: reloaded"
+        );
+        let t = Instant::now();
+        let mut back = Vec::with_capacity(blob.len());
+        std::fs::File::open(&plain)?.read_to_end(&mut back)?;
+        read_s.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&root)?;
+        std::fs::remove_file(&plain)?;
+    }
+    Ok(CheckpointIo {
+        name: name.into(),
+        bytes,
+        save_ratio: median(&write_s) / median(&save_s),
+        load_ratio: median(&read_s) / median(&load_s),
+        save_s,
+        write_s,
+        load_s,
+        read_s,
+    })
+}
+
+/// What [`crate::checkpoint::Checkpointer::save`] of `model` and `moments` costs the training
+/// loop, foreground and background (median of `repeat` saves in `dir`).
+fn checkpoint_stall<'a>(
+    model: &std::collections::BTreeMap<String, tch::Tensor>,
+    moments: &std::collections::BTreeMap<String, tch::Tensor>,
+    units: &crate::data::text::Units,
+    req: &dyn Fn() -> crate::checkpoint::SaveRequest<'a>,
+    repeat: usize,
+    dir: &std::path::Path,
+) -> Result<CheckpointStall> {
+    use crate::checkpoint::{self, SaveRequest};
+    use tch::Tensor;
+
     let dist = crate::distributed::Distributed::new(
         1,
         std::time::Duration::from_secs(600),
@@ -443,9 +473,8 @@ pub fn checkpoint_io(
         }
         Ok(median(&times))
     };
-    let stalls = CheckpointStall {
+    Ok(CheckpointStall {
         foreground_s: stall(false)?,
         background_s: stall(true)?,
-    };
-    Ok((results, stalls))
+    })
 }
