@@ -494,8 +494,8 @@ fn connect_mesh(
         .set(&format!("addr/{rank}"), here.to_string().as_bytes())
         .map_err(store_error)?;
     // Lower ranks listen for this one; this one listens for the higher ones.
-    for p in 0..rank {
-        peers[p] = Some(join.connect(p)?);
+    for (p, peer) in peers.iter_mut().enumerate().take(rank) {
+        *peer = Some(join.connect(p)?);
     }
     join.accept_higher(&listener, &mut peers)?;
     for s in peers.iter().flatten() {
