@@ -101,7 +101,7 @@ pub(crate) fn run(a: LaunchArgs) -> anyhow::Result<()> {
 
 /// `upcycle launch`: its own exit statuses (the failing worker's), hence its own error type.
 fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError> {
-    use upcycle_launch::{emit, plan::Plan, Backend, LaunchError, LaunchSpec};
+    use upcycle_launch::{plan::Plan, Backend, LaunchError, LaunchSpec};
     let invalid = |m: &str| Err(LaunchError::Invalid(m.into()));
     let program = std::env::current_exe().map_err(|source| LaunchError::Spawn {
         what: "the upcycle binary's own path".into(),
@@ -138,52 +138,7 @@ fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError>
         BackendArg::Nccl => Backend::Nccl,
     };
     if let Some(kind) = a.emit {
-        let (stages, state_dir) = match &plan {
-            Some(p) => (
-                emit::plan_stages(p),
-                p.out.join("job-state").display().to_string(),
-            ),
-            None => (
-                vec![emit::ScriptStage {
-                    name: a.command[0].clone(),
-                    nproc: nproc * a.nnodes,
-                    args: a.command.clone(),
-                }],
-                "upcycle-job-state".into(),
-            ),
-        };
-        let script = emit::job_script(
-            &stages,
-            &emit::JobOptions {
-                kind: match kind {
-                    EmitKind::Slurm => emit::ScriptKind::Slurm,
-                    EmitKind::Mpirun => emit::ScriptKind::Mpirun,
-                },
-                job_name: a.job_name,
-                nproc_per_node: a.nproc_per_node,
-                gpus_per_node: a.gpus_per_node,
-                time: a.time,
-                partition: a.partition,
-                max_restarts: plan.as_ref().map_or(a.max_restarts, |p| p.max_restarts),
-                upcycle: program.display().to_string(),
-                state_dir,
-                master_port: a.master_port,
-            },
-        )?;
-        return match &a.script {
-            Some(path) => {
-                std::fs::write(path, script).map_err(|source| LaunchError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                eprintln!("job script: {}", path.display());
-                Ok(())
-            }
-            None => {
-                print!("{script}");
-                Ok(())
-            }
-        };
+        return write_job_script(kind, &a, plan.as_ref(), nproc, &program);
     }
     if a.nnodes > 1 && plan.is_some() {
         return invalid(&format!(
@@ -229,4 +184,59 @@ fn launch(a: LaunchArgs) -> std::result::Result<(), upcycle_launch::LaunchError>
             upcycle_launch::launch(&spec)
         }
     }
+}
+
+/// `--emit`: the SLURM or mpirun job script for the command or the plan, to `--script`
+/// or stdout.
+fn write_job_script(
+    kind: EmitKind,
+    a: &LaunchArgs,
+    plan: Option<&upcycle_launch::plan::Plan>,
+    nproc: usize,
+    program: &std::path::Path,
+) -> std::result::Result<(), upcycle_launch::LaunchError> {
+    use upcycle_launch::{emit, LaunchError};
+    let (stages, state_dir) = match plan {
+        Some(p) => (
+            emit::plan_stages(p),
+            p.out.join("job-state").display().to_string(),
+        ),
+        None => (
+            vec![emit::ScriptStage {
+                name: a.command[0].clone(),
+                nproc: nproc * a.nnodes,
+                args: a.command.clone(),
+            }],
+            "upcycle-job-state".into(),
+        ),
+    };
+    let script = emit::job_script(
+        &stages,
+        &emit::JobOptions {
+            kind: match kind {
+                EmitKind::Slurm => emit::ScriptKind::Slurm,
+                EmitKind::Mpirun => emit::ScriptKind::Mpirun,
+            },
+            job_name: a.job_name.clone(),
+            nproc_per_node: a.nproc_per_node,
+            gpus_per_node: a.gpus_per_node,
+            time: a.time.clone(),
+            partition: a.partition.clone(),
+            max_restarts: plan.map_or(a.max_restarts, |p| p.max_restarts),
+            upcycle: program.display().to_string(),
+            state_dir,
+            master_port: a.master_port,
+        },
+    )?;
+    match &a.script {
+        Some(path) => {
+            std::fs::write(path, script).map_err(|source| LaunchError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            eprintln!("job script: {}", path.display());
+        }
+        None => print!("{script}"),
+    }
+    Ok(())
 }

@@ -399,6 +399,41 @@ impl Batch {
         }
     }
 
+    /// Pads utterances' features (`dim` values a frame, frame-major) with zeros and their
+    /// token ids with -1 (WeNet's `IGNORE_ID`) into one batch.
+    pub fn pad(
+        index: usize,
+        keys: Vec<String>,
+        feats: &[Vec<f32>],
+        dim: usize,
+        targets: &[Vec<i64>],
+        repeated: bool,
+    ) -> Batch {
+        let b = keys.len();
+        let lens: Vec<i64> = feats.iter().map(|f| (f.len() / dim) as i64).collect();
+        let t_max = lens.iter().copied().max().unwrap_or(0) as usize;
+        let mut padded = vec![0f32; b * t_max * dim];
+        for (i, f) in feats.iter().enumerate() {
+            padded[i * t_max * dim..i * t_max * dim + f.len()].copy_from_slice(f);
+        }
+        let tlens: Vec<i64> = targets.iter().map(|t| t.len() as i64).collect();
+        let l_max = tlens.iter().copied().max().unwrap_or(0) as usize;
+        let mut tpad = vec![-1i64; b * l_max];
+        for (i, t) in targets.iter().enumerate() {
+            tpad[i * l_max..i * l_max + t.len()].copy_from_slice(t);
+        }
+        Batch {
+            index,
+            keys,
+            feats: Tensor::from_slice(&padded).view([b as i64, t_max as i64, dim as i64]),
+            feats_lengths: Tensor::from_slice(&lens),
+            target: Tensor::from_slice(&tpad).view([b as i64, l_max as i64]),
+            target_lengths: Tensor::from_slice(&tlens),
+            num_frames: lens.iter().sum::<i64>() as usize,
+            repeated,
+        }
+    }
+
     /// Number of utterances.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -684,29 +719,7 @@ impl DataLoader {
         if keys.is_empty() {
             return None;
         }
-        let b = keys.len();
-        let lens: Vec<i64> = feats.iter().map(|f| (f.len() / dim) as i64).collect();
-        let t_max = *lens.iter().max().expect("non-empty") as usize;
-        let mut padded = vec![0f32; b * t_max * dim];
-        for (i, f) in feats.iter().enumerate() {
-            padded[i * t_max * dim..i * t_max * dim + f.len()].copy_from_slice(f);
-        }
-        let tlens: Vec<i64> = targets.iter().map(|t| t.len() as i64).collect();
-        let l_max = *tlens.iter().max().expect("non-empty") as usize;
-        let mut tpad = vec![-1i64; b * l_max];
-        for (i, t) in targets.iter().enumerate() {
-            tpad[i * l_max..i * l_max + t.len()].copy_from_slice(t);
-        }
-        Some(Batch {
-            index,
-            keys,
-            feats: Tensor::from_slice(&padded).view([b as i64, t_max as i64, dim as i64]),
-            feats_lengths: Tensor::from_slice(&lens),
-            target: Tensor::from_slice(&tpad).view([b as i64, l_max as i64]),
-            target_lengths: Tensor::from_slice(&tlens),
-            num_frames: lens.iter().sum::<i64>() as usize,
-            repeated,
-        })
+        Some(Batch::pad(index, keys, &feats, dim, &targets, repeated))
     }
 }
 

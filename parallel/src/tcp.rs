@@ -471,20 +471,20 @@ fn connect_mesh(
     timeout: Duration,
 ) -> Result<Vec<Option<TcpStream>>, CollectiveError> {
     let size = world_ranks.len();
-    let deadline = Instant::now() + timeout;
-    let mesh = store.key("");
-    let fail = |peers: Vec<usize>, message: String| CollectiveError::Peers {
-        op: "init",
-        group: name.into(),
-        rank,
-        size,
-        peers,
-        message,
-    };
     let mut peers: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
     if size == 1 {
         return Ok(peers);
     }
+    let join = MeshJoin {
+        store,
+        name,
+        rank,
+        world_ranks,
+        timeout,
+        deadline: Instant::now() + timeout,
+        mesh: store.key(""),
+        addr_keys: (0..size).map(|p| format!("addr/{p}")).collect(),
+    };
     let listener = TcpListener::bind((store.local_ip(), 0))
         .map_err(|e| invalid("init", format!("listening on {}: {e}", store.local_ip())))?;
     let here = listener
@@ -493,38 +493,84 @@ fn connect_mesh(
     store
         .set(&format!("addr/{rank}"), here.to_string().as_bytes())
         .map_err(store_error)?;
-    let addr_keys: Vec<String> = (0..size).map(|p| format!("addr/{p}")).collect();
-    let absent = |missing: &[usize]| {
-        fail(
+    // Lower ranks listen for this one; this one listens for the higher ones.
+    for (p, peer) in peers.iter_mut().enumerate().take(rank) {
+        *peer = Some(join.connect(p)?);
+    }
+    join.accept_higher(&listener, &mut peers)?;
+    for s in peers.iter().flatten() {
+        s.set_read_timeout(None)
+            .and_then(|()| s.set_nodelay(true))
+            .map_err(|e| invalid("init", e.to_string()))?;
+    }
+    Ok(peers)
+}
+
+/// One rank joining the full mesh of its group: who it is, where the addresses are
+/// published, and until when it may wait.
+struct MeshJoin<'a> {
+    store: &'a Store,
+    name: &'a str,
+    rank: usize,
+    world_ranks: &'a [usize],
+    timeout: Duration,
+    deadline: Instant,
+    mesh: String,
+    addr_keys: Vec<String>,
+}
+
+impl MeshJoin<'_> {
+    fn fail(&self, peers: Vec<usize>, message: String) -> CollectiveError {
+        CollectiveError::Peers {
+            op: "init",
+            group: self.name.into(),
+            rank: self.rank,
+            size: self.world_ranks.len(),
+            peers,
+            message,
+        }
+    }
+
+    fn names(&self, ranks: &[usize]) -> String {
+        ranks
+            .iter()
+            .map(|&p| who(self.world_ranks, p))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The error for ranks that never published their address.
+    fn absent(&self, missing: &[usize]) -> CollectiveError {
+        self.fail(
             missing.to_vec(),
             format!(
-                "{} did not join within {:.1} s (no address under {mesh}addr/): did it \
+                "{} did not join within {:.1} s (no address under {}addr/): did it \
                  start, and does it use the same MASTER_ADDR, MASTER_PORT and attempt?",
-                missing
-                    .iter()
-                    .map(|&p| who(world_ranks, p))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                timeout.as_secs_f64()
+                self.names(missing),
+                self.timeout.as_secs_f64(),
+                self.mesh
             ),
         )
-    };
-    for p in 0..rank {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let addr = match store.get(&addr_keys[p], left) {
+    }
+
+    /// Connects to lower rank `p` at the address it published and presents this rank.
+    fn connect(&self, p: usize) -> Result<TcpStream, CollectiveError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let addr = match self.store.get(&self.addr_keys[p], left) {
             Ok(a) => String::from_utf8_lossy(&a).into_owned(),
             Err(StoreError::Timeout { .. }) => {
-                let missing = store
-                    .missing(&addr_keys, Duration::ZERO)
+                let missing = self
+                    .store
+                    .missing(&self.addr_keys, Duration::ZERO)
                     .map_err(store_error)?;
-                return Err(absent(&missing));
+                return Err(self.absent(&missing));
             }
             Err(e) => return Err(store_error(e)),
         };
         let refused = |m: String| {
-            fail(
+            self.fail(
                 vec![p],
-                format!("connecting to {}: {m}", who(world_ranks, p)),
+                format!("connecting to {}: {m}", who(self.world_ranks, p)),
             )
         };
         let addr: SocketAddr = addr
@@ -532,96 +578,103 @@ fn connect_mesh(
             .map_err(|_| refused(format!("it published {addr:?}, not an address")))?;
         let mut s = TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1)))
             .map_err(|e| refused(format!("{addr}: {e}")))?;
-        let mut hello = wire::hello(store.token());
-        hello.extend_from_slice(&(mesh.len() as u32).to_le_bytes());
-        hello.extend_from_slice(mesh.as_bytes());
-        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        let mut hello = wire::hello(self.store.token());
+        hello.extend_from_slice(&(self.mesh.len() as u32).to_le_bytes());
+        hello.extend_from_slice(self.mesh.as_bytes());
+        hello.extend_from_slice(&(self.rank as u32).to_le_bytes());
         s.set_read_timeout(Some(
-            deadline
+            self.deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1)),
         ))
         .and_then(|()| s.write_all(&hello))
         .map_err(|e| refused(e.to_string()))?;
         match wire::read_hello_answer(&mut s) {
-            Ok(()) => {}
-            Err(Some(why)) => return Err(refused(format!("it refused this rank: {why}"))),
-            Err(None) => {
-                return Err(refused(
-                    "it closed the connection without answering (it ended, or timed out)".into(),
-                ))
-            }
-        }
-        peers[p] = Some(s);
-    }
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| invalid("init", e.to_string()))?;
-    while peers.iter().skip(rank + 1).any(Option::is_none) {
-        match listener.accept() {
-            Ok((mut s, from)) => {
-                let hello = s
-                    .set_nonblocking(false)
-                    .and_then(|()| s.set_read_timeout(Some(HELLO_TIMEOUT)))
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| read_peer_hello(&mut s, store.token(), &mesh));
-                match hello {
-                    Err(why) => refuse(s, from, name, rank, &why),
-                    Ok(p) if p <= rank || p >= size => refuse(
-                        s,
-                        from,
-                        name,
-                        rank,
-                        &format!("rank {p} does not connect here"),
-                    ),
-                    Ok(p) if peers[p].is_some() => refuse(
-                        s,
-                        from,
-                        name,
-                        rank,
-                        &format!("rank {p} is connected already"),
-                    ),
-                    Ok(p) => {
-                        wire::answer_hello(&mut s, None)
-                            .map_err(|e| fail(vec![p], format!("answering rank {p}: {e}")))?;
-                        peers[p] = Some(s);
-                    }
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> =
-                        (rank + 1..size).filter(|&p| peers[p].is_none()).collect();
-                    let unpublished = store
-                        .missing(&addr_keys, Duration::ZERO)
-                        .map_err(store_error)?;
-                    if !unpublished.is_empty() {
-                        return Err(absent(&unpublished));
-                    }
-                    return Err(fail(
-                        missing.clone(),
-                        format!(
-                            "{} did not connect within {:.1} s",
-                            missing
-                                .iter()
-                                .map(|&p| who(world_ranks, p))
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                            timeout.as_secs_f64()
-                        ),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(invalid("init", format!("accepting peers: {e}"))),
+            Ok(()) => Ok(s),
+            Err(Some(why)) => Err(refused(format!("it refused this rank: {why}"))),
+            Err(None) => Err(refused(
+                "it closed the connection without answering (it ended, or timed out)".into(),
+            )),
         }
     }
-    for s in peers.iter().flatten() {
-        s.set_read_timeout(None)
-            .and_then(|()| s.set_nodelay(true))
+
+    /// Accepts the higher ranks' connections on `listener` until each has one; strangers
+    /// and duplicates are refused and reported.
+    fn accept_higher(
+        &self,
+        listener: &TcpListener,
+        peers: &mut [Option<TcpStream>],
+    ) -> Result<(), CollectiveError> {
+        let (rank, size, name) = (self.rank, self.world_ranks.len(), self.name);
+        listener
+            .set_nonblocking(true)
             .map_err(|e| invalid("init", e.to_string()))?;
+        while peers.iter().skip(rank + 1).any(Option::is_none) {
+            match listener.accept() {
+                Ok((mut s, from)) => {
+                    let hello = s
+                        .set_nonblocking(false)
+                        .and_then(|()| s.set_read_timeout(Some(HELLO_TIMEOUT)))
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| read_peer_hello(&mut s, self.store.token(), &self.mesh));
+                    match hello {
+                        Err(why) => refuse(s, from, name, rank, &why),
+                        Ok(p) if p <= rank || p >= size => refuse(
+                            s,
+                            from,
+                            name,
+                            rank,
+                            &format!("rank {p} does not connect here"),
+                        ),
+                        Ok(p) if peers[p].is_some() => refuse(
+                            s,
+                            from,
+                            name,
+                            rank,
+                            &format!("rank {p} is connected already"),
+                        ),
+                        Ok(p) => {
+                            wire::answer_hello(&mut s, None).map_err(|e| {
+                                self.fail(vec![p], format!("answering rank {p}: {e}"))
+                            })?;
+                            peers[p] = Some(s);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= self.deadline {
+                        return Err(self.late(peers)?);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(invalid("init", format!("accepting peers: {e}"))),
+            }
+        }
+        Ok(())
     }
-    Ok(peers)
+
+    /// The error once the deadline passed with higher ranks missing: those that never
+    /// published an address, else those that did not connect.
+    fn late(&self, peers: &[Option<TcpStream>]) -> Result<CollectiveError, CollectiveError> {
+        let missing: Vec<usize> = (self.rank + 1..peers.len())
+            .filter(|&p| peers[p].is_none())
+            .collect();
+        let unpublished = self
+            .store
+            .missing(&self.addr_keys, Duration::ZERO)
+            .map_err(store_error)?;
+        if !unpublished.is_empty() {
+            return Ok(self.absent(&unpublished));
+        }
+        Ok(self.fail(
+            missing.clone(),
+            format!(
+                "{} did not connect within {:.1} s",
+                self.names(&missing),
+                self.timeout.as_secs_f64()
+            ),
+        ))
+    }
 }
 
 /// Each peer's part with its rank, leaving out this rank's own.

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
+
 use upcycle_data::audio;
 use upcycle_data::fbank::{Fbank, FbankOptions};
 
@@ -85,85 +86,45 @@ pub fn train_step(
     device: tch::Device,
 ) -> Result<TrainStepTiming> {
     use crate::config::TrainConfig;
-    use crate::optim::AdamW;
-    use tch::{nn, Device, Tensor};
-    use upcycle_data::list::ListReader;
-    use upcycle_data::text::{normalize, Units};
+    use upcycle_data::cmvn::CmvnStats;
+    use crate::distributed::Distributed;
+    use crate::train::{build_model, to_device, Learner};
+    use tch::{nn, Device};
     use upcycle_model::mask::ChunkMode;
+    use upcycle_model::moe::MoeContext;
 
-    let c = TrainConfig::load(config)?;
-    let units = Units::load(
-        &list
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("../units.txt"),
-    )?;
-    let fb = Fbank::new(FbankOptions::default());
-    let mut reader = ListReader::open(list)?;
-    let (mut feats, mut targets) = (Vec::new(), Vec::new());
-    while let Some(item) = reader.next() {
-        let (_, e) = item?;
-        let samples = audio::read_model_input(&reader.resolve(&e.wav))
-            .map_err(|err| anyhow::anyhow!("{}: {err}", e.wav))?;
-        feats.push(fb.compute(&samples, &mut rand::rng()));
-        targets.push(units.encode(&normalize(&e.txt)).0);
-        if feats.len() >= utts {
-            break;
-        }
-    }
-    let b = feats.len() as i64;
-    let lens: Vec<i64> = feats.iter().map(|f| (f.len() / 80) as i64).collect();
-    let t = *lens.iter().max().unwrap_or(&0);
-    let mut x = vec![0f32; (b * t * 80) as usize];
-    for (i, f) in feats.iter().enumerate() {
-        x[i * (t * 80) as usize..i * (t * 80) as usize + f.len()].copy_from_slice(f);
-    }
-    let tl: Vec<i64> = targets.iter().map(|y| y.len() as i64).collect();
-    let l = *tl.iter().max().unwrap_or(&0);
-    let mut y = vec![-1i64; (b * l) as usize];
-    for (i, tg) in targets.iter().enumerate() {
-        y[i * l as usize..i * l as usize + tg.len()].copy_from_slice(tg);
-    }
-    let (x, xl) = (
-        Tensor::from_slice(&x).view([b, t, 80]).to_device(device),
-        Tensor::from_slice(&lens).to_device(device),
-    );
-    let (y, yl) = (
-        Tensor::from_slice(&y).view([b, l]).to_device(device),
-        Tensor::from_slice(&tl).to_device(device),
-    );
-
-    tch::manual_seed(0);
+    let mut c = TrainConfig::load(config)?;
+    // One batch per update, whatever the config accumulates.
+    c.accum_grad = 1;
+    let dataset = list
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("..");
+    let (batch, units) = first_utterances(list, &dataset.join("units.txt"), utts)?;
+    let batch_on_device = to_device(&batch, device);
+    let (mean, istd) = CmvnStats::load(&dataset.join("global_cmvn"))
+        .map(|c| c.mean_istd())
+        .unwrap_or_else(|_| (vec![0.0; 80], vec![1.0; 80]));
     let vs = nn::VarStore::new(device);
-    let model = c.build_model(&vs.root(), crate::config::vocab(&units))?;
+    let moe = MoeContext::local(c.moe_conf.clone());
+    let vocab = crate::config::vocab(&units);
+    let model = build_model(&c, &vs, vocab, &moe, (&mean, &istd), 0)?;
     let params = vs
         .trainable_variables()
         .iter()
         .map(|v| v.numel() as i64)
         .sum();
-    let mut opt = AdamW::new(c.optim_conf.clone(), vs.variables().into_iter().collect());
+    let mut learner = Learner::new(&vs, model, &c, None);
+    let world = Distributed::new(1, std::time::Duration::from_secs(600), device)?;
     let mut seconds = Vec::new();
     let mut losses = Vec::new();
-    let (mean, istd) = upcycle_data::cmvn::CmvnStats::load(
-        &list
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("../global_cmvn"),
-    )
-    .map(|c| c.mean_istd())
-    .unwrap_or_else(|_| (vec![0.0; 80], vec![1.0; 80]));
-    let mut model = model;
-    model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
     for i in 0..warmup + steps {
         let start = Instant::now();
-        opt.zero_grad();
-        let out = upcycle_model::precision::autocast(c.upcycle_conf.precision, device, || {
-            model.forward(&x, &xl, &y, &yl, ChunkMode::Full, true)
-        });
-        out.loss.backward();
-        losses.push((out.loss.double_value(&[]), out.ctc.double_value(&[])));
-        opt.clip_grad_norm(c.grad_clip);
-        opt.step(lr)?;
+        let f = learner.forward(&batch_on_device, ChunkMode::Full);
+        learner.backward(&f);
+        losses.push((f.loss, f.losses.ctc.double_value(&[])));
+        let grad_norm = learner.sync_and_clip(&world)?;
+        learner.apply(lr, grad_norm)?;
         if let Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
         }
@@ -172,16 +133,47 @@ pub fn train_step(
         }
     }
     let median = median(&seconds);
-    let frames: i64 = lens.iter().sum();
     Ok(TrainStepTiming {
         params,
-        utterances: b as usize,
-        frames,
+        utterances: batch.len(),
+        frames: batch.num_frames as i64,
         seconds,
-        frames_per_second: frames as f64 / median,
+        frames_per_second: batch.num_frames as f64 / median,
         peak_rss_mib: crate::train::peak_rss_mib(),
         losses,
     })
+}
+
+/// The first `utts` utterances of `list` (features without dither) as one batch, and
+/// the units (`units`) that encode their transcripts.
+fn first_utterances(
+    list: &std::path::Path,
+    units: &std::path::Path,
+    utts: usize,
+) -> Result<(upcycle_data::loader::Batch, upcycle_data::text::Units)> {
+    use upcycle_data::list::ListReader;
+    use upcycle_data::loader::Batch;
+    use upcycle_data::text::{normalize, Units};
+
+    let units = Units::load(units)?;
+    let fb = Fbank::new(FbankOptions::default());
+    let mut reader = ListReader::open(list)?;
+    let (mut keys, mut feats, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(item) = reader.next() {
+        let (_, e) = item?;
+        let samples = audio::read_model_input(&reader.resolve(&e.wav))
+            .map_err(|err| anyhow::anyhow!("{}: {err}", e.wav))?;
+        feats.push(fb.compute(&samples, &mut rand::rng()));
+        targets.push(units.encode(&normalize(&e.txt)).0);
+        keys.push(e.key);
+        if feats.len() >= utts {
+            break;
+        }
+    }
+    Ok((
+        Batch::pad(0, keys, &feats, fb.dim(), &targets, false),
+        units,
+    ))
 }
 
 /// Timing of one MoE feed-forward layer's forward and backward.
@@ -323,12 +315,11 @@ pub fn checkpoint_io(
     repeat: usize,
     dir: &std::path::Path,
 ) -> Result<(Vec<CheckpointIo>, CheckpointStall)> {
-    use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
-    use std::collections::BTreeMap;
-    use std::io::{Read, Write};
-    use tch::{Kind, Tensor};
+    use crate::checkpoint::{SaveRequest, TrainState};
     use upcycle_data::cmvn::CmvnStats;
     use upcycle_data::text::Units;
+    use std::collections::BTreeMap;
+    use tch::{Kind, Tensor};
 
     let units = Units::from_texts(["abcdefghijklmnopqrstuvwxyz"]);
     let (config_v, params) = model_tensors(config, units.len() as i64)?;
@@ -362,61 +353,92 @@ pub fn checkpoint_io(
         optimizer: Default::default(),
         is_best: false,
     };
-    let bytes_of = |m: &BTreeMap<String, Tensor>| -> u64 {
-        m.values()
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
-    };
     let empty = BTreeMap::new();
     let cases = [
         ("small MoE + moments", &model, &moments),
         ("synthetic", &synthetic, &empty),
     ];
-    let mut results = Vec::new();
-    for (name, m, o) in cases {
-        let bytes = bytes_of(m) + bytes_of(o);
-        let blob: Vec<u8> = (0..bytes).map(|i| (i * 2654435761 % 251) as u8).collect();
-        let (mut save_s, mut write_s, mut load_s, mut read_s) = (vec![], vec![], vec![], vec![]);
-        for r in 0..repeat {
-            let root = dir.join(format!("ckpt-{r}"));
-            let _ = std::fs::remove_dir_all(&root);
-            let t = Instant::now();
-            let saved = checkpoint::save_layout(&root, Layout::new(1, 1), m, o, req())?;
-            save_s.push(t.elapsed().as_secs_f64());
-            let plain = dir.join(format!("plain-{r}.bin"));
-            let t = Instant::now();
-            let mut f = std::fs::File::create(&plain)?;
-            f.write_all(&blob)?;
-            f.sync_all()?;
-            write_s.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let got = checkpoint::read_group(&saved, "model")?;
-            let got_o = checkpoint::read_group(&saved, "optim")?;
-            load_s.push(t.elapsed().as_secs_f64());
-            anyhow::ensure!(
-                got.len() == m.len() && got_o.len() == o.len(),
-                "{name}: reloaded"
-            );
-            let t = Instant::now();
-            let mut back = Vec::with_capacity(blob.len());
-            std::fs::File::open(&plain)?.read_to_end(&mut back)?;
-            read_s.push(t.elapsed().as_secs_f64());
-            std::fs::remove_dir_all(&root)?;
-            std::fs::remove_file(&plain)?;
-        }
-        results.push(CheckpointIo {
-            name: name.into(),
-            bytes,
-            save_ratio: median(&write_s) / median(&save_s),
-            load_ratio: median(&read_s) / median(&load_s),
-            save_s,
-            write_s,
-            load_s,
-            read_s,
-        });
-    }
+    let results = cases
+        .into_iter()
+        .map(|(name, m, o)| time_save_and_load(name, m, o, &req, repeat, dir))
+        .collect::<Result<Vec<_>>>()?;
+    let stalls = checkpoint_stall(&model, &moments, &units, &req, repeat, dir)?;
+    Ok((results, stalls))
+}
 
-    // The stall: what Checkpointer::save costs the training loop in either mode.
+/// Times `repeat` saves and loads of `m` (with optimizer tensors `o`) as a checkpoint
+/// in `dir`, each against a plain write and read of as many bytes.
+fn time_save_and_load<'a>(
+    name: &str,
+    m: &std::collections::BTreeMap<String, tch::Tensor>,
+    o: &std::collections::BTreeMap<String, tch::Tensor>,
+    req: &dyn Fn() -> crate::checkpoint::SaveRequest<'a>,
+    repeat: usize,
+    dir: &std::path::Path,
+) -> Result<CheckpointIo> {
+    use crate::checkpoint::{self, Layout};
+    use std::io::{Read, Write};
+
+    let bytes_of = |m: &std::collections::BTreeMap<String, tch::Tensor>| -> u64 {
+        m.values()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    };
+    let bytes = bytes_of(m) + bytes_of(o);
+    let blob: Vec<u8> = (0..bytes).map(|i| (i * 2654435761 % 251) as u8).collect();
+    let (mut save_s, mut write_s, mut load_s, mut read_s) = (vec![], vec![], vec![], vec![]);
+    for r in 0..repeat {
+        let root = dir.join(format!("ckpt-{r}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let t = Instant::now();
+        let saved = checkpoint::save_layout(&root, Layout::new(1, 1), m, o, req())?;
+        save_s.push(t.elapsed().as_secs_f64());
+        let plain = dir.join(format!("plain-{r}.bin"));
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&plain)?;
+        f.write_all(&blob)?;
+        f.sync_all()?;
+        write_s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let got = checkpoint::read_group(&saved, "model")?;
+        let got_o = checkpoint::read_group(&saved, "optim")?;
+        load_s.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            got.len() == m.len() && got_o.len() == o.len(),
+            "{name}: reloaded"
+        );
+        let t = Instant::now();
+        let mut back = Vec::with_capacity(blob.len());
+        std::fs::File::open(&plain)?.read_to_end(&mut back)?;
+        read_s.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&root)?;
+        std::fs::remove_file(&plain)?;
+    }
+    Ok(CheckpointIo {
+        name: name.into(),
+        bytes,
+        save_ratio: median(&write_s) / median(&save_s),
+        load_ratio: median(&read_s) / median(&load_s),
+        save_s,
+        write_s,
+        load_s,
+        read_s,
+    })
+}
+
+/// What [`crate::checkpoint::Checkpointer::save`] of `model` and `moments` costs the training
+/// loop, foreground and background (median of `repeat` saves in `dir`).
+fn checkpoint_stall<'a>(
+    model: &std::collections::BTreeMap<String, tch::Tensor>,
+    moments: &std::collections::BTreeMap<String, tch::Tensor>,
+    units: &upcycle_data::text::Units,
+    req: &dyn Fn() -> crate::checkpoint::SaveRequest<'a>,
+    repeat: usize,
+    dir: &std::path::Path,
+) -> Result<CheckpointStall> {
+    use crate::checkpoint::{self, SaveRequest};
+    use tch::Tensor;
+
     let dist = crate::distributed::Distributed::new(
         1,
         std::time::Duration::from_secs(600),
@@ -451,9 +473,8 @@ pub fn checkpoint_io(
         }
         Ok(median(&times))
     };
-    let stalls = CheckpointStall {
+    Ok(CheckpointStall {
         foreground_s: stall(false)?,
         background_s: stall(true)?,
-    };
-    Ok((results, stalls))
+    })
 }

@@ -697,14 +697,47 @@ fn parameters(dir: &Path) -> Option<(i64, i64)> {
 fn summary(runs: &[Run], after: &[(String, String)]) -> Result<String> {
     let mut out = String::from("# Run report\n\n");
     let params: Vec<Option<(i64, i64)>> = runs.iter().map(|r| parameters(&r.dir)).collect();
-    let best = |r: &Run| {
-        r.dev
-            .iter()
-            .filter_map(|l| Some((l["dev_cer"].as_f64()?, l["step"].as_f64()?)))
-            .min_by(|a, b| a.0.total_cmp(&b.0))
-    };
-    out += "| run | params | active | steps | train min | last dev CER | best dev CER (step) | test CER, attention rescoring |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += &comparison_table(runs, &params);
+    for (child, parent) in after {
+        out += &format!("\n{child} started from {parent}'s last checkpoint: the plots draw it after {parent}.\n");
+    }
     for (r, p) in runs.iter().zip(&params) {
+        out += &format!("\n## {} (`{}`)\n\n", r.name, r.dir.display());
+        let yaml_path = r.dir.join("train.yaml");
+        let config: serde_yaml::Value = std::fs::read_to_string(&yaml_path)
+            .ok()
+            .and_then(|t| serde_yaml::from_str(&t).ok())
+            .unwrap_or(serde_yaml::Value::Null);
+        out += &run_settings(&config, *p);
+        out += &run_progress(r);
+        out += &run_evaluations(r);
+        if r.is_moe() {
+            out += &run_routing(r);
+        }
+        if config.is_mapping() {
+            out += &format!(
+                "\n<details><summary>train.yaml</summary>\n\n```yaml\n{}```\n</details>\n",
+                serde_yaml::to_string(&config)?
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The best dev CER of a run and its step.
+fn best_dev_cer(r: &Run) -> Option<(f64, f64)> {
+    r.dev
+        .iter()
+        .filter_map(|l| Some((l["dev_cer"].as_f64()?, l["step"].as_f64()?)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// One line per run: size, steps, time, dev and test CER.
+fn comparison_table(runs: &[Run], params: &[Option<(i64, i64)>]) -> String {
+    let best = best_dev_cer;
+    let mut out = String::new();
+    out += "| run | params | active | steps | train min | last dev CER | best dev CER (step) | test CER, attention rescoring |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (r, p) in runs.iter().zip(params) {
         let test = eval_results(&r.dir)
             .into_iter()
             .find(|(s, _)| s == "test")
@@ -725,138 +758,144 @@ fn summary(runs: &[Run], after: &[(String, String)]) -> Result<String> {
             fmt_opt(test, 2),
         );
     }
-    for (child, parent) in after {
-        out += &format!("\n{child} started from {parent}'s last checkpoint: the plots draw it after {parent}.\n");
+    out
+}
+
+/// A run's model, MoE, parameter, optimizer and batch settings (the table's first rows).
+fn run_settings(config: &serde_yaml::Value, p: Option<(i64, i64)>) -> String {
+    let c = |k: &str| yaml_at(config, k);
+    let mut out = String::new();
+    out += "| | |\n|---|---|\n";
+    out += &format!(
+        "| model | {} encoder ({} blocks, width {}, FFN {}), {} decoder ({} + {} blocks) |\n",
+        c("encoder"),
+        c("encoder_conf.num_blocks"),
+        c("encoder_conf.output_size"),
+        c("encoder_conf.linear_units"),
+        c("decoder"),
+        c("decoder_conf.num_blocks"),
+        c("decoder_conf.r_num_blocks"),
+    );
+    if c("encoder_conf.mlp_type") == "moe" || c("decoder_conf.mlp_type") == "moe" {
+        out += &format!(
+            "| MoE | encoder {} ({} experts, top-{}), decoder {} ({} experts, top-{}); balance loss weight {} |\n",
+            c("encoder_conf.mlp_type"),
+            c("encoder_conf.n_expert"),
+            c("encoder_conf.n_expert_activated"),
+            c("decoder_conf.mlp_type"),
+            c("decoder_conf.n_expert"),
+            c("decoder_conf.n_expert_activated"),
+            c("moe_conf.balance_loss_weight"),
+        );
     }
-    for (r, p) in runs.iter().zip(&params) {
-        out += &format!("\n## {} (`{}`)\n\n", r.name, r.dir.display());
-        let yaml_path = r.dir.join("train.yaml");
-        let config: serde_yaml::Value = std::fs::read_to_string(&yaml_path)
-            .ok()
-            .and_then(|t| serde_yaml::from_str(&t).ok())
-            .unwrap_or(serde_yaml::Value::Null);
-        let c = |k: &str| yaml_at(&config, k);
-        out += "| | |\n|---|---|\n";
-        out += &format!(
-            "| model | {} encoder ({} blocks, width {}, FFN {}), {} decoder ({} + {} blocks) |\n",
-            c("encoder"),
-            c("encoder_conf.num_blocks"),
-            c("encoder_conf.output_size"),
-            c("encoder_conf.linear_units"),
-            c("decoder"),
-            c("decoder_conf.num_blocks"),
-            c("decoder_conf.r_num_blocks"),
-        );
-        if c("encoder_conf.mlp_type") == "moe" || c("decoder_conf.mlp_type") == "moe" {
+    out += &format!(
+        "| parameters | {} |\n",
+        p.map_or("- (no checkpoint)".into(), |(t, a)| format!(
+            "{t} total, {a} active per token"
+        ))
+    );
+    out += &format!(
+        "| optimizer | {} lr {}, {} (warm-up {} steps), grad clip {}, accum {} |\n",
+        c("optim"),
+        c("optim_conf.lr"),
+        c("scheduler"),
+        c("scheduler_conf.warmup_steps"),
+        c("grad_clip"),
+        c("accum_grad"),
+    );
+    out += &format!(
+        "| batches | {} (size {}, max frames {}) |\n",
+        c("dataset_conf.batch_conf.batch_type"),
+        c("dataset_conf.batch_conf.batch_size"),
+        c("dataset_conf.batch_conf.max_frames_in_batch"),
+    );
+    out
+}
+
+/// A run's speed, memory, final loss and dev CER rows.
+fn run_progress(r: &Run) -> String {
+    let best = best_dev_cer;
+    let mut out = String::new();
+    let fps: Vec<f64> = points(&r.train, "step", "frames_per_s")
+        .into_iter()
+        .map(|p| p.1)
+        .collect();
+    out += &format!(
+        "| time | {:.0} steps in {:.1} min; mean {:.0} frames/s; peak memory {} MiB |\n",
+        r.last_step(),
+        r.seconds() / 60.0,
+        fps.iter().sum::<f64>() / fps.len().max(1) as f64,
+        fmt_opt(
+            points(&r.train, "step", "peak_rss_mib")
+                .iter()
+                .map(|p| p.1)
+                .reduce(f64::max),
+            0
+        ),
+    );
+    out += &format!(
+        "| final train loss | {} (CTC {}, attention {}) |\n",
+        fmt_opt(r.train.last().and_then(|l| l["loss"].as_f64()), 3),
+        fmt_opt(r.train.last().and_then(|l| l["loss_ctc"].as_f64()), 3),
+        fmt_opt(r.train.last().and_then(|l| l["loss_att"].as_f64()), 3),
+    );
+    out += &format!(
+        "| dev CER (CTC greedy) | last {}, best {} |\n",
+        fmt_opt(r.dev.last().and_then(|l| l["dev_cer"].as_f64()), 2),
+        best(r).map_or("-".into(), |(c, s)| format!("{c:.2} at step {s:.0}")),
+    );
+    out
+}
+
+/// The `upcycle eval` results of a run, one table per split.
+fn run_evaluations(r: &Run) -> String {
+    let mut out = String::new();
+    for (split, results) in eval_results(&r.dir) {
+        out += &format!("\n`upcycle eval` on {split}:\n\n| method | chunk | CER % | WER % | RTF |\n|---|---:|---:|---:|---:|\n");
+        for m in &results {
+            let chunk = m["chunk"].as_i64().unwrap_or(0);
             out += &format!(
-                "| MoE | encoder {} ({} experts, top-{}), decoder {} ({} experts, top-{}); balance loss weight {} |\n",
-                c("encoder_conf.mlp_type"),
-                c("encoder_conf.n_expert"),
-                c("encoder_conf.n_expert_activated"),
-                c("decoder_conf.mlp_type"),
-                c("decoder_conf.n_expert"),
-                c("decoder_conf.n_expert_activated"),
-                c("moe_conf.balance_loss_weight"),
-            );
-        }
-        out += &format!(
-            "| parameters | {} |\n",
-            p.map_or("- (no checkpoint)".into(), |(t, a)| format!(
-                "{t} total, {a} active per token"
-            ))
-        );
-        out += &format!(
-            "| optimizer | {} lr {}, {} (warm-up {} steps), grad clip {}, accum {} |\n",
-            c("optim"),
-            c("optim_conf.lr"),
-            c("scheduler"),
-            c("scheduler_conf.warmup_steps"),
-            c("grad_clip"),
-            c("accum_grad"),
-        );
-        out += &format!(
-            "| batches | {} (size {}, max frames {}) |\n",
-            c("dataset_conf.batch_conf.batch_type"),
-            c("dataset_conf.batch_conf.batch_size"),
-            c("dataset_conf.batch_conf.max_frames_in_batch"),
-        );
-        let fps: Vec<f64> = points(&r.train, "step", "frames_per_s")
-            .into_iter()
-            .map(|p| p.1)
-            .collect();
-        out += &format!(
-            "| time | {:.0} steps in {:.1} min; mean {:.0} frames/s; peak memory {} MiB |\n",
-            r.last_step(),
-            r.seconds() / 60.0,
-            fps.iter().sum::<f64>() / fps.len().max(1) as f64,
-            fmt_opt(
-                points(&r.train, "step", "peak_rss_mib")
-                    .iter()
-                    .map(|p| p.1)
-                    .reduce(f64::max),
-                0
-            ),
-        );
-        out += &format!(
-            "| final train loss | {} (CTC {}, attention {}) |\n",
-            fmt_opt(r.train.last().and_then(|l| l["loss"].as_f64()), 3),
-            fmt_opt(r.train.last().and_then(|l| l["loss_ctc"].as_f64()), 3),
-            fmt_opt(r.train.last().and_then(|l| l["loss_att"].as_f64()), 3),
-        );
-        out += &format!(
-            "| dev CER (CTC greedy) | last {}, best {} |\n",
-            fmt_opt(r.dev.last().and_then(|l| l["dev_cer"].as_f64()), 2),
-            best(r).map_or("-".into(), |(c, s)| format!("{c:.2} at step {s:.0}")),
-        );
-        for (split, results) in eval_results(&r.dir) {
-            out += &format!("\n`upcycle eval` on {split}:\n\n| method | chunk | CER % | WER % | RTF |\n|---|---:|---:|---:|---:|\n");
-            for m in &results {
-                let chunk = m["chunk"].as_i64().unwrap_or(0);
-                out += &format!(
-                    "| {} | {} | {} | {} | {} |\n",
-                    m["method"].as_str().unwrap_or("-"),
-                    if chunk == 0 {
-                        "full".into()
-                    } else {
-                        chunk.to_string()
-                    },
-                    fmt_opt(m["cer"].as_f64(), 2),
-                    fmt_opt(m["wer"].as_f64(), 2),
-                    fmt_opt(m["rtf"].as_f64(), 4),
-                );
-            }
-        }
-        if r.is_moe() {
-            out += "\nRouting (busiest expert's share over an even share, 1 = balanced; router entropy, nats), first and last log:\n\n| layer | max/even first | max/even last | entropy last |\n|---|---:|---:|---:|\n";
-            let (first, last) = (r.train.first(), r.train.last());
-            let mut names: Vec<String> = last
-                .map(metrics::moe_loads)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            names.sort_by_key(|n| layer_order(n));
-            let at = |l: Option<&Value>, n: &str| {
-                l.and_then(|l| metrics::moe_loads(l).into_iter().find(|(m, _)| m == n))
-                    .map(|(_, load)| metrics::max_over_even(&load))
-            };
-            for n in &names {
-                out += &format!(
-                    "| {n} | {} | {} | {} |\n",
-                    fmt_opt(at(first, n), 2),
-                    fmt_opt(at(last, n), 2),
-                    fmt_opt(last.and_then(|l| l["moe"][n]["entropy"].as_f64()), 3),
-                );
-            }
-        }
-        if config.is_mapping() {
-            out += &format!(
-                "\n<details><summary>train.yaml</summary>\n\n```yaml\n{}```\n</details>\n",
-                serde_yaml::to_string(&config)?
+                "| {} | {} | {} | {} | {} |\n",
+                m["method"].as_str().unwrap_or("-"),
+                if chunk == 0 {
+                    "full".into()
+                } else {
+                    chunk.to_string()
+                },
+                fmt_opt(m["cer"].as_f64(), 2),
+                fmt_opt(m["wer"].as_f64(), 2),
+                fmt_opt(m["rtf"].as_f64(), 4),
             );
         }
     }
-    Ok(out)
+    out
+}
+
+/// How evenly an MoE run's layers routed, first and last log.
+fn run_routing(r: &Run) -> String {
+    let mut out = String::new();
+    out += "\nRouting (busiest expert's share over an even share, 1 = balanced; router entropy, nats), first and last log:\n\n| layer | max/even first | max/even last | entropy last |\n|---|---:|---:|---:|\n";
+    let (first, last) = (r.train.first(), r.train.last());
+    let mut names: Vec<String> = last
+        .map(metrics::moe_loads)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    names.sort_by_key(|n| layer_order(n));
+    let at = |l: Option<&Value>, n: &str| {
+        l.and_then(|l| metrics::moe_loads(l).into_iter().find(|(m, _)| m == n))
+            .map(|(_, load)| metrics::max_over_even(&load))
+    };
+    for n in &names {
+        out += &format!(
+            "| {n} | {} | {} | {} |\n",
+            fmt_opt(at(first, n), 2),
+            fmt_opt(at(last, n), 2),
+            fmt_opt(last.and_then(|l| l["moe"][n]["entropy"].as_f64()), 3),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -346,194 +346,222 @@ impl<'a> Unpickler<'a> {
                     self.take(8)?; // FRAME: a length hint only
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n {
-                        return Err(self.err("stack underflow"));
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
-                }
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::List(items));
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.push(v),
-                        _ => return Err(self.err("APPEND to something that is not a list")),
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.extend(items),
-                        _ => return Err(self.err("APPENDS to something that is not a list")),
-                    }
-                }
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let d = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
-                    self.stack.push(Value::Dict(d));
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    match self.top()? {
-                        Value::Dict(d) => d.push((k, v)),
-                        _ => return Err(self.err("SETITEM on something that is not a dict")),
-                    }
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    let kv = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
-                    match self.top()? {
-                        Value::Dict(d) => d.extend(kv),
-                        _ => return Err(self.err("SETITEMS on something that is not a dict")),
-                    }
-                }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => {
-                    let v = i32::from_le_bytes(self.le()?);
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
-                }
-                b'M' => {
-                    let v = u16::from_le_bytes(self.le()?);
-                    self.stack.push(Value::Int(v as i64));
-                }
-                0x8a => {
-                    let n = self.u8()? as usize;
-                    if n > 8 {
-                        return Err(self.err("integer wider than 64 bits"));
-                    }
-                    let b = self.take(n)?;
-                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xffu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
-                    buf[..n].copy_from_slice(b);
-                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.le()?);
-                    self.stack.push(Value::Float(v));
-                }
-                b'X' => {
-                    let n = u32::from_le_bytes(self.le()?) as usize;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                0x8d => {
-                    let n = u64::from_le_bytes(self.le()?) as usize;
-                    let v = self.text(n)?;
-                    self.stack.push(v);
-                }
-                // Python 2 str (a state dict saved under Python 2 has them as keys).
-                b'U' | b'T' | b'C' | b'B' => {
-                    let n = if matches!(op, b'U' | b'C') {
-                        self.u8()? as usize
-                    } else {
-                        u32::from_le_bytes(self.le()?) as usize
-                    };
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(match (op, String::from_utf8(b)) {
-                        (b'U' | b'T', Ok(s)) => Value::Str(s),
-                        (_, Ok(s)) => Value::Bytes(s.into_bytes()),
-                        (_, Err(e)) => Value::Bytes(e.into_bytes()),
-                    });
-                }
-                b'q' => {
-                    let k = self.u8()? as u32;
-                    self.memo_put(k)?;
-                }
-                b'r' => {
-                    let k = u32::from_le_bytes(self.le()?);
-                    self.memo_put(k)?;
-                }
-                0x94 => {
-                    let k = self.memo.len() as u32;
-                    self.memo_put(k)?;
-                }
-                b'h' => {
-                    let k = self.u8()? as u32;
-                    self.memo_get(k)?;
-                }
-                b'j' => {
-                    let k = u32::from_le_bytes(self.le()?);
-                    self.memo_get(k)?;
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v);
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.global(&module, &name)?;
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.global(&m, &n)?,
-                        _ => return Err(self.err("STACK_GLOBAL operands are not strings")),
-                    }
-                }
-                b'R' => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    let v = self.reduce(f, args)?;
-                    self.stack.push(v);
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let v = self.persistent_load(pid)?;
-                    self.stack.push(v);
-                }
-                b'b' => {
-                    // The state of an OrderedDict (its `_metadata`) or of a tensor (none
-                    // for plain ones): nothing the tensors need.
-                    let _state = self.pop()?;
-                    match self.top()? {
-                        Value::Dict(_) | Value::Tensor(_) => {}
-                        _ => return Err(self.err("BUILD on something that is not a dict")),
-                    }
-                }
                 _ => {
-                    return Err(self.err(format!(
-                        "opcode 0x{op:02x} ({:?}) is not used by torch.save for a state dict",
-                        op as char
-                    )))
+                    let known = self.containers(op)? || self.scalars(op)? || self.references(op)?;
+                    if !known {
+                        return Err(self.err(format!(
+                            "opcode 0x{op:02x} ({:?}) is not used by torch.save for a state dict",
+                            op as char
+                        )));
+                    }
                 }
             }
         }
+    }
+
+    /// Tuples, lists and dicts (marks, building, filling); `false` for another family's op.
+    fn containers(&mut self, op: u8) -> Result<bool, TorchFileError> {
+        match op {
+            b'(' => self.marks.push(self.stack.len()),
+            b')' => self.stack.push(Value::Tuple(Vec::new())),
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    return Err(self.err("stack underflow"));
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items));
+            }
+            b']' => self.stack.push(Value::List(Vec::new())),
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::List(items));
+            }
+            b'a' => {
+                let v = self.pop()?;
+                match self.top()? {
+                    Value::List(l) => l.push(v),
+                    _ => return Err(self.err("APPEND to something that is not a list")),
+                }
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                match self.top()? {
+                    Value::List(l) => l.extend(items),
+                    _ => return Err(self.err("APPENDS to something that is not a list")),
+                }
+            }
+            b'}' => self.stack.push(Value::Dict(Vec::new())),
+            b'd' => {
+                let items = self.pop_mark()?;
+                let d = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
+                self.stack.push(Value::Dict(d));
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                match self.top()? {
+                    Value::Dict(d) => d.push((k, v)),
+                    _ => return Err(self.err("SETITEM on something that is not a dict")),
+                }
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                let kv = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
+                match self.top()? {
+                    Value::Dict(d) => d.extend(kv),
+                    _ => return Err(self.err("SETITEMS on something that is not a dict")),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// None, booleans, integers, floats and strings; `false` for another family's op.
+    fn scalars(&mut self, op: u8) -> Result<bool, TorchFileError> {
+        match op {
+            b'N' => self.stack.push(Value::None),
+            0x88 => self.stack.push(Value::Bool(true)),
+            0x89 => self.stack.push(Value::Bool(false)),
+            b'J' => {
+                let v = i32::from_le_bytes(self.le()?);
+                self.stack.push(Value::Int(v as i64));
+            }
+            b'K' => {
+                let v = self.u8()?;
+                self.stack.push(Value::Int(v as i64));
+            }
+            b'M' => {
+                let v = u16::from_le_bytes(self.le()?);
+                self.stack.push(Value::Int(v as i64));
+            }
+            0x8a => {
+                let n = self.u8()? as usize;
+                if n > 8 {
+                    return Err(self.err("integer wider than 64 bits"));
+                }
+                let b = self.take(n)?;
+                let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                    [0xffu8; 8]
+                } else {
+                    [0u8; 8]
+                };
+                buf[..n].copy_from_slice(b);
+                self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(self.le()?);
+                self.stack.push(Value::Float(v));
+            }
+            b'X' => {
+                let n = u32::from_le_bytes(self.le()?) as usize;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            0x8c => {
+                let n = self.u8()? as usize;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            0x8d => {
+                let n = u64::from_le_bytes(self.le()?) as usize;
+                let v = self.text(n)?;
+                self.stack.push(v);
+            }
+            // Python 2 str (a state dict saved under Python 2 has them as keys).
+            b'U' | b'T' | b'C' | b'B' => {
+                let n = if matches!(op, b'U' | b'C') {
+                    self.u8()? as usize
+                } else {
+                    u32::from_le_bytes(self.le()?) as usize
+                };
+                let b = self.take(n)?.to_vec();
+                self.stack.push(match (op, String::from_utf8(b)) {
+                    (b'U' | b'T', Ok(s)) => Value::Str(s),
+                    (_, Ok(s)) => Value::Bytes(s.into_bytes()),
+                    (_, Err(e)) => Value::Bytes(e.into_bytes()),
+                });
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The memo, stack housekeeping, globals, reductions, storages and BUILD; `false` for
+    /// another family's op.
+    fn references(&mut self, op: u8) -> Result<bool, TorchFileError> {
+        match op {
+            b'q' => {
+                let k = self.u8()? as u32;
+                self.memo_put(k)?;
+            }
+            b'r' => {
+                let k = u32::from_le_bytes(self.le()?);
+                self.memo_put(k)?;
+            }
+            0x94 => {
+                let k = self.memo.len() as u32;
+                self.memo_put(k)?;
+            }
+            b'h' => {
+                let k = self.u8()? as u32;
+                self.memo_get(k)?;
+            }
+            b'j' => {
+                let k = u32::from_le_bytes(self.le()?);
+                self.memo_get(k)?;
+            }
+            b'0' => {
+                self.pop()?;
+            }
+            b'1' => {
+                self.pop_mark()?;
+            }
+            b'2' => {
+                let v = self.top()?.clone();
+                self.stack.push(v);
+            }
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.global(&module, &name)?;
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => self.global(&m, &n)?,
+                    _ => return Err(self.err("STACK_GLOBAL operands are not strings")),
+                }
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let f = self.pop()?;
+                let v = self.reduce(f, args)?;
+                self.stack.push(v);
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                let v = self.persistent_load(pid)?;
+                self.stack.push(v);
+            }
+            b'b' => {
+                // The state of an OrderedDict (its `_metadata`) or of a tensor (none
+                // for plain ones): nothing the tensors need.
+                let _state = self.pop()?;
+                match self.top()? {
+                    Value::Dict(_) | Value::Tensor(_) => {}
+                    _ => return Err(self.err("BUILD on something that is not a dict")),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
 
@@ -565,6 +593,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
         message,
     };
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let archive_len = file.metadata().map_err(io_err(path))?.len();
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(io_err(path))?;
     if n < 4 || magic != *b"PK\x03\x04" {
@@ -597,7 +626,8 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
             Err(zip::result::ZipError::FileNotFound) => return Ok(None),
             Err(e) => return Err(format(format!("{full}: {e}"))),
         };
-        let mut buf = Vec::with_capacity(f.size() as usize);
+        // The entry's size is the archive's claim: never reserve more than the file holds.
+        let mut buf = Vec::with_capacity(f.size().min(archive_len) as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| format(format!("{full}: {e}")))?;
         Ok(Some(buf))
@@ -647,49 +677,56 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
         if !storages.contains_key(&t.key) {
             let bytes = record(&format!("data/{}", t.key))?
                 .ok_or_else(|| bad(format!("storage data/{} is missing", t.key)))?;
-            let want = usize::try_from(t.numel)
-                .ok()
-                .and_then(|n| n.checked_mul(t.kind.elt_size_in_bytes()));
-            let Some(want) = want.filter(|&w| w <= bytes.len()) else {
-                return Err(bad(format!(
-                    "storage data/{} holds {} bytes, too few for {} elements of {:?}",
-                    t.key,
-                    bytes.len(),
-                    t.numel,
-                    t.kind
-                )));
-            };
-            let s = Tensor::f_from_data_size(&bytes[..want], &[t.numel], t.kind)
-                .map_err(|e| bad(e.to_string()))?;
-            storages.insert(t.key.clone(), s);
+            storages.insert(t.key.clone(), storage(&t, &bytes).map_err(bad)?);
         }
-        let storage = &storages[&t.key];
-        if t.size.iter().chain(&t.stride).any(|&x| x < 0) || t.offset < 0 {
-            return Err(bad("negative size, stride or offset".into()));
-        }
-        // The last element a view reaches must lie inside its storage.
-        if !t.size.contains(&0) {
-            // In i128: sizes and strides come from the file and may be absurd.
-            let last = t.offset as i128
-                + t.size
-                    .iter()
-                    .zip(&t.stride)
-                    .map(|(&n, &s)| (n as i128 - 1) * s as i128)
-                    .sum::<i128>();
-            if last >= t.numel as i128 {
-                return Err(bad(format!(
-                    "view (offset {}, size {:?}, stride {:?}) reaches past its storage of {} elements",
-                    t.offset, t.size, t.stride, t.numel
-                )));
-            }
-        }
-        let tensor = storage
-            .f_as_strided(&t.size, &t.stride, Some(t.offset))
-            .and_then(|v| v.f_contiguous())
-            .map_err(|e| bad(e.to_string()))?;
+        let tensor = view(&t, &storages[&t.key]).map_err(bad)?;
         out.push((name, tensor));
     }
     Ok(out)
+}
+
+/// The storage `t` lives in, from its record's bytes (which must hold its elements).
+fn storage(t: &TensorRef, bytes: &[u8]) -> Result<Tensor, String> {
+    let want = usize::try_from(t.numel)
+        .ok()
+        .and_then(|n| n.checked_mul(t.kind.elt_size_in_bytes()));
+    let Some(want) = want.filter(|&w| w <= bytes.len()) else {
+        return Err(format!(
+            "storage data/{} holds {} bytes, too few for {} elements of {:?}",
+            t.key,
+            bytes.len(),
+            t.numel,
+            t.kind
+        ));
+    };
+    Tensor::f_from_data_size(&bytes[..want], &[t.numel], t.kind).map_err(|e| e.to_string())
+}
+
+/// `t`'s view of `storage`, copied out, after checking that it stays inside it.
+fn view(t: &TensorRef, storage: &Tensor) -> Result<Tensor, String> {
+    if t.size.iter().chain(&t.stride).any(|&x| x < 0) || t.offset < 0 {
+        return Err("negative size, stride or offset".into());
+    }
+    // The last element a view reaches must lie inside its storage.
+    if !t.size.contains(&0) {
+        // In i128: sizes and strides come from the file and may be absurd.
+        let last = t.offset as i128
+            + t.size
+                .iter()
+                .zip(&t.stride)
+                .map(|(&n, &s)| (n as i128 - 1) * s as i128)
+                .sum::<i128>();
+        if last >= t.numel as i128 {
+            return Err(format!(
+                "view (offset {}, size {:?}, stride {:?}) reaches past its storage of {} elements",
+                t.offset, t.size, t.stride, t.numel
+            ));
+        }
+    }
+    storage
+        .f_as_strided(&t.size, &t.stride, Some(t.offset))
+        .and_then(|v| v.f_contiguous())
+        .map_err(|e| e.to_string())
 }
 
 /// The pickle of a state dict as `torch.save` writes it (protocol 2), tensor `i` in

@@ -1,6 +1,11 @@
-//! The training loop (single process): data, model, AdamW, schedule, gradient
-//! accumulation and clipping, dynamic chunks, non-finite loss handling, metrics,
-//! periodic dev evaluation and checkpoints.
+//! The training loop: data, model, AdamW, schedule, gradient accumulation and
+//! clipping, dynamic chunks, non-finite loss handling, metrics, periodic dev evaluation
+//! and checkpoints, in one process or many.
+//!
+//! [`Trainer::new`] builds a run (or restores it from a checkpoint) and
+//! [`Trainer::run`] is the loop, each phase a method: `step`, `log_step`, `evaluate`,
+//! `checkpoint`. The step itself (forward, backward, gradient synchronisation and
+//! clipping, the optimizer) is [`Learner`]'s, which the training-step benchmark times.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,20 +17,19 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::loader::{stream_seed, Batch, DataLoader, Mode, Shard};
-use upcycle_data::text::Units;
-use upcycle_model::asr::AsrModel;
-use upcycle_model::asr::Losses;
+use upcycle_model::asr::{AsrModel, Losses, Vocab};
 use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
-use upcycle_model::moe::Routing;
-use upcycle_model::precision::autocast;
+use upcycle_model::moe::{MoeContext, Routing};
+use upcycle_model::precision::{autocast, Precision};
 use upcycle_model::search::ctc_greedy;
 use upcycle_parallel::groups::validate_layout;
 
-use crate::checkpoint::{self, SaveRequest, TrainState};
-use crate::config::TrainConfig;
+use crate::checkpoint::{self, Checkpointer, LoadedModel, SaveRequest, TrainState};
+use crate::config::{TrainConfig, UpcycleConf};
+use upcycle_data::cmvn::CmvnStats;
+use upcycle_data::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode, Shard};
+use upcycle_data::text::Units;
 use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
 use crate::metrics::MetricsLog;
@@ -169,7 +173,7 @@ impl RoutingWindow {
 }
 
 /// Dev-set loss and CTC greedy CER.
-fn evaluate(
+fn evaluate_dev(
     model: &AsrModel,
     loader: &DataLoader,
     units: &Units,
@@ -221,7 +225,8 @@ fn evaluate(
     Ok((loss_sum / utts.max(1) as f64, er))
 }
 
-fn to_device(b: &Batch, d: Device) -> [tch::Tensor; 4] {
+/// A batch's `[feats, feats_lengths, target, target_lengths]` on device `d`.
+pub fn to_device(b: &Batch, d: Device) -> [tch::Tensor; 4] {
     [
         b.feats.to_device(d),
         b.feats_lengths.to_device(d),
@@ -319,6 +324,637 @@ fn pointer(v: &serde_json::Value, path: &str) -> serde_json::Value {
 
 /// Trains until `max_steps`, `max_minutes` or `max_epoch`, whichever comes first.
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    Trainer::new(opts)?.run()
+}
+
+/// The model `config` builds on `vs` from seed `seed` (its experts placed as `moe`
+/// says), normalising its input with CMVN `mean` and inverse standard deviation `istd`.
+pub fn build_model(
+    config: &TrainConfig,
+    vs: &nn::VarStore,
+    vocab: Vocab,
+    moe: &MoeContext,
+    (mean, istd): (&[f32], &[f32]),
+    seed: u64,
+) -> Result<AsrModel> {
+    tch::manual_seed(seed as i64);
+    let mut model = config.build_model_with(&vs.root(), vocab, moe)?;
+    model.encoder_mut().global_cmvn_mut().set(mean, istd);
+    Ok(model)
+}
+
+/// One batch's forward pass (with the losses).
+pub struct Forward {
+    /// The training objective on the host (distillation included).
+    pub loss: f64,
+    /// The model's losses and routing statistics; `losses.loss` is the objective.
+    pub losses: Losses,
+    /// The distillation term before its weight, when there is a teacher.
+    pub distill: Option<Tensor>,
+}
+
+/// The model being trained and what updates it: the training step that the trainer
+/// runs and the benchmark times. One optimizer step is [`Learner::forward`] and
+/// [`Learner::backward`] on each of `accum_grad` batches, then [`Learner::sync_and_clip`]
+/// and [`Learner::apply`].
+pub struct Learner {
+    model: AsrModel,
+    /// A frozen model whose encoder output the student's is pulled towards, and the
+    /// weight of that term.
+    teacher: Option<(LoadedModel, f64)>,
+    opt: AdamW,
+    /// In name order: every worker synchronises the same gradients in the same order.
+    params: Vec<(String, Tensor)>,
+    precision: Precision,
+    device: Device,
+    accum_grad: u64,
+    grad_clip: f64,
+}
+
+impl Learner {
+    /// `model` (its parameters in `vs`) trained as `config` says (optimizer, precision,
+    /// gradient accumulation and clipping), optionally distilled from `teacher`.
+    pub fn new(
+        vs: &nn::VarStore,
+        model: AsrModel,
+        config: &TrainConfig,
+        teacher: Option<(LoadedModel, f64)>,
+    ) -> Self {
+        let mut opt_conf = config.optim_conf.clone();
+        if config.optim == "adam" {
+            opt_conf.weight_decay = 0.0;
+        }
+        let params: BTreeMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .collect();
+        let param_list: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect();
+        Self {
+            model,
+            teacher,
+            opt: AdamW::new(opt_conf, params.into_iter().collect()),
+            params: param_list,
+            precision: config.upcycle_conf.precision,
+            device: vs.device(),
+            accum_grad: config.accum_grad,
+            grad_clip: config.grad_clip,
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &AsrModel {
+        &self.model
+    }
+
+    /// The trainable parameters, in name order.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// The optimizer, to restore its state.
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
+    /// The forward pass over `[feats, feats_lengths, target, target_lengths]` (on the
+    /// model's device) with attention chunks `chunk`, in the configured precision.
+    pub fn forward(&self, batch: &[Tensor; 4], chunk: ChunkMode) -> Forward {
+        let [feats, lens, target, tlens] = batch;
+        let (precision, device) = (self.precision, self.device);
+        let mut l = autocast(precision, device, || {
+            self.model.forward(feats, lens, target, tlens, chunk, true)
+        });
+        let distill = self.teacher.as_ref().map(|(t, weight)| {
+            let (teacher_out, _) = autocast(precision, device, || {
+                tch::no_grad(|| {
+                    t.model
+                        .encoder()
+                        .forward(feats, lens, chunk, false, &mut Routing::off())
+                })
+            });
+            let (student_out, mask) = &l.encoder_out;
+            let d = distillation_loss(student_out, &teacher_out, mask);
+            l.loss = &l.loss + &d * *weight;
+            d
+        });
+        Forward {
+            loss: l.loss.double_value(&[]),
+            losses: l,
+            distill,
+        }
+    }
+
+    /// Accumulates the gradients of `f`'s objective (divided by the batches an update
+    /// accumulates).
+    pub fn backward(&self, f: &Forward) {
+        (&f.losses.loss / self.accum_grad as f64).backward();
+    }
+
+    /// Synchronises the gradients over the workers of `dist` and clips them to the
+    /// configured global norm; returns the norm before clipping.
+    pub fn sync_and_clip(&mut self, dist: &Distributed) -> Result<f64> {
+        dist.sync_gradients(&self.params)?;
+        Ok(match dist.grad_norm(&self.params)? {
+            Some(norm) => {
+                self.opt.clip_to(norm, self.grad_clip);
+                norm
+            }
+            None => self.opt.clip_grad_norm(self.grad_clip),
+        })
+    }
+
+    /// Updates the parameters at learning rate `lr` unless `grad_norm` is not finite,
+    /// then clears the gradients; returns whether it updated.
+    pub fn apply(&mut self, lr: f64, grad_norm: f64) -> Result<bool> {
+        let finite = grad_norm.is_finite();
+        if finite {
+            self.opt.step(lr)?;
+        }
+        self.opt.zero_grad();
+        Ok(finite)
+    }
+}
+
+/// What rank 0 writes and shows (metrics lines, the progress bar; other ranks keep a
+/// hidden bar), and the steps since the last metrics line.
+struct Log {
+    metrics: Option<MetricsLog>,
+    bar: indicatif::ProgressBar,
+    /// Start of the window (also moved past each evaluation and save).
+    window: Instant,
+    frames: usize,
+    loss: f64,
+    ctc: f64,
+    att: f64,
+    batches: u64,
+    routing: RoutingWindow,
+    times: StepTimes,
+}
+
+impl Log {
+    fn new(
+        dist: &Distributed,
+        out: &std::path::Path,
+        tensorboard: bool,
+        steps: u64,
+    ) -> Result<Self> {
+        let metrics = dist
+            .is_main()
+            .then(|| MetricsLog::create(out, tensorboard))
+            .transpose()?;
+        let bar = if dist.is_main() {
+            indicatif::ProgressBar::new(steps)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Ok(Self {
+            metrics,
+            bar,
+            window: Instant::now(),
+            frames: 0,
+            loss: 0.0,
+            ctc: 0.0,
+            att: 0.0,
+            batches: 0,
+            routing: RoutingWindow::default(),
+            times: StepTimes::default(),
+        })
+    }
+
+    /// Writes a metrics line (rank 0).
+    fn write(&mut self, line: serde_json::Value) -> Result<()> {
+        self.metrics.as_mut().map_or(Ok(()), |m| m.log(&line))
+    }
+
+    /// Counts a trained batch of `frames` frames into the window.
+    fn add(&mut self, frames: usize, f: &Forward) {
+        self.frames += frames;
+        self.loss += f.loss;
+        self.ctc += f.losses.ctc.double_value(&[]);
+        self.att += f.losses.att.double_value(&[]);
+        self.batches += 1;
+        self.routing.add(&f.losses, f.distill.as_ref());
+    }
+}
+
+/// What an optimizer step used.
+struct Update {
+    lr: f64,
+    grad_norm: f64,
+}
+
+/// The dataset's files as a run reads them.
+struct Dataset {
+    train_list: PathBuf,
+    dev_list: PathBuf,
+    units: Arc<Units>,
+    cmvn: CmvnStats,
+}
+
+/// A training run: [`Trainer::new`] builds it (or restores it from a checkpoint),
+/// [`Trainer::run`] trains it, one method per phase.
+pub struct Trainer {
+    config: TrainConfig,
+    uc: UpcycleConf,
+    dist: Distributed,
+    data: Dataset,
+    vs: nn::VarStore,
+    learner: Learner,
+    freeze: FreezeSchedule,
+    /// The freezing phase in force (`None` before the first step).
+    phase: Option<Option<usize>>,
+    schedule: Schedule,
+    train_loader: DataLoader,
+    dev_loader: DataLoader,
+    total_steps: u64,
+    eval_interval: u64,
+    state: TrainState,
+    log: Log,
+    checkpointer: Checkpointer,
+    /// Time spent before a resume counts (elapsed_s, max_minutes).
+    started: Instant,
+    /// Batches trained since the start (or resume), for gradient accumulation.
+    micro: u64,
+    /// Batches in a row whose loss was not finite.
+    nonfinite_run: u32,
+    last_ckpt: PathBuf,
+    last_dev_cer: Option<f64>,
+}
+
+impl Trainer {
+    /// Builds the run `opts` asks for: the config, the world, the data, the model (from
+    /// a seed, `--init`, or the checkpoint it continues), the optimizer, the schedule.
+    pub fn new(opts: &TrainOptions) -> Result<Self> {
+        let (config, dist) = setup(opts)?;
+        let uc = config.upcycle_conf.clone();
+        let data = Dataset::open(opts, &config, &dist)?;
+        let device = dist.device;
+        let vs = nn::VarStore::new(device);
+        let vocab = crate::config::vocab(&data.units);
+        let moe = dist.moe_context(config.moe_conf.clone());
+        let (mean, istd) = data.cmvn.mean_istd();
+        let model = build_model(&config, &vs, vocab, &moe, (&mean, &istd), uc.seed)?;
+        let resume = restore_weights(opts, &config, &dist, &vs, vocab, (&mean, &istd))?;
+        let teacher = load_teacher(&uc, &model, device)?;
+        let n_params: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        tracing::info!(params = n_params, vocab = vocab.size, sos_eos = vocab.sos_eos, device = ?device, "model built");
+
+        let mut learner = Learner::new(&vs, model, &config, teacher);
+        let params: BTreeMap<String, Tensor> = learner
+            .params()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect();
+        let freeze = FreezeSchedule::new(&uc.freeze, &params).map_err(anyhow::Error::msg)?;
+        let mut state = TrainState::default();
+        if let Some(dir) = &resume {
+            state = restore_optimizer(dir, &dist, learner.optimizer_mut())?;
+        }
+        let schedule = Schedule::new(
+            &config.scheduler,
+            config.optim_conf.lr,
+            &config.scheduler_conf,
+        );
+        let (train_loader, dev_loader) = data.loaders(&config, &dist)?;
+        let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
+        let steps_per_epoch = batches_per_epoch.div_ceil(config.accum_grad);
+        let total_steps = match uc.max_steps {
+            0 => steps_per_epoch * config.max_epoch,
+            n => n,
+        };
+        let eval_interval = match uc.eval_interval {
+            0 => steps_per_epoch.max(1),
+            n => n,
+        };
+        let mut log = Log::new(&dist, &opts.out, uc.tensorboard, total_steps)?;
+        if resume.is_some() {
+            rescale_epoch_position(&mut state, &train_loader)?;
+        }
+        let started = Instant::now() - std::time::Duration::from_secs_f64(state.train_seconds);
+        upcycle_model::profile::enable(uc.profile_forward);
+        log.window = Instant::now();
+        let checkpointer = Checkpointer::new(
+            opts.out.join("checkpoints"),
+            uc.async_checkpoint,
+            uc.keep_checkpoints,
+        );
+        Ok(Self {
+            config,
+            uc,
+            dist,
+            data,
+            vs,
+            learner,
+            freeze,
+            phase: None,
+            schedule,
+            train_loader,
+            dev_loader,
+            total_steps,
+            eval_interval,
+            state,
+            log,
+            checkpointer,
+            started,
+            micro: 0,
+            nonfinite_run: 0,
+            last_ckpt: PathBuf::new(),
+            last_dev_cer: None,
+        })
+    }
+
+    /// Trains until `max_steps`, `max_minutes` or `max_epoch`, whichever comes first:
+    /// steps, logs every `log_interval`, evaluates and saves every `eval_interval` and at
+    /// the end.
+    pub fn run(mut self) -> Result<TrainReport> {
+        self.log.bar.set_position(self.state.step);
+        let first_epoch = self.state.epoch;
+        for epoch in first_epoch..self.config.max_epoch.max(1) {
+            if self.state.step >= self.total_steps {
+                break;
+            }
+            let skip = if epoch == first_epoch {
+                self.state.batches_in_epoch as usize
+            } else {
+                0
+            };
+            let mut batches = self.start_epoch(epoch, skip)?;
+            while let Some(batch) = self.next_batch(&mut batches)? {
+                // None: the batch was skipped, or its gradients wait for more.
+                let Some(update) = self.step(&batch)? else {
+                    continue;
+                };
+                self.log_step(&update)?;
+                let done = self.should_stop()?;
+                if self.state.step % self.eval_interval == 0 || done {
+                    let is_best = self.evaluate()?;
+                    self.checkpoint(is_best)?;
+                }
+                self.poll_checkpoint()?;
+                if done {
+                    return self.finish();
+                }
+            }
+        }
+        self.finish()
+    }
+
+    fn start_epoch(&mut self, epoch: u64, skip: usize) -> Result<EpochIter> {
+        self.state.epoch = epoch;
+        self.log.bar.set_prefix(format!("epoch {epoch}"));
+        let batches = self.train_loader.epoch_from(epoch, skip)?;
+        self.state.epoch_batches = batches.plan().batches_per_rank as u64;
+        Ok(batches)
+    }
+
+    /// The next batch of the epoch (the wait counts as data time).
+    fn next_batch(&mut self, batches: &mut EpochIter) -> Result<Option<Batch>> {
+        let asked = Instant::now();
+        let Some(batch) = batches.next() else {
+            return Ok(None);
+        };
+        let b = batch?;
+        self.log.times.data += asked.elapsed().as_secs_f64();
+        Ok(Some(b))
+    }
+
+    /// Trains on one batch: forward and backward, and every `accum_grad` batches the
+    /// update. A batch whose loss is not finite on any worker is skipped by all.
+    fn step(&mut self, b: &Batch) -> Result<Option<Update>> {
+        let mut lap = Instant::now();
+        self.state.batches_in_epoch = b.index as u64 + 1;
+        // Every random draw of the step is keyed by (seed, epoch, batch): a resumed
+        // run draws what the uninterrupted one would have.
+        let key = [self.uc.seed, self.state.epoch, b.index as u64];
+        let mut chunk_rng = ChaCha8Rng::seed_from_u64(stream_seed(&key));
+        tch::manual_seed(stream_seed(&[key[0], key[1], key[2], self.dist.rank() as u64]) as i64);
+        let batch = to_device(b, self.dist.device);
+        let (draw, left_draw) = (chunk_rng.random(), chunk_rng.random());
+        let chunk = if self.state.step < self.uc.full_context_steps {
+            ChunkMode::Full
+        } else {
+            self.learner
+                .model()
+                .encoder()
+                .training_chunk_mode(draw, left_draw)
+        };
+        self.enter_freeze_phase();
+        let f = self.learner.forward(&batch, chunk);
+        self.log.times.forward += lap_secs(&mut lap);
+        if self.dist.any(!f.loss.is_finite())? {
+            self.skip_nonfinite(b, f.loss)?;
+            return Ok(None);
+        }
+        self.nonfinite_run = 0;
+        self.learner.backward(&f);
+        self.log.times.backward += lap_secs(&mut lap);
+        self.micro += 1;
+        self.log.add(b.num_frames, &f);
+        if self.micro % self.config.accum_grad != 0 {
+            return Ok(None);
+        }
+        let grad_norm = self.learner.sync_and_clip(&self.dist)?;
+        self.log.times.sync += lap_secs(&mut lap);
+        let lr = self.schedule.lr(self.state.step);
+        if !self.learner.apply(lr, grad_norm)? {
+            self.state.skipped += 1;
+            tracing::warn!(
+                step = self.state.step,
+                "non-finite gradient norm; update skipped"
+            );
+        }
+        self.log.times.optimizer += lap_secs(&mut lap);
+        self.state.step += 1;
+        self.log.bar.inc(1);
+        Ok(Some(Update { lr, grad_norm }))
+    }
+
+    /// Sets which parameters train when the step enters another freezing phase.
+    fn enter_freeze_phase(&mut self) {
+        let step = self.state.step;
+        if self.phase != Some(self.freeze.phase_at(step)) {
+            self.phase = Some(self.freeze.phase_at(step));
+            let trainable = self.freeze.apply(step);
+            tracing::info!(step, phase = ?self.phase.flatten(), trainable, "freezing phase");
+        }
+    }
+
+    /// Counts a batch skipped for a non-finite loss; stops the run after
+    /// `max_nonfinite_steps` of them in a row.
+    fn skip_nonfinite(&mut self, b: &Batch, loss: f64) -> Result<()> {
+        self.nonfinite_run += 1;
+        self.state.skipped += 1;
+        tracing::warn!(step = self.state.step, keys = ?b.keys, "non-finite loss {loss}; batch skipped");
+        if self.nonfinite_run >= self.uc.max_nonfinite_steps {
+            self.log.bar.abandon();
+            bail!(
+                "{} batches in a row had a non-finite loss (upcycle_conf.max_nonfinite_steps); \
+                 stopping. Lower optim_conf.lr or raise scheduler_conf.warmup_steps; the last checkpoint is {}",
+                self.nonfinite_run,
+                self.last_ckpt.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Every `log_interval` steps and at the last: a metrics line of the window's means
+    /// over every worker's batches (frames/s of the whole job), then a new window.
+    fn log_step(&mut self, update: &Update) -> Result<()> {
+        let step = self.state.step;
+        if step % self.config.log_interval.max(1) != 0 && step != self.total_steps {
+            return Ok(());
+        }
+        let log = &mut self.log;
+        let secs = log.window.elapsed().as_secs_f64();
+        let totals = self.dist.sum(&[
+            log.frames as f64,
+            log.loss,
+            log.ctc,
+            log.att,
+            log.batches as f64,
+        ])?;
+        let [frames, total_loss, total_ctc, total_att, batches] = totals[..] else {
+            unreachable!("five sums")
+        };
+        let fps = frames / secs.max(1e-9);
+        let n = batches.max(1.0);
+        let Update { lr, grad_norm } = *update;
+        let mut line = json!({
+            "step": step, "epoch": self.state.epoch, "loss": total_loss / n, "loss_ctc": total_ctc / n,
+            "loss_att": total_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
+            "peak_rss_mib": peak_rss_mib(), "skipped": self.state.skipped,
+            "elapsed_s": self.started.elapsed().as_secs_f64(), "freeze_phase": self.phase.flatten(),
+        });
+        log.routing.take_into(&mut line, log.batches.max(1));
+        log.times.take_into(&mut line);
+        for (part, secs) in upcycle_model::profile::take() {
+            line[format!("time_fwd_{part}_s")] = secs.into();
+        }
+        log.write(line)?;
+        log.bar.set_message(format!(
+            "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
+            total_loss / n
+        ));
+        (log.frames, log.loss, log.ctc, log.att, log.batches) = (0, 0.0, 0.0, 0.0, 0);
+        log.window = Instant::now();
+        Ok(())
+    }
+
+    /// Dev loss and CER (CTC greedy), logged and kept in the state; returns whether the
+    /// CER is the best so far (ties go to the newer checkpoint).
+    fn evaluate(&mut self) -> Result<bool> {
+        let (dev_loss, er) = evaluate_dev(
+            self.learner.model(),
+            &self.dev_loader,
+            &self.data.units,
+            self.dist.device,
+            self.uc.eval_utterances,
+        )?;
+        // Only training's forward passes are profiled.
+        upcycle_model::profile::take();
+        let cer = er.cer();
+        let state = &mut self.state;
+        let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);
+        if is_best {
+            state.best_dev_cer = Some(cer);
+        }
+        state.dev_cer = Some(cer);
+        self.last_dev_cer = Some(cer);
+        state.train_seconds = self.started.elapsed().as_secs_f64();
+        let (step, epoch, elapsed) = (state.step, state.epoch, state.train_seconds);
+        self.log.write(
+            json!({"step": step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
+                   "dev_wer": er.wer(), "elapsed_s": elapsed}),
+        )?;
+        self.log.bar.println(format!(
+            "step {step:>6}  dev loss {dev_loss:.3}  dev CER {cer:.2}% (CTC greedy){}",
+            if is_best { "  best" } else { "" }
+        ));
+        Ok(is_best)
+    }
+
+    /// Saves a checkpoint (every worker writes its part; rank 0 the manifest), in the
+    /// background when so configured, and logs how long training waited for it.
+    fn checkpoint(&mut self, is_best: bool) -> Result<()> {
+        let stall = Instant::now();
+        let saved = self.checkpointer.save(
+            &self.dist,
+            self.vs.variables().into_iter().collect(),
+            &self.data.units,
+            SaveRequest {
+                config: &self.config,
+                state: &self.state,
+                units: &self.data.units,
+                cmvn: &self.data.cmvn,
+                optimizer: self.learner.optimizer().state(),
+                is_best,
+            },
+        )?;
+        self.log.write(
+            json!({"step": self.state.step, "checkpoint_stall_s": stall.elapsed().as_secs_f64()}),
+        )?;
+        if let Some(dir) = saved {
+            self.last_ckpt = dir;
+        }
+        self.log.window = Instant::now();
+        Ok(())
+    }
+
+    /// Notes a background save that has finished on every worker.
+    fn poll_checkpoint(&mut self) -> Result<()> {
+        if let Some(dir) = self.checkpointer.poll(&self.dist)? {
+            self.last_ckpt = dir;
+        }
+        Ok(())
+    }
+
+    /// Whether the run stops after this step: its steps or minutes are spent on some
+    /// worker (all agree).
+    fn should_stop(&self) -> Result<bool> {
+        let max = self.uc.max_minutes;
+        let out_of_time = max > 0.0 && self.started.elapsed().as_secs_f64() >= max * 60.0;
+        self.dist
+            .any(self.state.step >= self.total_steps || out_of_time)
+    }
+
+    /// Waits for a background save, and reports.
+    fn finish(mut self) -> Result<TrainReport> {
+        if let Some(dir) = self.checkpointer.finish(&self.dist)? {
+            self.last_ckpt = dir;
+        }
+        self.log.bar.finish_and_clear();
+        Ok(TrainReport {
+            steps: self.state.step,
+            dev_cer: self.last_dev_cer,
+            best_dev_cer: self.state.best_dev_cer,
+            seconds: self.started.elapsed().as_secs_f64(),
+            last_checkpoint: self.last_ckpt,
+        })
+    }
+}
+
+/// The config with `opts`' overrides, validated, and the world of workers it runs in.
+fn setup(opts: &TrainOptions) -> Result<(TrainConfig, Distributed)> {
     let mut config = TrainConfig::load(&opts.config)?;
     if let Some(s) = opts.max_steps {
         config.upcycle_conf.max_steps = s;
@@ -330,7 +966,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     for k in config.ignored_keys() {
         tracing::info!("config key {k} is WeNet's and has no effect here");
     }
-    let uc = config.upcycle_conf.clone();
+    let uc = &config.upcycle_conf;
     if !(uc.collective_timeout_s > 0.0 && uc.collective_timeout_s.is_finite()) {
         bail!("upcycle_conf.collective_timeout_s must be a positive number of seconds");
     }
@@ -339,7 +975,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         std::time::Duration::from_secs_f64(uc.collective_timeout_s),
         opts.device,
     )?;
-    let device = dist.device;
     let expert_counts: Vec<i64> = [
         (
             config.encoder_conf.mlp_type.as_str(),
@@ -358,45 +993,91 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     if uc.threads > 0 {
         tch::set_num_threads(uc.threads);
     }
-    let train_list = opts.data.join("train/data.list");
-    let dev_list = opts.data.join("dev/data.list");
-    for p in [&train_list, &dev_list] {
-        if !p.is_file() {
+    Ok((config, dist))
+}
+
+impl Dataset {
+    /// The dataset `opts.data` (from `upcycle data prepare`), checked against `config`;
+    /// rank 0 creates the output directory and writes the config there.
+    fn open(opts: &TrainOptions, config: &TrainConfig, dist: &Distributed) -> Result<Self> {
+        let train_list = opts.data.join("train/data.list");
+        let dev_list = opts.data.join("dev/data.list");
+        for p in [&train_list, &dev_list] {
+            if !p.is_file() {
+                bail!(
+                    "{} is missing: --data must be a dataset from `upcycle data prepare`",
+                    p.display()
+                );
+            }
+        }
+        let units = Arc::new(Units::load(&opts.data.join("units.txt"))?);
+        let cmvn = CmvnStats::load(&opts.data.join("global_cmvn"))?;
+        if cmvn.mean_stat.len() as i64 != config.input_dim {
             bail!(
-                "{} is missing: --data must be a dataset from `upcycle data prepare`",
-                p.display()
+                "{}: CMVN has {} dimensions, the config's input_dim is {}",
+                opts.data.join("global_cmvn").display(),
+                cmvn.mean_stat.len(),
+                config.input_dim
             );
         }
-    }
-    let units = Arc::new(Units::load(&opts.data.join("units.txt"))?);
-    let cmvn = CmvnStats::load(&opts.data.join("global_cmvn"))?;
-    if cmvn.mean_stat.len() as i64 != config.input_dim {
-        bail!(
-            "{}: CMVN has {} dimensions, the config's input_dim is {}",
-            opts.data.join("global_cmvn").display(),
-            cmvn.mean_stat.len(),
-            config.input_dim
-        );
-    }
-    if dist.is_main() {
-        std::fs::create_dir_all(&opts.out)
-            .with_context(|| format!("creating {}", opts.out.display()))?;
-        std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(&config)?)?;
+        if dist.is_main() {
+            std::fs::create_dir_all(&opts.out)
+                .with_context(|| format!("creating {}", opts.out.display()))?;
+            std::fs::write(opts.out.join("train.yaml"), serde_yaml::to_string(config)?)?;
+        }
+        Ok(Self {
+            train_list,
+            dev_list,
+            units,
+            cmvn,
+        })
     }
 
-    tch::manual_seed(uc.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let vocab = crate::config::vocab(&units);
-    let moe = dist.moe_context(config.moe_conf.clone());
-    let mut model = config.build_model_with(&vs.root(), vocab, &moe)?;
-    let (mean, istd) = cmvn.mean_istd();
-    model.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+    /// The training loader (this worker's shard) and the dev loader (all of it).
+    fn loaders(
+        &self,
+        config: &TrainConfig,
+        dist: &Distributed,
+    ) -> Result<(DataLoader, DataLoader)> {
+        let seed = config.upcycle_conf.seed;
+        let train = DataLoader::new(
+            &self.train_list,
+            self.units.clone(),
+            config.dataset_conf.clone(),
+            Mode::Train,
+            dist.shard(),
+            seed,
+        )?;
+        let dev = DataLoader::new(
+            &self.dev_list,
+            self.units.clone(),
+            config.dataset_conf.clone(),
+            Mode::Eval,
+            Shard::SINGLE,
+            seed,
+        )?;
+        Ok((train, dev))
+    }
+}
+
+/// Loads into `vs` the weights the run starts from: the checkpoint it continues (which
+/// it returns), `--init`'s, or (experts spread over ranks) this worker's part of the
+/// model a single process would build from the seed; then every worker takes rank 0's
+/// replicated parameters.
+fn restore_weights(
+    opts: &TrainOptions,
+    config: &TrainConfig,
+    dist: &Distributed,
+    vs: &nn::VarStore,
+    vocab: Vocab,
+    cmvn: (&[f32], &[f32]),
+) -> Result<Option<PathBuf>> {
     let resume = match &opts.resume {
         Some(dir) => Some(checkpoint::resolve_latest(dir)?),
         None => checkpoint::resolve_latest(&opts.out.join("checkpoints")).ok(),
     };
     if let Some(dir) = &resume {
-        check_resumable(dir, &config)?;
+        check_resumable(dir, config)?;
         if opts.init.is_some() {
             tracing::warn!(from = %dir.display(), "resuming the run; --init is ignored");
         }
@@ -411,10 +1092,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let dir = checkpoint::resolve_parent(init)?;
         Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
     } else if dist.ep() > 1 {
-        tch::manual_seed(uc.seed as i64);
-        let full = nn::VarStore::new(device);
-        let mut m = config.build_model(&full.root(), vocab)?;
-        m.encoder_mut().global_cmvn_mut().set(&mean, &istd);
+        let full = nn::VarStore::new(dist.device);
+        let local = MoeContext::local(config.moe_conf.clone());
+        build_model(config, &full, vocab, &local, cmvn, config.upcycle_conf.seed)?;
         Some((
             full.variables().into_iter().collect(),
             "the seeded model".into(),
@@ -423,355 +1103,67 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         None
     };
     if let Some((tensors, from)) = whole {
-        dist.load_global(&tensors, &vs)
+        dist.load_global(&tensors, vs)
             .with_context(|| format!("loading {from}"))?;
     }
-    dist.broadcast_parameters(&vs)?;
-    let teacher = uc
-        .distill
-        .as_ref()
-        .map(|d| -> Result<_> {
-            let t = checkpoint::load_model(&d.teacher, device)
-                .with_context(|| format!("upcycle_conf.distill.teacher {}", d.teacher.display()))?;
-            if t.model.encoder().output_size() != model.encoder().output_size() {
-                bail!(
-                    "upcycle_conf.distill.teacher: its encoder width {} differs from the student's {}",
-                    t.model.encoder().output_size(),
-                    model.encoder().output_size()
-                );
-            }
-            for mut v in t.vs.trainable_variables() {
-                let _ = v.requires_grad_(false);
-            }
-            Ok((t, d.weight))
-        })
-        .transpose()?;
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
-    tracing::info!(params = n_params, vocab = vocab.size, sos_eos = vocab.sos_eos, device = ?device, "model built");
+    dist.broadcast_parameters(vs)?;
+    Ok(resume)
+}
 
-    let mut opt_conf = config.optim_conf.clone();
-    if config.optim == "adam" {
-        opt_conf.weight_decay = 0.0;
+/// The frozen teacher of `upcycle_conf.distill` and its weight, checked against the
+/// student `model`.
+fn load_teacher(
+    uc: &UpcycleConf,
+    model: &AsrModel,
+    device: Device,
+) -> Result<Option<(LoadedModel, f64)>> {
+    let Some(d) = &uc.distill else {
+        return Ok(None);
+    };
+    let t = checkpoint::load_model(&d.teacher, device)
+        .with_context(|| format!("upcycle_conf.distill.teacher {}", d.teacher.display()))?;
+    if t.model.encoder().output_size() != model.encoder().output_size() {
+        bail!(
+            "upcycle_conf.distill.teacher: its encoder width {} differs from the student's {}",
+            t.model.encoder().output_size(),
+            model.encoder().output_size()
+        );
     }
-    let params: BTreeMap<String, Tensor> = vs
-        .variables()
+    for mut v in t.vs.trainable_variables() {
+        let _ = v.requires_grad_(false);
+    }
+    Ok(Some((t, d.weight)))
+}
+
+/// Restores the optimizer (this worker's rows of its moments) from checkpoint `dir`;
+/// returns the run's state there.
+fn restore_optimizer(
+    dir: &std::path::Path,
+    dist: &Distributed,
+    opt: &mut AdamW,
+) -> Result<TrainState> {
+    let manifest = checkpoint::read_manifest(dir)?;
+    let moments = checkpoint::read_group(dir, "optim")?
         .into_iter()
-        .filter(|(_, v)| v.requires_grad())
-        .collect();
-    let freeze = FreezeSchedule::new(&uc.freeze, &params).map_err(anyhow::Error::msg)?;
-    let mut phase = None;
-    // In name order: every worker synchronises the same gradients in the same order.
-    let param_list: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, p)| (n.clone(), p.shallow_clone()))
-        .collect();
-    let mut opt = AdamW::new(opt_conf, params.into_iter().collect());
-    let mut state = TrainState::default();
-    if let Some(dir) = &resume {
-        let manifest = checkpoint::read_manifest(dir)?;
-        let moments = checkpoint::read_group(dir, "optim")?
-            .into_iter()
-            .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
-            .collect::<Result<Vec<_>>>()?;
-        opt.load_state(&manifest.optimizer_steps(), moments)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        state = checkpoint::read_state(dir)?;
-    }
-    let schedule = Schedule::new(
-        &config.scheduler,
-        config.optim_conf.lr,
-        &config.scheduler_conf,
-    );
-    let train_loader = DataLoader::new(
-        &train_list,
-        units.clone(),
-        config.dataset_conf.clone(),
-        Mode::Train,
-        dist.shard(),
-        uc.seed,
-    )?;
-    let dev_loader = DataLoader::new(
-        &dev_list,
-        units.clone(),
-        config.dataset_conf.clone(),
-        Mode::Eval,
-        Shard::SINGLE,
-        uc.seed,
-    )?;
-    let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
-    let steps_per_epoch = batches_per_epoch.div_ceil(config.accum_grad);
-    let total_steps = if uc.max_steps > 0 {
-        uc.max_steps
-    } else {
-        steps_per_epoch * config.max_epoch
-    };
-    let eval_interval = if uc.eval_interval > 0 {
-        uc.eval_interval
-    } else {
-        steps_per_epoch.max(1)
-    };
+        .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    opt.load_state(&manifest.optimizer_steps(), moments)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    checkpoint::read_state(dir)
+}
 
-    // Rank 0 writes the metrics and shows progress.
-    let mut metrics = dist
-        .is_main()
-        .then(|| MetricsLog::create(&opts.out, uc.tensorboard))
-        .transpose()?;
-    let mut log = |line: serde_json::Value| -> Result<()> {
-        metrics.as_mut().map_or(Ok(()), |m| m.log(&line))
-    };
-    let bar = if dist.is_main() {
-        indicatif::ProgressBar::new(total_steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-
-    if resume.is_some() {
-        // The same share of the epoch is done; with another layout or batch size the
-        // batches (and utterances) that follow are not those of an uninterrupted run.
-        let now = train_loader.plan(state.epoch)?.batches_per_rank as u64;
-        if state.epoch_batches > 0 && now != state.epoch_batches {
-            tracing::warn!(
-                saved = state.epoch_batches,
-                now,
-                "resuming with another number of batches per epoch (workers or batch size changed): \
-                 the rest of this epoch's data order differs from an uninterrupted run"
-            );
-            state.batches_in_epoch = state.batches_in_epoch * now / state.epoch_batches;
-        }
+/// Keeps the same share of the resumed epoch done; with another layout or batch size
+/// the batches (and utterances) that follow are not those of an uninterrupted run.
+fn rescale_epoch_position(state: &mut TrainState, loader: &DataLoader) -> Result<()> {
+    let now = loader.plan(state.epoch)?.batches_per_rank as u64;
+    if state.epoch_batches > 0 && now != state.epoch_batches {
+        tracing::warn!(
+            saved = state.epoch_batches,
+            now,
+            "resuming with another number of batches per epoch (workers or batch size changed): \
+             the rest of this epoch's data order differs from an uninterrupted run"
+        );
+        state.batches_in_epoch = state.batches_in_epoch * now / state.epoch_batches;
     }
-    let ckpt_root = opts.out.join("checkpoints");
-    // Time spent before a resume counts (elapsed_s, max_minutes).
-    let started = Instant::now() - std::time::Duration::from_secs_f64(state.train_seconds);
-    let mut window = Instant::now();
-    let (mut win_frames, mut win_loss, mut win_ctc, mut win_att, mut win_n) =
-        (0usize, 0.0, 0.0, 0.0, 0u64);
-    let mut win_moe = RoutingWindow::default();
-    let mut times = StepTimes::default();
-    upcycle_model::profile::enable(uc.profile_forward);
-    let mut micro = 0u64;
-    let mut nonfinite_run = 0u32;
-    let mut skipped_total = state.skipped;
-    let mut last_ckpt = PathBuf::new();
-    let mut checkpointer =
-        checkpoint::Checkpointer::new(ckpt_root.clone(), uc.async_checkpoint, uc.keep_checkpoints);
-    let mut last_dev_cer = None;
-    let out_of_time =
-        |s: &Instant| uc.max_minutes > 0.0 && s.elapsed().as_secs_f64() >= uc.max_minutes * 60.0;
-
-    bar.set_position(state.step);
-    let first_epoch = state.epoch;
-    'epochs: for epoch in first_epoch..config.max_epoch.max(1) {
-        if state.step >= total_steps {
-            break;
-        }
-        let skip = if epoch == first_epoch {
-            state.batches_in_epoch as usize
-        } else {
-            0
-        };
-        state.epoch = epoch;
-        bar.set_prefix(format!("epoch {epoch}"));
-        let batches = train_loader.epoch_from(epoch, skip)?;
-        state.epoch_batches = batches.plan().batches_per_rank as u64;
-        let mut batches = batches;
-        loop {
-            let asked = Instant::now();
-            let Some(batch) = batches.next() else {
-                break;
-            };
-            let b = batch?;
-            times.data += asked.elapsed().as_secs_f64();
-            let mut lap = Instant::now();
-            state.batches_in_epoch = b.index as u64 + 1;
-            // Every random draw of the step is keyed by (seed, epoch, batch): a resumed
-            // run draws what the uninterrupted one would have.
-            let key = [uc.seed, epoch, b.index as u64];
-            let mut chunk_rng = ChaCha8Rng::seed_from_u64(stream_seed(&key));
-            tch::manual_seed(stream_seed(&[key[0], key[1], key[2], dist.rank() as u64]) as i64);
-            let [feats, lens, target, tlens] = to_device(&b, device);
-            let (draw, left_draw) = (chunk_rng.random(), chunk_rng.random());
-            let chunk = if state.step < uc.full_context_steps {
-                ChunkMode::Full
-            } else {
-                model.encoder().training_chunk_mode(draw, left_draw)
-            };
-            if phase != Some(freeze.phase_at(state.step)) {
-                phase = Some(freeze.phase_at(state.step));
-                let trainable = freeze.apply(state.step);
-                tracing::info!(step = state.step, phase = ?phase.flatten(), trainable, "freezing phase");
-            }
-            let mut l = autocast(uc.precision, device, || {
-                model.forward(&feats, &lens, &target, &tlens, chunk, true)
-            });
-            let distill = teacher.as_ref().map(|(t, weight)| {
-                let (teacher_out, _) = autocast(uc.precision, device, || {
-                    tch::no_grad(|| {
-                        t.model
-                            .encoder()
-                            .forward(&feats, &lens, chunk, false, &mut Routing::off())
-                    })
-                });
-                let (student_out, mask) = &l.encoder_out;
-                let d = distillation_loss(student_out, &teacher_out, mask);
-                l.loss = &l.loss + &d * *weight;
-                d
-            });
-            let loss = l.loss.double_value(&[]);
-            times.forward += lap_secs(&mut lap);
-            if dist.any(!loss.is_finite())? {
-                nonfinite_run += 1;
-                skipped_total += 1;
-                tracing::warn!(step = state.step, keys = ?b.keys, "non-finite loss {loss}; batch skipped");
-                if nonfinite_run >= uc.max_nonfinite_steps {
-                    bar.abandon();
-                    bail!(
-                        "{nonfinite_run} batches in a row had a non-finite loss (upcycle_conf.max_nonfinite_steps); \
-                         stopping. Lower optim_conf.lr or raise scheduler_conf.warmup_steps; the last checkpoint is {}",
-                        last_ckpt.display()
-                    );
-                }
-                continue;
-            }
-            nonfinite_run = 0;
-            (&l.loss / config.accum_grad as f64).backward();
-            times.backward += lap_secs(&mut lap);
-            micro += 1;
-            win_frames += b.num_frames;
-            win_loss += loss;
-            win_ctc += l.ctc.double_value(&[]);
-            win_att += l.att.double_value(&[]);
-            win_n += 1;
-            win_moe.add(&l, distill.as_ref());
-            if micro % config.accum_grad != 0 {
-                continue;
-            }
-            dist.sync_gradients(&param_list)?;
-            let grad_norm = match dist.grad_norm(&param_list)? {
-                Some(norm) => {
-                    opt.clip_to(norm, config.grad_clip);
-                    norm
-                }
-                None => opt.clip_grad_norm(config.grad_clip),
-            };
-            times.sync += lap_secs(&mut lap);
-            let lr = schedule.lr(state.step);
-            if grad_norm.is_finite() {
-                opt.step(lr)?;
-            } else {
-                skipped_total += 1;
-                tracing::warn!(
-                    step = state.step,
-                    "non-finite gradient norm; update skipped"
-                );
-            }
-            opt.zero_grad();
-            times.optimizer += lap_secs(&mut lap);
-            state.step += 1;
-            bar.inc(1);
-
-            if state.step % config.log_interval.max(1) == 0 || state.step == total_steps {
-                let secs = window.elapsed().as_secs_f64();
-                // Means over every worker's batches; frames/s of the whole job.
-                let totals =
-                    dist.sum(&[win_frames as f64, win_loss, win_ctc, win_att, win_n as f64])?;
-                let [frames, total_loss, total_ctc, total_att, batches] = totals[..] else {
-                    unreachable!("five sums")
-                };
-                let fps = frames / secs.max(1e-9);
-                let n = batches.max(1.0);
-                let mut line = json!({
-                    "step": state.step, "epoch": epoch, "loss": total_loss / n, "loss_ctc": total_ctc / n,
-                    "loss_att": total_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
-                    "peak_rss_mib": peak_rss_mib(), "skipped": skipped_total,
-                    "elapsed_s": started.elapsed().as_secs_f64(), "freeze_phase": phase.flatten(),
-                });
-                win_moe.take_into(&mut line, win_n.max(1));
-                times.take_into(&mut line);
-                for (part, secs) in upcycle_model::profile::take() {
-                    line[format!("time_fwd_{part}_s")] = secs.into();
-                }
-                log(line)?;
-                bar.set_message(format!(
-                    "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
-                    total_loss / n
-                ));
-                (win_frames, win_loss, win_ctc, win_att, win_n) = (0, 0.0, 0.0, 0.0, 0);
-                window = Instant::now();
-            }
-            let done = dist.any(state.step >= total_steps || out_of_time(&started))?;
-            if state.step % eval_interval == 0 || done {
-                let (dev_loss, er) =
-                    evaluate(&model, &dev_loader, &units, device, uc.eval_utterances)?;
-                // Only training's forward passes are profiled.
-                upcycle_model::profile::take();
-                let cer = er.cer();
-                // Ties go to the newer checkpoint.
-                let is_best = state.best_dev_cer.is_none_or(|b| cer <= b);
-                if is_best {
-                    state.best_dev_cer = Some(cer);
-                }
-                state.dev_cer = Some(cer);
-                last_dev_cer = Some(cer);
-                state.train_seconds = started.elapsed().as_secs_f64();
-                state.skipped = skipped_total;
-                log(
-                    json!({"step": state.step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
-                           "dev_wer": er.wer(), "elapsed_s": state.train_seconds}),
-                )?;
-                bar.println(format!(
-                    "step {:>6}  dev loss {dev_loss:.3}  dev CER {cer:.2}% (CTC greedy){}",
-                    state.step,
-                    if is_best { "  best" } else { "" }
-                ));
-                // Every worker writes its part; rank 0 the manifest.
-                let stall = Instant::now();
-                let saved = checkpointer.save(
-                    &dist,
-                    vs.variables().into_iter().collect(),
-                    &units,
-                    SaveRequest {
-                        config: &config,
-                        state: &state,
-                        units: &units,
-                        cmvn: &cmvn,
-                        optimizer: opt.state(),
-                        is_best,
-                    },
-                )?;
-                log(
-                    json!({"step": state.step, "checkpoint_stall_s": stall.elapsed().as_secs_f64()}),
-                )?;
-                if let Some(dir) = saved {
-                    last_ckpt = dir;
-                }
-                window = Instant::now();
-            }
-            if let Some(dir) = checkpointer.poll(&dist)? {
-                last_ckpt = dir;
-            }
-            if done {
-                break 'epochs;
-            }
-        }
-    }
-    if let Some(dir) = checkpointer.finish(&dist)? {
-        last_ckpt = dir;
-    }
-    bar.finish_and_clear();
-    Ok(TrainReport {
-        steps: state.step,
-        dev_cer: last_dev_cer,
-        best_dev_cer: state.best_dev_cer,
-        seconds: started.elapsed().as_secs_f64(),
-        last_checkpoint: last_ckpt,
-    })
+    Ok(())
 }

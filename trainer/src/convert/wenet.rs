@@ -271,6 +271,33 @@ fn default_units(o: &ImportOptions, config: &TrainConfig) -> Result<PathBuf> {
 /// Imports a WeNet checkpoint as our `out/step-0`; returns that directory.
 pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
     check_new(&o.out)?;
+    let config = wenet_config(o)?;
+    let (units, units_path) = wenet_units(o, &config)?;
+    let given_cmvn = o.cmvn.as_deref().map(CmvnStats::load).transpose()?;
+    let (mut tensors, saved_kind) = wenet_weights(o, units.len() as i64, &units_path)?;
+    let cmvn = wenet_cmvn(o, &config, &mut tensors, given_cmvn, saved_kind)?;
+
+    // Build in a hidden sibling and load it back with the checkpoint loader, which checks
+    // every tensor's name and shape against the model the config builds.
+    let (tmp, parent) = staging(&o.out, "import")?;
+    let result = write_checked(&tmp, &config, &units, &cmvn, &tensors).with_context(|| {
+        format!(
+            "--checkpoint {} does not fit the model that --config {} describes",
+            o.checkpoint.display(),
+            o.config.display()
+        )
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    publish(&tmp, &o.out, &parent)?;
+    Ok(o.out.join("step-0"))
+}
+
+/// The train.yaml, checked for what WeNet's model would compute otherwise; the keys with
+/// no meaning here logged, and what WeNet says of the checkpoint (its info yaml).
+fn wenet_config(o: &ImportOptions) -> Result<TrainConfig> {
     let what_to_do = "the WeNet train.yaml has an option upcycle's model does not have or \
                       supports differently: edit it (remove the key if its value is WeNet's \
                       default) or this checkpoint cannot be imported";
@@ -293,9 +320,15 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
             o.checkpoint.display()
         );
     }
+    Ok(config)
+}
+
+/// The units (and where they came from), checked against `output_dim` and the
+/// `<sos>`/`<eos>` the model was trained with.
+fn wenet_units(o: &ImportOptions, config: &TrainConfig) -> Result<(Units, PathBuf)> {
     let units_path = match &o.units {
         Some(u) => u.clone(),
-        None => default_units(o, &config)?,
+        None => default_units(o, config)?,
     };
     tracing::info!("units: {}", units_path.display());
     let units = Units::load(&units_path)?;
@@ -320,8 +353,16 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
         o.config.display(),
         units_path.display()
     );
-    let given_cmvn = o.cmvn.as_deref().map(CmvnStats::load).transpose()?;
+    Ok((units, units_path))
+}
 
+/// The checkpoint's tensors under our names, widened to float32, and the precision the
+/// CMVN buffers were saved in.
+fn wenet_weights(
+    o: &ImportOptions,
+    vocab: i64,
+    units_path: &Path,
+) -> Result<(BTreeMap<String, Tensor>, Kind)> {
     let wenet = read_wenet_tensors(&o.checkpoint)
         .with_context(|| format!("--checkpoint {}", o.checkpoint.display()))?;
     if let Some(w) = wenet.get("ctc.ctc_lo.weight") {
@@ -336,103 +377,106 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
     }
     let mut tensors = from_wenet(wenet)
         .map_err(|e| anyhow::anyhow!("--checkpoint {}: {e}", o.checkpoint.display()))?;
-    // Our checkpoints are float32; half-precision weights widen exactly. A --cmvn file
-    // is compared with the buffers at the precision they were saved in.
+    // Our checkpoints are float32; half-precision weights widen exactly.
     let saved_kind = tensors.get(CMVN_MEAN).map_or(Kind::Float, Tensor::kind);
     for t in tensors.values_mut() {
         if matches!(t.kind(), Kind::Half | Kind::BFloat16) {
             *t = t.to_kind(Kind::Float);
         }
     }
+    Ok((tensors, saved_kind))
+}
 
-    let cmvn = match (tensors.get(CMVN_MEAN), tensors.get(CMVN_ISTD), given_cmvn) {
-        (Some(mean), Some(istd), None) => cmvn_from_buffers(mean, istd)?,
-        (Some(mean), Some(istd), Some(given)) => {
-            let (m, s) = given.mean_istd();
-            let close = |a: &Tensor, b: Vec<f32>| {
-                let b = Tensor::from_slice(&b)
-                    .to_kind(saved_kind)
-                    .to_kind(Kind::Float);
-                a.size() == b.size() && a.to_kind(Kind::Float).allclose(&b, 1e-4, 1e-6, false)
-            };
-            ensure!(
-                close(mean, m) && close(istd, s),
-                "--cmvn {}: its mean and inverse std differ from the checkpoint's {CMVN_MEAN} \
+/// The CMVN statistics: the checkpoint's buffers (a `--cmvn` file must agree with them
+/// at the precision they were saved in), or the identity for a model without CMVN.
+fn wenet_cmvn(
+    o: &ImportOptions,
+    config: &TrainConfig,
+    tensors: &mut BTreeMap<String, Tensor>,
+    given: Option<CmvnStats>,
+    saved_kind: Kind,
+) -> Result<CmvnStats> {
+    Ok(
+        match (tensors.get(CMVN_MEAN), tensors.get(CMVN_ISTD), given) {
+            (Some(mean), Some(istd), None) => cmvn_from_buffers(mean, istd)?,
+            (Some(mean), Some(istd), Some(given)) => {
+                let (m, s) = given.mean_istd();
+                let close = |a: &Tensor, b: Vec<f32>| {
+                    let b = Tensor::from_slice(&b)
+                        .to_kind(saved_kind)
+                        .to_kind(Kind::Float);
+                    a.size() == b.size() && a.to_kind(Kind::Float).allclose(&b, 1e-4, 1e-6, false)
+                };
+                ensure!(
+                    close(mean, m) && close(istd, s),
+                    "--cmvn {}: its mean and inverse std differ from the checkpoint's {CMVN_MEAN} \
                  and {CMVN_ISTD}, which the model was trained with; leave --cmvn out",
-                o.cmvn.as_ref().expect("given").display()
-            );
-            given
-        }
-        (None, None, given) => {
-            // A WeNet model built with `cmvn: null` normalises nothing: the identity.
-            ensure!(
-                given.is_none(),
-                "--checkpoint {}: has no {CMVN_MEAN}/{CMVN_ISTD} (its model applies no CMVN), \
+                    o.cmvn.as_ref().expect("given").display()
+                );
+                given
+            }
+            (None, None, given) => {
+                // A WeNet model built with `cmvn: null` normalises nothing: the identity.
+                ensure!(
+                    given.is_none(),
+                    "--checkpoint {}: has no {CMVN_MEAN}/{CMVN_ISTD} (its model applies no CMVN), \
                  so --cmvn would change its outputs; leave --cmvn out",
+                    o.checkpoint.display()
+                );
+                let dim = config.input_dim;
+                tensors.insert(CMVN_MEAN.into(), Tensor::zeros([dim], tch::kind::FLOAT_CPU));
+                tensors.insert(CMVN_ISTD.into(), Tensor::ones([dim], tch::kind::FLOAT_CPU));
+                cmvn_from_buffers(&tensors[CMVN_MEAN], &tensors[CMVN_ISTD])?
+            }
+            _ => bail!(
+                "--checkpoint {}: has only one of {CMVN_MEAN} and {CMVN_ISTD}",
                 o.checkpoint.display()
-            );
-            let dim = config.input_dim;
-            tensors.insert(CMVN_MEAN.into(), Tensor::zeros([dim], tch::kind::FLOAT_CPU));
-            tensors.insert(CMVN_ISTD.into(), Tensor::ones([dim], tch::kind::FLOAT_CPU));
-            cmvn_from_buffers(&tensors[CMVN_MEAN], &tensors[CMVN_ISTD])?
-        }
-        _ => bail!(
-            "--checkpoint {}: has only one of {CMVN_MEAN} and {CMVN_ISTD}",
-            o.checkpoint.display()
-        ),
-    };
+            ),
+        },
+    )
+}
 
-    // Build in a hidden sibling and load it back with the checkpoint loader, which checks
-    // every tensor's name and shape against the model the config builds.
-    let (tmp, parent) = staging(&o.out, "import")?;
-    let result = (|| -> Result<()> {
-        checkpoint::save(
-            &tmp,
-            tensors
+/// Saves the imported model as a checkpoint in `dir` and loads it back, refusing
+/// tensors the model the config builds does not have (the loader refuses missing and
+/// misshapen ones).
+fn write_checked(
+    dir: &Path,
+    config: &TrainConfig,
+    units: &Units,
+    cmvn: &CmvnStats,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    checkpoint::save(
+        dir,
+        tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect(),
+        SaveRequest {
+            config,
+            state: &TrainState::default(),
+            units,
+            cmvn,
+            optimizer: Default::default(),
+            is_best: false,
+        },
+    )?;
+    let loaded = checkpoint::load_model(dir, Device::Cpu)?;
+    let ours: BTreeSet<String> = loaded.vs.variables().into_keys().collect();
+    let unknown: Vec<&String> = tensors.keys().filter(|k| !ours.contains(*k)).collect();
+    if !unknown.is_empty() {
+        bail!(
+            "{} tensor(s) that the model does not have: {} (a different model? check the \
+             config's options, e.g. mlp_type, n_expert, use_cnn_module, r_num_blocks)",
+            unknown.len(),
+            unknown
                 .iter()
-                .map(|(k, v)| (k.clone(), v.shallow_clone()))
-                .collect(),
-            SaveRequest {
-                config: &config,
-                state: &TrainState::default(),
-                units: &units,
-                cmvn: &cmvn,
-                optimizer: Default::default(),
-                is_best: false,
-            },
-        )?;
-        let loaded = checkpoint::load_model(&tmp, Device::Cpu)?;
-        let ours: BTreeSet<String> = loaded.vs.variables().into_keys().collect();
-        let unknown: Vec<&String> = tensors.keys().filter(|k| !ours.contains(*k)).collect();
-        if !unknown.is_empty() {
-            bail!(
-                "{} tensor(s) that the model of {} does not have: {} (a different model? \
-                 check the config's options, e.g. mlp_type, n_expert, use_cnn_module, \
-                 r_num_blocks)",
-                unknown.len(),
-                o.config.display(),
-                unknown
-                    .iter()
-                    .map(|s| WenetName(s).to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        Ok(())
-    })()
-    .with_context(|| {
-        format!(
-            "--checkpoint {} does not fit the model that --config {} describes",
-            o.checkpoint.display(),
-            o.config.display()
-        )
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+                .map(|s| WenetName(s).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
-    publish(&tmp, &o.out, &parent)?;
-    Ok(o.out.join("step-0"))
+    Ok(())
 }
 
 /// An our-named tensor as the user knows it (WeNet's name when it differs).
