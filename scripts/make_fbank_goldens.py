@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Regenerates tests/golden/fbank: Kaldi filterbank features of real utterances from
-every corpus, computed by kaldi-native-fbank (the reference), for data/tests/fbank_parity.rs
+every corpus, computed by kaldi-native-fbank (the reference), for dataset/tests/fbank_parity.rs
 (and cli/tests/fbank_parity.rs, which runs `upcycle data fbank`).
 
     .venv/bin/python scripts/make_fbank_goldens.py

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use upcycle_data::{audio, config::DatasetConf, corpus, fbank, loader, npy, text::Units};
+use upcycle_dataset::{audio, config::DatasetConf, corpus, fbank, loader, npy, text::Units};
 
 #[derive(Subcommand)]
 pub(crate) enum DataCommand {

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use upcycle_data::audio;
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::config::DatasetConf;
-use upcycle_data::list::ListReader;
-use upcycle_data::loader::{DataLoader, Mode, Shard};
-use upcycle_data::text::Units;
+use upcycle_dataset::audio;
+use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::config::DatasetConf;
+use upcycle_dataset::list::ListReader;
+use upcycle_dataset::loader::{DataLoader, Mode, Shard};
+use upcycle_dataset::text::Units;
 
 fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use upcycle_data::loader::{DataLoader, Mode, Shard};
+use upcycle_dataset::loader::{DataLoader, Mode, Shard};
 use upcycle_model::mask::ChunkMode;
 use upcycle_trainer::checkpoint::{self, load_model};
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
-use upcycle_data::audio;
-use upcycle_data::fbank::{Fbank, FbankOptions};
+use upcycle_dataset::audio;
+use upcycle_dataset::fbank::{Fbank, FbankOptions};
 
 /// One timing of the filterbank over a set of files.
 #[derive(Debug, Serialize)]
@@ -86,10 +86,10 @@ pub fn train_step(
     device: tch::Device,
 ) -> Result<TrainStepTiming> {
     use crate::config::TrainConfig;
-    use upcycle_data::cmvn::CmvnStats;
     use crate::distributed::Distributed;
     use crate::train::{build_model, to_device, Learner};
     use tch::{nn, Device};
+    use upcycle_dataset::cmvn::CmvnStats;
     use upcycle_model::mask::ChunkMode;
     use upcycle_model::moe::MoeContext;
 
@@ -150,10 +150,10 @@ fn first_utterances(
     list: &std::path::Path,
     units: &std::path::Path,
     utts: usize,
-) -> Result<(upcycle_data::loader::Batch, upcycle_data::text::Units)> {
-    use upcycle_data::list::ListReader;
-    use upcycle_data::loader::Batch;
-    use upcycle_data::text::{normalize, Units};
+) -> Result<(upcycle_dataset::loader::Batch, upcycle_dataset::text::Units)> {
+    use upcycle_dataset::list::ListReader;
+    use upcycle_dataset::loader::Batch;
+    use upcycle_dataset::text::{normalize, Units};
 
     let units = Units::load(units)?;
     let fb = Fbank::new(FbankOptions::default());
@@ -316,10 +316,10 @@ pub fn checkpoint_io(
     dir: &std::path::Path,
 ) -> Result<(Vec<CheckpointIo>, CheckpointStall)> {
     use crate::checkpoint::{SaveRequest, TrainState};
-    use upcycle_data::cmvn::CmvnStats;
-    use upcycle_data::text::Units;
     use std::collections::BTreeMap;
     use tch::{Kind, Tensor};
+    use upcycle_dataset::cmvn::CmvnStats;
+    use upcycle_dataset::text::Units;
 
     let units = Units::from_texts(["abcdefghijklmnopqrstuvwxyz"]);
     let (config_v, params) = model_tensors(config, units.len() as i64)?;
@@ -431,7 +431,7 @@ fn time_save_and_load<'a>(
 fn checkpoint_stall<'a>(
     model: &std::collections::BTreeMap<String, tch::Tensor>,
     moments: &std::collections::BTreeMap<String, tch::Tensor>,
-    units: &upcycle_data::text::Units,
+    units: &upcycle_dataset::text::Units,
     req: &dyn Fn() -> crate::checkpoint::SaveRequest<'a>,
     repeat: usize,
     dir: &std::path::Path,

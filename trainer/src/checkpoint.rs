@@ -27,8 +27,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::text::Units;
+use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::text::Units;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 

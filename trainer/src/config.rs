@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use upcycle_data::config::DatasetConf;
-use upcycle_data::text::Units;
+use upcycle_dataset::config::DatasetConf;
+use upcycle_dataset::text::Units;
 use upcycle_model::asr::{AsrModel, Vocab};
 use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf};
 use upcycle_model::moe::MoeContext;

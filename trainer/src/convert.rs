@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Tensor};
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::text::Units;
+use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::text::Units;
 use upcycle_model::upcycle::{upcycle, UpcycleReport};
 
 use crate::checkpoint::{self, Layout, SaveRequest, TrainState};

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
-use upcycle_data::loader::Shard;
+use upcycle_dataset::loader::Shard;
 use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
-use upcycle_data::loader::{DataLoader, Mode, Shard};
+use upcycle_dataset::loader::{DataLoader, Mode, Shard};
 use upcycle_model::mask::ChunkMode;
 
 use crate::checkpoint::{self, load_model};

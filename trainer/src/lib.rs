@@ -1,5 +1,5 @@
 //! `upcycle-trainer`: everything around the model that a training run needs.
-//! The speech data pipeline it reads from is its own crate, `upcycle-data`.
+//! The speech data pipeline it reads from is its own crate, `upcycle-dataset`.
 //!
 //! | module | what |
 //! |---|---|

@@ -2,7 +2,7 @@
 //! (WER) of normalised text, accumulated over a data set.
 
 use serde::Serialize;
-use upcycle_data::text::normalize;
+use upcycle_dataset::text::normalize;
 
 /// Edit distance between two sequences.
 pub fn edit_distance<T: PartialEq>(a: &[T], b: &[T]) -> usize {

@@ -27,14 +27,14 @@ use upcycle_parallel::groups::validate_layout;
 
 use crate::checkpoint::{self, Checkpointer, LoadedModel, SaveRequest, TrainState};
 use crate::config::{TrainConfig, UpcycleConf};
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode, Shard};
-use upcycle_data::text::Units;
 use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
 use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, Schedule};
 use crate::scoring::ErrorRate;
+use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode, Shard};
+use upcycle_dataset::text::Units;
 
 /// What `upcycle train` was asked to do.
 #[derive(Debug, Clone)]

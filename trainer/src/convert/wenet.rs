@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
-use upcycle_data::cmvn::CmvnStats;
-use upcycle_data::text::Units;
+use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::text::Units;
 use upcycle_model::naming::{from_wenet, to_wenet};
 
 use crate::checkpoint::{self, fsync_dir, write_synced, SaveRequest, TrainState};

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use upcycle_data::audio;
-use upcycle_data::fbank::{Fbank, FbankOptions};
+use upcycle_dataset::audio;
+use upcycle_dataset::fbank::{Fbank, FbankOptions};
 
 const TOLERANCE: f32 = 1e-3;
 

@@ -1,4 +1,4 @@
-//! `upcycle-data`: the speech data pipeline: audio, features, text, lists, corpora and
+//! `upcycle-dataset`: the speech data pipeline: audio, features, text, lists, corpora and
 //! the loader.
 //!
 //! | module | what |
