@@ -1,5 +1,6 @@
-//! Writing NumPy `.npy` files (version 1.0, little-endian float32, C order): enough
-//! for `numpy.load` to read features for inspection and comparison.
+//! NumPy `.npy` files of little-endian float32 in C order (version 1.0 written; 1.0 to
+//! 3.0 read): features for inspection, and reference features (`numpy.save`) to compare
+//! with.
 
 use std::io::Write;
 use std::path::Path;
@@ -23,6 +24,41 @@ pub fn write_f32_2d(path: &Path, data: &[f32], rows: usize, cols: usize) -> std:
     out.flush()
 }
 
+/// Reads the elements of a float32 C-order `.npy` file of any shape (as `numpy.save`
+/// writes it); another dtype or order is an error.
+pub fn read_f32(path: &Path) -> std::io::Result<Vec<f32>> {
+    let bad = |m: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {m}", path.display()),
+        )
+    };
+    let b = std::fs::read(path)?;
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file".into()));
+    }
+    // Version 1.0 has a 2-byte header length, 2.0 and 3.0 a 4-byte one.
+    let (hlen, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        _ if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        _ => return Err(bad("truncated header".into())),
+    };
+    let header = b
+        .get(start..start + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header".into()))?;
+    if !header.contains("'<f4'") || !header.contains("'fortran_order': False") {
+        return Err(bad(format!(
+            "not little-endian float32 in C order: {}",
+            header.trim()
+        )));
+    }
+    Ok(b[start + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -38,5 +74,11 @@ mod tests {
             .contains("(2, 3)"));
         assert_eq!(&b[10 + hlen..10 + hlen + 4], &1f32.to_le_bytes());
         assert_eq!(b.len(), 10 + hlen + 24);
+        assert_eq!(super::read_f32(&p).unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        std::fs::write(&p, b"not numpy").unwrap();
+        assert!(super::read_f32(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a .npy"));
     }
 }

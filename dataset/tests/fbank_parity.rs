@@ -6,27 +6,12 @@ use std::process::Command;
 
 use upcycle_dataset::audio;
 use upcycle_dataset::fbank::{Fbank, FbankOptions};
+use upcycle_dataset::npy::read_f32;
 
 const TOLERANCE: f32 = 1e-3;
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/fbank")
-}
-
-/// Reads a float32 C-order .npy of any shape (as numpy.save writes it).
-fn read_npy_f32(path: &Path) -> Vec<f32> {
-    let b = std::fs::read(path).unwrap();
-    assert_eq!(&b[..6], b"\x93NUMPY");
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(
-        header.contains("'<f4'") && header.contains("False"),
-        "{header}"
-    );
-    b[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 /// Makes the 16 kHz input exactly as the golden script did.
@@ -102,7 +87,7 @@ fn fbank_matches_kaldi_native_fbank_on_real_audio() {
         );
         let samples = audio::read_model_input(&wav).unwrap();
         let ours = fb.compute(&samples, &mut rand::rng());
-        let want = read_npy_f32(&golden_dir().join(format!("{name}.npy")));
+        let want = read_f32(&golden_dir().join(format!("{name}.npy"))).unwrap();
         assert_eq!(ours.len(), want.len(), "{name}: frame count");
         assert_eq!(ours.len() / 80, item["frames"].as_u64().unwrap() as usize);
         let diff = ours
