@@ -1,0 +1,8 @@
+//! The file-system rules every crate of `upcycle` follows when it writes or reads files
+//! that other people (or a crash) may have touched:
+//! - [`atomic`]: a file or directory appears whole or not at all (temp + fsync + rename).
+//! - [`confine`]: a path read from a file (a manifest entry, a pointer, a list line) stays
+//!   inside the directory it is relative to.
+
+pub mod atomic;
+pub mod confine;
