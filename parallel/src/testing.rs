@@ -8,6 +8,27 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, ReduceOp};
 use std::sync::Mutex;
 
+/// The variable that turns "no GPU here" into a test failure. Set it (`=1`) on GPU
+/// machines, so that a test written for a GPU cannot pass there by skipping (a binary
+/// linked without libtorch_cuda sees no device).
+pub const REQUIRE_GPU: &str = "UPCYCLE_REQUIRE_GPU";
+
+/// Whether at least `n` CUDA devices are seen. Where fewer are, says so on stderr and
+/// returns false (the test skips) unless [`REQUIRE_GPU`] is set, where it panics.
+pub fn have_cuda_devices(n: i64, what: &str) -> bool {
+    let seen = tch::Cuda::device_count();
+    if seen >= n {
+        return true;
+    }
+    let required = std::env::var(REQUIRE_GPU).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required,
+        "{REQUIRE_GPU} is set but {seen} CUDA device(s) are seen, {n} needed: {what} cannot run"
+    );
+    eprintln!("{seen} CUDA device(s), {n} needed: {what} not exercised here");
+    false
+}
+
 /// One `mpirun` at a time per test binary (tests run on parallel threads; concurrent
 /// jobs would oversubscribe the machine twice over).
 static MPIRUN: Mutex<()> = Mutex::new(());

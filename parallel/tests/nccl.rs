@@ -1,5 +1,7 @@
 //! The NCCL backend on GPUs. Where libtorch sees no CUDA device (CI, CPU machines) the
-//! tests say so and pass: the refusal without a GPU is tested in `nccl.rs` itself. With
+//! tests say so and pass, unless `UPCYCLE_REQUIRE_GPU=1` (set it on GPU machines) makes
+//! that a failure: the refusal without a GPU is tested in `nccl.rs` itself. This
+//! package's build script links libtorch_cuda into the test binaries, so they see the GPU. With
 //! one GPU: a world of one through NCCL, every operation checked on GPU tensors and on
 //! CPU tensors staged through the GPU. With two or more: two ranks under `mpirun`, one GPU
 //! each, the NCCL id sent over MPI.
@@ -10,15 +12,14 @@ use tch::Device;
 use upcycle_parallel::collective::{finalize_mpi, Collective, MpiCollective, Single};
 use upcycle_parallel::env::WorldInfo;
 use upcycle_parallel::nccl::NcclCollective;
-use upcycle_parallel::testing::{check_collectives, mpirun_self};
+use upcycle_parallel::testing::{check_collectives, have_cuda_devices, mpirun_self};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const WORKER: &str = "UPCYCLE_NCCL_TEST_WORKER";
 
 #[test]
 fn nccl_collectives_on_one_gpu() {
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: NCCL not exercised here");
+    if !have_cuda_devices(1, "NCCL on one GPU") {
         return;
     }
     let world = NcclCollective::new(&Single, Device::Cuda(0), TIMEOUT).unwrap();
@@ -42,8 +43,7 @@ fn nccl_worker() {
 
 #[test]
 fn nccl_collectives_over_two_gpus_under_mpirun() {
-    if tch::Cuda::device_count() < 2 {
-        eprintln!("fewer than two CUDA devices: NCCL between ranks not exercised here");
+    if !have_cuda_devices(2, "NCCL between ranks") {
         return;
     }
     let out = mpirun_self("nccl_worker", 2, WORKER);
