@@ -27,6 +27,8 @@ BENCHMARKS = [
     ("fbank.py", "frames/s over kaldi-native-fbank", [],
      ["--list", "{list}", "--files", "3", "--repeat", "1"]),
     ("train_step.py", "training frames/s over the PyTorch peer (small, fp32)", [], TINY_STEP),
+    ("train_step.py:loader", "the same on a batch as the loader makes it (sorted, <= 16k frames)",
+     ["--batch-frames", "16000"], TINY_STEP + ["--batch-frames", "3000"]),
     ("train_step.py:moe", "the same, MoE 8 experts top-2 (small-moe-scratch, fp32)",
      ["--config", "configs/small-moe-scratch.yaml"], TINY_STEP),
     ("train_step.py:bf16", "the same, both under bf16 autocast (small)", ["--precision", "bf16"],

@@ -46,21 +46,22 @@ PY
 )
 row "bf16 matmul peak, 8192^3 (TFLOP/s, median)" "${peak:-FAILED (see $out/peak.log)}"
 
-step() { # NAME CONFIG PRECISION UTTS
+step() { # NAME CONFIG PRECISION BATCH_FRAMES (a length-sorted batch, as training's loader makes)
   local json="$out/step-$1.json"
   if python3 bench/train_step.py --device cuda --bin $G/upcycle --list $G/data/train/data.list \
-      --config "configs/$2.yaml" --precision "$3" --utts "$4" --threads 8 --steps 10 --warmup 3 \
-      --repeat 3 --json "$json" >"$out/step-$1.log" 2>&1; then
-    row "step $1 ($4 utts)" "$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))
-print(f\"{r['upcycle_frames_per_s']:,.0f} vs {r['peer_frames_per_s']:,.0f} frames/s: {r['ratio_median']:.2f}x\")" "$json")"
+      --config "configs/$2.yaml" --precision "$3" --batch-frames "$4" --threads 8 --steps 10 \
+      --warmup 3 --repeat 3 ${peak:+--peak-tflops "$peak"} --json "$json" >"$out/step-$1.log" 2>&1; then
+    row "step $1 (<= $4 frames)" "$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))
+mfu = f\", MFU {r['upcycle_mfu']:.1%} vs {r['peer_mfu']:.1%}\" if 'upcycle_mfu' in r else ''
+print(f\"{r['upcycle_frames_per_s']:,.0f} vs {r['peer_frames_per_s']:,.0f} frames/s: {r['ratio_median']:.2f}x{mfu}\")" "$json")"
   else
     row "step $1" "FAILED (see $out/step-$1.log)"
   fi
 }
-step dense-bf16 wenet-u2pp-conformer bf16 64
-step moe-bf16 wenet-u2pp-moe bf16 64
-step dense-fp32 wenet-u2pp-conformer fp32 64
-step moe-fp32 wenet-u2pp-moe fp32 64
+step dense-bf16 wenet-u2pp-conformer bf16 32000
+step moe-bf16 wenet-u2pp-moe bf16 32000
+step dense-fp32 wenet-u2pp-conformer fp32 32000
+step moe-fp32 wenet-u2pp-moe fp32 32000
 
 run="$out/train"
 rm -rf "$run"

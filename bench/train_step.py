@@ -5,11 +5,19 @@ WeNet's model), same config, same utterances, same threads, same run, alternatin
     .venv/bin/python bench/train_step.py [--config configs/small.yaml]
         [--list data/fillets-cs/train/data.list] [--utts 16] [--steps 5] [--repeat 3]
         [--threads 2] [--precision fp32|bf16] [--device cpu|cuda] [--json OUT]
+        [--batch-frames 32000 [--sort-window 500]] [--peak-tflops 786]
 
 A step is forward + backward + global-norm clipping + AdamW, full-context attention,
 dropout on. `--precision bf16` runs both forward passes under bfloat16 autocast
 (`upcycle_conf.precision: bf16`; the peer inside `torch.autocast("cpu", torch.bfloat16)`). Prints frames/s of both (median over steps, then over repetitions), the ratio
-with its spread, and each process's peak resident memory.
+with its spread, each process's peak resident memory, and both sides' model TFLOP/s
+(`upcycle_model::flops`: matrix products on the real lengths, training = 3x forward); with
+`--peak-tflops` (the device's measured bf16 peak) also MFU.
+
+Which utterances: the first `--utts` of the list, padded to the longest (a worst case), or
+with `--batch-frames F` a batch as training's loader makes them: the first `--sort-window`
+utterances sorted by length and cut into batches of at most F frames (WeNet's
+`batch_type: dynamic`), of which the middle one is taken. Both sides get the same batch.
 """
 import argparse
 import json
@@ -76,6 +84,46 @@ def batch(list_path, utts):
     return x, lens, y, tl, len(units)
 
 
+def num_frames(wav):
+    """Fbank frames of a WAV file (25 ms windows every 10 ms at 16 kHz, snip_edges)."""
+    with wave.open(wav, "rb") as w:
+        return max(0, 1 + (w.getnframes() - 400) // 160)
+
+
+def loader_batch(list_path, window, max_frames):
+    """A data list holding the middle dynamic batch of the first `window` utterances sorted
+    by length (what the loader feeds training), beside the dataset's units and CMVN."""
+    base = os.path.dirname(list_path)
+    entries = []
+    for line in open(list_path, encoding="utf-8"):
+        e = json.loads(line)
+        e["wav"] = e["wav"] if os.path.isabs(e["wav"]) else os.path.abspath(os.path.join(base, e["wav"]))
+        entries.append((num_frames(e["wav"]), e))
+        if len(entries) >= window:
+            break
+    entries.sort(key=lambda fe: fe[0])
+    batches, current, longest = [], [], 0
+    for frames, e in entries:
+        # Dynamic batching counts padded frames: the longest so far times the batch size.
+        if current and max(longest, frames) * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(e)
+        longest = max(longest, frames)
+    batches.append(current)
+    chosen = batches[len(batches) // 2]
+    root = tempfile.mkdtemp()
+    os.makedirs(os.path.join(root, "train"))
+    for name in ("units.txt", "global_cmvn"):
+        if os.path.exists(os.path.join(base, "..", name)):
+            os.symlink(os.path.abspath(os.path.join(base, "..", name)), os.path.join(root, name))
+    out = os.path.join(root, "train", "data.list")
+    with open(out, "w", encoding="utf-8") as f:
+        for e in chosen:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    return out, len(chosen)
+
+
 def peer(config, list_path, utts, steps, warmup, precision, device):
     x, xl, y, yl, vocab = (t.to(device) if torch.is_tensor(t) else t for t in batch(list_path, utts))
     torch.manual_seed(0)
@@ -115,6 +163,9 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--batch-frames", type=int, default=0, help="a loader-made batch of at most this many padded frames")
+    ap.add_argument("--sort-window", type=int, default=500)
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for MFU")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     config = yaml.safe_load(open(a.config))
@@ -126,6 +177,8 @@ def main():
         print(json.dumps(r))
         return
 
+    if a.batch_frames:
+        a.list, a.utts = loader_batch(a.list, a.sort_window, a.batch_frames)
     ours_config = a.config
     if a.precision != "fp32":  # ours reads it from the config
         config.setdefault("upcycle_conf", {})["precision"] = a.precision
@@ -154,11 +207,21 @@ def main():
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "upcycle_peak_rss_mib": max(r["peak_rss_mib"] for r in ours),
         "peer_peak_rss_mib": max(r["peak_rss_mib"] for r in theirs),
+        "model_flops_per_step": ours[0]["model_flops_per_step"],
+        "batch": "loader (sorted, dynamic)" if a.batch_frames else "first utterances, padded",
     }
+    per_frame = result["model_flops_per_step"] / result["frames"]
+    result["upcycle_tflops"] = per_frame * result["upcycle_frames_per_s"] / 1e12
+    result["peer_tflops"] = per_frame * result["peer_frames_per_s"] / 1e12
+    if a.peak_tflops:
+        result["peak_tflops"] = a.peak_tflops
+        result["upcycle_mfu"] = result["upcycle_tflops"] / a.peak_tflops
+        result["peer_mfu"] = result["peer_tflops"] / a.peak_tflops
     print(f"training step: {result['config']}, {result['utterances']} utterances, {result['frames']} frames, "
-          f"{a.precision}, {a.threads} threads, {a.steps} steps x {a.repeat} repetitions")
-    print(f"  upcycle        {result['upcycle_frames_per_s']:>10,.0f} frames/s   peak RSS {result['upcycle_peak_rss_mib']:,.0f} MiB")
-    print(f"  PyTorch peer   {result['peer_frames_per_s']:>10,.0f} frames/s   peak RSS {result['peer_peak_rss_mib']:,.0f} MiB")
+          f"{a.precision}, {a.threads} threads, {a.steps} steps x {a.repeat} repetitions, {result['batch']}")
+    mfu = lambda side: f"   MFU {result[side + '_mfu']:.1%}" if a.peak_tflops else ""
+    print(f"  upcycle        {result['upcycle_frames_per_s']:>10,.0f} frames/s   {result['upcycle_tflops']:.3f} TFLOP/s{mfu('upcycle')}   peak RSS {result['upcycle_peak_rss_mib']:,.0f} MiB")
+    print(f"  PyTorch peer   {result['peer_frames_per_s']:>10,.0f} frames/s   {result['peer_tflops']:.3f} TFLOP/s{mfu('peer')}   peak RSS {result['peer_peak_rss_mib']:,.0f} MiB")
     print(f"  ratio          {result['ratio_median']:.2f}x (min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
     if a.json:
         json.dump(result, open(a.json, "w"), indent=1)

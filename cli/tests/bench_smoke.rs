@@ -61,6 +61,15 @@ fn benchmark_scripts_run() {
         let ratio = r[script]["result"]["ratio_median"].as_f64();
         assert!(ratio.is_some_and(|x| x > 0.0), "{script}: {r}");
     }
+    // The training step reports model TFLOP/s, also on a batch made as the loader makes them.
+    for step in ["train_step.py", "train_step.py:loader"] {
+        let tflops = r[step]["result"]["upcycle_tflops"].as_f64();
+        assert!(tflops.is_some_and(|x| x > 0.0), "{step}: {r}");
+    }
+    assert_eq!(
+        r["train_step.py:loader"]["result"]["batch"],
+        "loader (sorted, dynamic)"
+    );
     // The step-time breakdown (not a comparison): two tiny steps.
     let o = Command::new(&python)
         .current_dir(&root)

@@ -37,6 +37,7 @@ pub mod dispatch;
 pub mod embedding;
 pub mod encoder;
 pub mod ffn;
+pub mod flops;
 pub mod init;
 pub mod loss;
 pub mod mask;

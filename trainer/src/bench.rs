@@ -67,6 +67,10 @@ pub struct TrainStepTiming {
     pub seconds: Vec<f64>,
     /// Frames per second at the median step time.
     pub frames_per_second: f64,
+    /// Model FLOPs of one step on the batch's real lengths (`upcycle_model::flops`).
+    pub model_flops_per_step: f64,
+    /// Model TFLOP/s at the median step time (MFU is this over the device's peak).
+    pub model_tflops_per_second: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
     /// Loss and CTC loss of every step (warm-up included).
@@ -108,6 +112,11 @@ pub fn train_step(
     let vs = nn::VarStore::new(device);
     let moe = MoeContext::local(c.moe_conf.clone());
     let vocab = crate::config::vocab(&units);
+    let model_flops_per_step = c.flop_shape(vocab).training_step_flops(
+        Vec::<i64>::try_from(&batch.feats_lengths)?
+            .into_iter()
+            .zip(Vec::<i64>::try_from(&batch.target_lengths)?),
+    );
     let model = build_model(&c, &vs, vocab, &moe, (&mean, &istd), 0)?;
     let params = vs
         .trainable_variables()
@@ -139,6 +148,8 @@ pub fn train_step(
         frames: batch.num_frames as i64,
         seconds,
         frames_per_second: batch.num_frames as f64 / median,
+        model_flops_per_step,
+        model_tflops_per_second: model_flops_per_step / median / 1e12,
         peak_rss_mib: crate::train::peak_rss_mib(),
         losses,
     })

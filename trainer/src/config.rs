@@ -396,6 +396,17 @@ pub fn vocab(units: &Units) -> Vocab {
 }
 
 impl TrainConfig {
+    /// The shape the model's FLOP count depends on, for `vocab`.
+    pub fn flop_shape(&self, vocab: Vocab) -> upcycle_model::flops::FlopShape {
+        upcycle_model::flops::FlopShape {
+            input_dim: self.input_dim,
+            vocab: vocab.size,
+            encoder: self.encoder_conf.clone(),
+            decoder: self.decoder_conf.clone(),
+            right_to_left: self.model_conf.reverse_weight > 0.0,
+        }
+    }
+
     /// Builds the model this config describes under `root`, every expert local.
     pub fn build_model(
         &self,
