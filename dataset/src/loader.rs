@@ -11,13 +11,17 @@
 //!   all ranks agree without communicating; ranks with fewer batches repeat their own
 //!   first batches (flagged [`Batch::repeated`]).
 //!
-//! Memory does not grow with the corpus: the list is streamed and only the shuffle and
-//! sort windows are held (per simulated rank while planning).
+//! The audio headers of the whole list are read once per loader (a run), not per rank per
+//! epoch: the first plan surveys the list (the frames of each usable line,
+//! 4 bytes a line, and the input report, whose warning is logged once), and every epoch's
+//! plan replays the batching from that. Otherwise memory does not grow with the corpus: the
+//! list is streamed and only the shuffle and sort windows are held (per simulated rank while
+//! planning).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -475,6 +479,16 @@ pub struct DataLoader {
     shard: Shard,
     seed: u64,
     fbank: Fbank,
+    /// The list surveyed by the first plan, shared by clones (the epoch threads').
+    survey: Arc<Mutex<Option<Arc<Survey>>>>,
+}
+
+/// What planning needs of a list, read from the audio headers once: the feature frames of
+/// each line (0 where the line is bad or filtered), and what happened to the lines.
+#[derive(Debug)]
+struct Survey {
+    frames: Vec<u32>,
+    report: InputReport,
 }
 
 impl DataLoader {
@@ -506,6 +520,7 @@ impl DataLoader {
             shard,
             seed,
             fbank: Fbank::new(fbank_opts),
+            survey: Arc::default(),
         })
     }
 
@@ -514,34 +529,70 @@ impl DataLoader {
         &self.list
     }
 
-    /// Streams the list once and simulates every rank's batching: the batch counts
-    /// and the input report, the same on every rank. Refuses lists with too much bad
-    /// input or none usable.
-    pub fn plan(&self, epoch: u64) -> Result<EpochPlan, DataError> {
-        let world = self.shard.world;
-        let mut batchers: Vec<Batcher> = (0..world)
-            .map(|r| Batcher::new(&self.conf, self.mode, self.seed, epoch, r))
-            .collect();
-        let mut counts = vec![0usize; world];
+    /// Reads every line's audio header and transcript once: the frames of the usable
+    /// lines and the input report. Logs the bad-input warning (rank 0), once.
+    fn survey(&self) -> Result<Arc<Survey>, DataError> {
+        let mut cached = self.survey.lock().expect("survey lock");
+        if let Some(s) = cached.as_ref() {
+            return Ok(s.clone());
+        }
+        let mut frames = Vec::new();
         let mut report = InputReport::default();
         let mut reader = ListReader::open(&self.list)?;
         while let Some(item) = reader.next() {
             let (line, entry) = item?;
             report.lines += 1;
             let key = entry.key.clone();
-            match inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
-                Verdict::Use(u) => {
-                    report.usable += 1;
-                    let r = line % world;
-                    batchers[r].push(u);
-                    while batchers[r].pop().is_some() {
-                        counts[r] += 1;
+            frames.push(
+                match inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
+                    Verdict::Use(u) => {
+                        report.usable += 1;
+                        u32::try_from(u.frames).unwrap_or(u32::MAX)
                     }
-                }
-                Verdict::Filtered => report.filtered += 1,
-                Verdict::Bad(kind, why) => {
-                    report.add_bad(kind, || format!("line {} ({key}): {why}", line + 1))
-                }
+                    Verdict::Filtered => {
+                        report.filtered += 1;
+                        0
+                    }
+                    Verdict::Bad(kind, why) => {
+                        report.add_bad(kind, || format!("line {} ({key}): {why}", line + 1));
+                        0
+                    }
+                },
+            );
+        }
+        if report.bad_total() > 0 && self.shard.rank == 0 {
+            tracing::warn!(list = %self.list.display(), "skipping bad input: {}", report.summary());
+        }
+        let survey = Arc::new(Survey { frames, report });
+        *cached = Some(survey.clone());
+        Ok(survey)
+    }
+
+    /// Simulates every rank's batching of `epoch` from the list's survey (made by the
+    /// first call): the batch counts and the input report, the same on every rank.
+    /// Refuses lists with too much bad input or none usable.
+    pub fn plan(&self, epoch: u64) -> Result<EpochPlan, DataError> {
+        let survey = self.survey()?;
+        let world = self.shard.world;
+        let mut batchers: Vec<Batcher> = (0..world)
+            .map(|r| Batcher::new(&self.conf, self.mode, self.seed, epoch, r))
+            .collect();
+        let mut counts = vec![0usize; world];
+        for (line, &frames) in survey.frames.iter().enumerate() {
+            if frames == 0 {
+                continue;
+            }
+            // Batching looks at lengths only; empty names and tokens do not allocate.
+            let r = line % world;
+            batchers[r].push(Utterance {
+                key: String::new(),
+                wav: PathBuf::new(),
+                num_samples: 0,
+                frames: frames as usize,
+                tokens: Vec::new(),
+            });
+            while batchers[r].pop().is_some() {
+                counts[r] += 1;
             }
         }
         for (b, c) in batchers.iter_mut().zip(&mut counts) {
@@ -550,6 +601,7 @@ impl DataLoader {
                 *c += 1;
             }
         }
+        let report = survey.report.clone();
         let bad = report.bad_total();
         if report.lines > 0 && bad as f64 > self.conf.max_bad_fraction * report.lines as f64 {
             return Err(DataError::TooManyBad {
@@ -566,9 +618,6 @@ impl DataLoader {
                 list: self.list.clone(),
                 summary: report.summary(),
             });
-        }
-        if bad > 0 && self.shard.rank == 0 {
-            tracing::warn!(list = %self.list.display(), "skipping bad input: {}", report.summary());
         }
         let batches_per_rank = counts.iter().copied().max().unwrap_or(0);
         Ok(EpochPlan {
@@ -918,6 +967,52 @@ mod tests {
         }
     }
     use super::super::config::BatchConf;
+
+    #[test]
+    fn audio_headers_are_read_once_per_run_not_per_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (list, units) = make_list(dir.path(), 23);
+        let batch = BatchConf {
+            batch_type: BatchType::Dynamic,
+            batch_size: 0,
+            max_frames_in_batch: 120,
+            ..BatchConf::default()
+        };
+        let shard = Shard { rank: 1, world: 3 };
+        let l = DataLoader::new(
+            &list,
+            units.clone(),
+            conf(batch.clone()),
+            Mode::Train,
+            shard,
+            5,
+        )
+        .unwrap();
+        let first = l.plan(0).unwrap();
+        // Every header made unreadable: later epochs plan from the survey alone (a
+        // re-read would find 23 bad lines and refuse the list), and a fresh loader, which
+        // must read them, sees that the plan of epoch 1 is the one of the intact list.
+        let intact = DataLoader::new(
+            &list,
+            units.clone(),
+            conf(batch.clone()),
+            Mode::Train,
+            shard,
+            5,
+        )
+        .unwrap()
+        .plan(1)
+        .unwrap();
+        for i in 0..23 {
+            std::fs::write(dir.path().join(format!("u{i}.wav")), b"").unwrap();
+        }
+        let again = l.clone().plan(1).unwrap();
+        assert_eq!(again, intact);
+        assert_eq!(l.plan(0).unwrap(), first);
+        assert_eq!(again.report.usable, 23);
+        let fresh = DataLoader::new(&list, units, conf(batch), Mode::Train, shard, 5).unwrap();
+        assert!(fresh.plan(1).is_err());
+    }
 
     #[test]
     fn every_rank_yields_the_same_number_of_batches() {
