@@ -23,6 +23,21 @@ use upcycle_trainer::checkpoint;
 mod common;
 use common::*;
 
+/// The dev evaluation of a run: (loss, CER, utterances scored).
+fn dev(out: &Path) -> (f64, f64, u64) {
+    let m = metrics(out);
+    let l = m
+        .iter()
+        .rfind(|l| l.get("dev_cer").is_some())
+        .expect("a dev evaluation");
+    let f = |k: &str| l[k].as_f64().unwrap();
+    (
+        f("dev_loss"),
+        f("dev_cer"),
+        l["dev_utterances"].as_u64().unwrap(),
+    )
+}
+
 fn losses(out: &Path) -> Vec<f64> {
     metrics(out)
         .iter()
@@ -48,6 +63,12 @@ fn idle_experts(out: &Path) -> usize {
 fn data_and_expert_parallel_runs_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, _) = setup(tmp.path(), "");
+    // A dev set of 9 (train's 8 and its own 1): split over the workers, unevenly, its
+    // scores must still be the whole set's.
+    let train_list = std::fs::read_to_string(data.join("train/data.list")).unwrap();
+    let dev_list = data.join("dev/data.list");
+    let own = std::fs::read_to_string(&dev_list).unwrap();
+    std::fs::write(&dev_list, train_list + &own).unwrap();
     let single = tmp.path().join("single");
     run_workers(
         1,
@@ -59,6 +80,8 @@ fn data_and_expert_parallel_runs_equal_one_process() {
     );
     let want_losses = losses(&single);
     assert_eq!(want_losses.len(), 10);
+    let want_dev = dev(&single);
+    assert_eq!(want_dev.2, 9);
     let want: BTreeMap<String, Tensor> =
         checkpoint::read_tensors(&single.join("checkpoints/step-10")).unwrap();
     for (np, ep, batch) in [(2, 1, 2), (2, 2, 2), (4, 2, 1)] {
@@ -80,6 +103,15 @@ fn data_and_expert_parallel_runs_equal_one_process() {
                 step + 1
             );
         }
+        // Each worker decodes its share of the dev set; the sums are the whole set's.
+        let got_dev = dev(&out);
+        eprintln!("np {np} ep {ep}: dev {got_dev:?}, one process {want_dev:?}");
+        assert_eq!(got_dev.2, 9, "np {np} ep {ep}: dev utterances scored");
+        assert!(
+            (got_dev.0 - want_dev.0).abs() <= 1e-4 * want_dev.0.abs().max(1.0)
+                && (got_dev.1 - want_dev.1).abs() <= 0.5,
+            "np {np} ep {ep}: dev (loss, CER, utterances) {got_dev:?} vs one process {want_dev:?}"
+        );
         let idle = idle_experts(&out);
         eprintln!("np {np} ep {ep}: {idle} (step, layer) pairs with an expert that got no token");
         // The case that must not break expert parallelism: a rank's expert receives no

@@ -33,7 +33,7 @@ use crate::metrics::MetricsLog;
 use crate::optim::{AdamW, Schedule};
 use crate::scoring::ErrorRate;
 use upcycle_dataset::cmvn::CmvnStats;
-use upcycle_dataset::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode, Shard};
+use upcycle_dataset::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode};
 use upcycle_dataset::text::Units;
 
 /// What `upcycle train` was asked to do.
@@ -172,34 +172,44 @@ impl RoutingWindow {
     }
 }
 
-/// Dev-set loss and CTC greedy CER.
+/// Dev-set loss and CTC greedy CER, the dev set split over the workers: each decodes its
+/// own shard (`loader` is sharded like training's) and the sums are added up, so the
+/// result is the whole set's, computed once rather than on every worker. Every worker
+/// runs every batch index (the loader gives all the same count, repeats flagged and not
+/// scored), so the expert-parallel all-to-all stays in step; with `limit` (utterances in
+/// all), each worker scores about `limit / world` and all stop together.
 fn evaluate_dev(
     model: &AsrModel,
     loader: &DataLoader,
     units: &Units,
-    device: Device,
+    dist: &Distributed,
     limit: usize,
 ) -> Result<(f64, ErrorRate)> {
+    let own_limit = limit.div_ceil(dist.world());
     let mut loss_sum = 0.0;
-    let mut utts = 0usize;
     let mut er = ErrorRate::default();
     tch::no_grad(|| -> Result<()> {
         for batch in loader.epoch(0)? {
-            let b = match limit {
-                0 => batch?,
-                _ => batch?.first(limit - utts),
-            };
+            let done = own_limit > 0 && er.utterances >= own_limit;
+            if own_limit > 0 && !dist.any(!done)? {
+                break;
+            }
+            let mut b = batch?;
+            if !done && own_limit > 0 {
+                b = b.first(own_limit - er.utterances);
+            }
             let l = model.forward(
-                &b.feats.to_device(device),
-                &b.feats_lengths.to_device(device),
-                &b.target.to_device(device),
-                &b.target_lengths.to_device(device),
+                &b.feats.to_device(dist.device),
+                &b.feats_lengths.to_device(dist.device),
+                &b.target.to_device(dist.device),
+                &b.target_lengths.to_device(dist.device),
                 ChunkMode::Full,
                 false,
             );
-            let n = b.len();
-            loss_sum += l.loss.double_value(&[]) * n as f64;
-            utts += n;
+            if b.repeated || done {
+                continue;
+            }
+            loss_sum += l.loss.double_value(&[]) * b.len() as f64;
             let hlens = l
                 .encoder_out
                 .1
@@ -216,13 +226,29 @@ fn evaluate_dev(
                     .collect();
                 er.add(&units.decode(&reference), &units.decode(&h.tokens));
             }
-            if limit > 0 && utts >= limit {
-                break;
-            }
         }
         Ok(())
     })?;
-    Ok((loss_sum / utts.max(1) as f64, er))
+    let counts = [
+        er.char_errors,
+        er.chars,
+        er.word_errors,
+        er.words,
+        er.utterances,
+    ];
+    let mut sums = dist.sum(&[loss_sum])?;
+    sums.extend(dist.sum(&counts.map(|c| c as f64))?);
+    let [loss_sum, char_errors, chars, word_errors, words, utterances] = sums[..] else {
+        unreachable!("six sums")
+    };
+    let er = ErrorRate {
+        char_errors: char_errors as usize,
+        chars: chars as usize,
+        word_errors: word_errors as usize,
+        words: words as usize,
+        utterances: utterances as usize,
+    };
+    Ok((loss_sum / er.utterances.max(1) as f64, er))
 }
 
 /// A batch's `[feats, feats_lengths, target, target_lengths]` on device `d`.
@@ -867,7 +893,7 @@ impl Trainer {
             self.learner.model(),
             &self.dev_loader,
             &self.data.units,
-            self.dist.device,
+            &self.dist,
             self.uc.eval_utterances,
         )?;
         // Only training's forward passes are profiled.
@@ -884,7 +910,7 @@ impl Trainer {
         let (step, epoch, elapsed) = (state.step, state.epoch, state.train_seconds);
         self.log.write(
             json!({"step": step, "epoch": epoch, "dev_loss": dev_loss, "dev_cer": cer,
-                   "dev_wer": er.wer(), "elapsed_s": elapsed}),
+                   "dev_wer": er.wer(), "dev_utterances": er.utterances, "elapsed_s": elapsed}),
         )?;
         self.log.bar.println(format!(
             "step {step:>6}  dev loss {dev_loss:.3}  dev CER {cer:.2}% (CTC greedy){}",
@@ -1033,7 +1059,7 @@ impl Dataset {
         })
     }
 
-    /// The training loader (this worker's shard) and the dev loader (all of it).
+    /// The training and the dev loader, each over this worker's shard.
     fn loaders(
         &self,
         config: &TrainConfig,
@@ -1053,7 +1079,7 @@ impl Dataset {
             self.units.clone(),
             config.dataset_conf.clone(),
             Mode::Eval,
-            Shard::SINGLE,
+            dist.shard(),
             seed,
         )?;
         Ok((train, dev))
