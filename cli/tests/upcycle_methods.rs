@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use common::{ok, upcycle};
 use tch::{Device, Kind, Tensor};
 use upcycle_model::mask::ChunkMode;
-use upcycle_trainer::checkpoint::{self, LoadedModel};
+use upcycle_model::upcycle::Method;
+use upcycle_trainer::checkpoint::{self, Layout, LoadedModel};
+use upcycle_trainer::convert;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/wenet")
@@ -87,61 +89,63 @@ const CHUNKS: [ChunkMode; 2] = [
     },
 ];
 
-/// Largest absolute difference of the child's outputs from the parent's, over all three
-/// outputs and both chunk modes.
-fn distance(parent: &LoadedModel, child: &LoadedModel, b: &Batch) -> f64 {
-    let mut worst = 0f64;
+/// Largest `|child - parent| - 1e-5 |parent|` (allclose with atol = rtol = 1e-5 when
+/// <= 1e-5) and largest `|child - parent|`, over all three outputs and both chunk modes.
+fn distance(parent: &LoadedModel, child: &LoadedModel, b: &Batch) -> (f64, f64) {
+    let (mut excess, mut worst) = (f64::MIN, 0f64);
     for chunk in CHUNKS {
         for (p, c) in outputs(parent, b, chunk)
             .iter()
             .zip(outputs(child, b, chunk))
         {
-            worst = worst.max((p - c).abs().max().double_value(&[]));
+            let diff = (&c - p).abs();
+            excess = excess.max((&diff - p.abs() * 1e-5).max().double_value(&[]));
+            worst = worst.max(diff.max().double_value(&[]));
         }
     }
-    worst
+    (excess, worst)
 }
 
 /// WeNet's dense model imported under `dir`; its checkpoint directory.
 fn import_dense(dir: &Path) -> PathBuf {
-    let dense = dir.join("dense");
     let golden = fixture().join("dense");
-    ok(&upcycle(&[
-        "convert",
-        "import-wenet",
-        "--checkpoint",
-        golden.join("final.pt").to_str().unwrap(),
-        "--config",
-        golden.join("train.yaml").to_str().unwrap(),
-        "--units",
-        golden.join("lang_char.txt").to_str().unwrap(),
-        "--cmvn",
-        fixture().join("global_cmvn").to_str().unwrap(),
-        "--out",
-        dense.to_str().unwrap(),
-    ]));
-    dense
+    convert::wenet::import_wenet(&convert::wenet::ImportOptions {
+        checkpoint: golden.join("final.pt"),
+        config: golden.join("train.yaml"),
+        units: Some(golden.join("lang_char.txt")),
+        cmvn: Some(fixture().join("global_cmvn")),
+        out: dir.join("dense"),
+    })
+    .unwrap();
+    dir.join("dense")
 }
 
-/// `convert upcycle` of `dense` into `out` with `args`; the child, loaded whole.
-fn convert(dense: &Path, out: &Path, args: &[&str]) -> LoadedModel {
-    let mut all = vec![
-        "convert",
-        "upcycle",
-        "--from",
-        dense.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--experts",
-        "8",
-        "--seed",
-        "3",
-    ];
-    all.extend_from_slice(args);
-    let printed = ok(&upcycle(&all));
-    assert!(printed.contains("expert banks filled"), "{printed}");
+/// The child of `dense` in `out` by `method`, 8 experts, `k` per token, routing by
+/// `router`, initialised `init` (`zero` or `normal`), loaded whole.
+fn child(dense: &Path, out: &Path, method: Method, k: i64, (router, init): Routing) -> LoadedModel {
+    convert::upcycle_checkpoint(&convert::UpcycleOptions {
+        from: dense.to_path_buf(),
+        out: out.to_path_buf(),
+        experts: 8,
+        top_k: k,
+        method,
+        router: router.into(),
+        router_init: init.into(),
+        router_std: 0.02,
+        encoder_only: false,
+        seed: 3,
+        layout: Layout::new(1, 1),
+    })
+    .unwrap();
     checkpoint::load_model(out, Device::Cpu).unwrap()
 }
+
+/// `moe_conf.router` and `router_init`.
+type Routing = (&'static str, &'static str);
+/// WeNet's routing, normal router: exact for copies under any router.
+const WENET: Routing = ("topk_softmax", "normal");
+/// Softmax then top-k times E/k from a zero router: exact.
+const SOFTMAX_TOPK: Routing = ("softmax_topk", "zero");
 
 #[test]
 fn upcycling_methods_and_routings_at_step_0_on_real_speech() {
@@ -150,63 +154,57 @@ fn upcycling_methods_and_routings_at_step_0_on_real_speech() {
     let parent = checkpoint::load_model(&dense, Device::Cpu).unwrap();
     let b = batch(&parent.units);
 
-    // (name, options): the methods meant to keep the parent's function.
-    let exact: [(&str, &[&str]); 5] = [
-        ("copy top-2 topk_softmax", &["--top-k", "2"]),
-        (
-            "copy top-1 softmax_topk",
-            &[
-                "--top-k",
-                "1",
-                "--router",
-                "softmax_topk",
-                "--router-init",
-                "zero",
-            ],
-        ),
-        (
-            "copy top-2 softmax_topk",
-            &[
-                "--top-k",
-                "2",
-                "--router",
-                "softmax_topk",
-                "--router-init",
-                "zero",
-            ],
-        ),
-        (
-            "granular G=4 top-4 topk_softmax",
-            &["--method", "granular", "--granularity", "4", "--top-k", "4"],
-        ),
-        (
-            "granular G=4 top-4 softmax_topk",
-            &[
-                "--method",
-                "granular",
-                "--granularity",
-                "4",
-                "--top-k",
-                "4",
-                "--router",
-                "softmax_topk",
-                "--router-init",
-                "zero",
-                // Sharded over 2 expert-parallel workers; it loads whole.
-                "--world",
-                "2",
-                "--ep",
-                "2",
-            ],
-        ),
+    // The methods meant to keep the parent's function, under both routings.
+    let granular = Method::Granular { granularity: 4 };
+    let exact = [
+        ("copy top-2 topk_softmax", Method::Copy, 2, WENET),
+        ("copy top-1 softmax_topk", Method::Copy, 1, SOFTMAX_TOPK),
+        ("copy top-2 softmax_topk", Method::Copy, 2, SOFTMAX_TOPK),
+        ("granular G=4 top-4 topk_softmax", granular, 4, WENET),
     ];
-    for (i, (name, args)) in exact.iter().enumerate() {
-        let child = convert(&dense, &tmp.path().join(format!("exact-{i}")), args);
-        let d = distance(&parent, &child, &b);
+    for (i, (name, method, k, router)) in exact.into_iter().enumerate() {
+        let out = tmp.path().join(format!("exact-{i}"));
+        let (excess, d) = distance(&parent, &child(&dense, &out, method, k, router), &b);
         eprintln!("{name}: max |child - parent| = {d:.2e}");
-        assert!(d <= 1e-5, "{name}: the child moved {d:.3e} from its parent");
+        assert!(
+            excess <= 1e-5,
+            "{name}: the child moved {d:.3e} from its parent"
+        );
     }
-    let granular = checkpoint::load_model(&tmp.path().join("exact-4"), Device::Cpu).unwrap();
+    // The same through the command line, sharded over 2 expert-parallel workers.
+    let out = tmp.path().join("granular");
+    let printed = ok(&upcycle(&[
+        "convert",
+        "upcycle",
+        "--from",
+        dense.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "granular",
+        "--granularity",
+        "4",
+        "--experts",
+        "8",
+        "--top-k",
+        "4",
+        "--router",
+        "softmax_topk",
+        "--router-init",
+        "zero",
+        "--world",
+        "2",
+        "--ep",
+        "2",
+    ]));
+    assert!(printed.contains("upcycled (granular)"), "{printed}");
+    let granular = checkpoint::load_model(&out, Device::Cpu).unwrap();
+    let (excess, d) = distance(&parent, &granular, &b);
+    eprintln!("granular G=4 top-4 softmax_topk: max |child - parent| = {d:.2e}");
+    assert!(
+        excess <= 1e-5,
+        "granular softmax_topk: the child moved {d:.3e}"
+    );
     let e = &granular.config.encoder_conf;
     assert_eq!((e.n_expert, e.expert_linear_units), (8, Some(16)));
     assert!(
@@ -215,25 +213,22 @@ fn upcycling_methods_and_routings_at_step_0_on_real_speech() {
             .ends_with(&[32, 16])
     );
 
-    // A normal router under softmax_topk only approximates the parent.
-    let approx = convert(
+    // A normal router under softmax_topk only approximates the parent (its top-1
+    // probability times E is not 1).
+    let approx = child(
         &dense,
         &tmp.path().join("approx"),
-        &["--top-k", "1", "--router", "softmax_topk"],
+        Method::Copy,
+        1,
+        ("softmax_topk", "normal"),
     );
-    eprintln!(
-        "copy top-1 softmax_topk, normal router (std 0.02): max |child - parent| = {:.2e}",
-        distance(&parent, &approx, &b)
-    );
+    let (_, d) = distance(&parent, &approx, &b);
+    eprintln!("copy top-1 softmax_topk, normal router (std 0.02): max |child - parent| = {d:.2e}");
 
-    // Noise S = 0.01 on every expert weight: the outputs move, by about S times the
-    // outputs' scale at most (measured: see the printed distance).
-    let noisy = convert(
-        &dense,
-        &tmp.path().join("noise"),
-        &["--method", "noise", "--noise", "0.01"],
-    );
-    let d = distance(&parent, &noisy, &b);
+    // Noise S = 0.01 on every expert weight: the outputs move, a little.
+    let noise = Method::Noise { std: 0.01 };
+    let noisy = child(&dense, &tmp.path().join("noise"), noise, 2, WENET);
+    let (_, d) = distance(&parent, &noisy, &b);
     eprintln!("noise S=0.01: max |child - parent| = {d:.2e}");
     assert!(
         (1e-5..0.1).contains(&d),
@@ -241,12 +236,9 @@ fn upcycling_methods_and_routings_at_step_0_on_real_speech() {
     );
 
     // Drop-Upcycling is not meant to keep the function: it must move, and says how far.
-    let dropped = convert(
-        &dense,
-        &tmp.path().join("drop"),
-        &["--method", "drop", "--drop-ratio", "0.5"],
-    );
-    let d = distance(&parent, &dropped, &b);
+    let drop = Method::Drop { ratio: 0.5 };
+    let dropped = child(&dense, &tmp.path().join("drop"), drop, 2, WENET);
+    let (_, d) = distance(&parent, &dropped, &b);
     eprintln!("drop r=0.5: max |child - parent| = {d:.2e}");
     assert!(d > 1e-3, "drop r=0.5 moved the child only {d:.3e}");
 }
@@ -272,18 +264,8 @@ fn top_1_softmax_topk_gives_every_router_a_gradient() {
     let e = String::from_utf8_lossy(&refused.stderr);
     assert!(e.contains("moe_conf.router: softmax_topk"), "{e}");
 
-    let child = convert(
-        &dense,
-        &tmp.path().join("top-1"),
-        &[
-            "--top-k",
-            "1",
-            "--router",
-            "softmax_topk",
-            "--router-init",
-            "zero",
-        ],
-    );
+    let out = tmp.path().join("top-1");
+    let child = child(&dense, &out, Method::Copy, 1, SOFTMAX_TOPK);
     let b = batch(&child.units);
     let o = child.model.forward(
         &b.feats,
