@@ -720,6 +720,27 @@ mod tests {
         assert_eq!(back.wenet_special_token("<eos>"), Some(26));
     }
 
+    /// Granular experts are WeNet's experts of `linear_units` = `expert_linear_units`.
+    #[test]
+    fn granular_experts_export_as_wenet_linear_units() {
+        let mut c = tiny();
+        c.encoder_conf.mlp_type = "moe".into();
+        c.encoder_conf.expert_linear_units = Some(c.encoder_conf.linear_units / 4);
+        let units = Units::from_texts(["abc"]);
+        let v = wenet_train_yaml(&c, &units, Path::new("/x/out")).unwrap();
+        let enc = v["encoder_conf"].as_mapping().unwrap();
+        assert!(!enc.contains_key("expert_linear_units"));
+        assert_eq!(
+            enc["linear_units"].as_i64(),
+            c.encoder_conf.expert_linear_units
+        );
+        let back = TrainConfig::parse(&serde_yaml::to_string(&v).unwrap()).unwrap();
+        assert_eq!(
+            back.encoder_conf.expert_units(),
+            c.encoder_conf.expert_units()
+        );
+    }
+
     #[test]
     fn floats_are_spelled_for_yaml_1_1() {
         assert_eq!(
