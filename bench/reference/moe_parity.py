@@ -11,7 +11,7 @@ The last expert never receives a token (feature 0 of x is 3, and its gate row ha
 there), so its gradients are zero. Cases (metadata "case" says which options):
   wenet       WeNet's semantics: top-k of logits, softmax over k, all positions routed
   masked_cap  positions masked, capacity factor 0.5 in training: token copies dropped
-  pre_softmax softmax over all experts before top-k, top-3
+  pre_softmax router softmax_topk: softmax over all experts, top-3, times E/k
 """
 import argparse
 import json
@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from u2pp import MoEFFNLayer  # noqa: E402
 
 CASES = {
-    "wenet": dict(k=2, masked=False, capacity_factor=0.0, softmax_before_topk=False),
-    "masked_cap": dict(k=2, masked=True, capacity_factor=0.5, softmax_before_topk=False),
-    "pre_softmax": dict(k=3, masked=True, capacity_factor=0.0, softmax_before_topk=True),
+    "wenet": dict(k=2, masked=False, capacity_factor=0.0, router="topk_softmax"),
+    "masked_cap": dict(k=2, masked=True, capacity_factor=0.5, router="topk_softmax"),
+    "pre_softmax": dict(k=3, masked=True, capacity_factor=0.0, router="softmax_topk"),
 }
 
 
@@ -35,7 +35,7 @@ def case(name, opts, seed, out):
     torch.manual_seed(seed)
     b, t, d, f, e = 3, 7, 16, 24, 6
     layer = MoEFFNLayer(d, f, 0.0, torch.nn.SiLU(), True, e, opts["k"])
-    layer.softmax_before_topk = opts["softmax_before_topk"]
+    layer.router = opts["router"]
     layer.capacity_factor = opts["capacity_factor"]
     with torch.no_grad():
         layer.gate.weight[e - 1, 0] = -50.0

@@ -473,7 +473,7 @@ class MoEFFNLayer(nn.Module):
     over the k chosen (fp32); experts are PositionwiseFeedForward, computed by a loop.
 
     upcycle's options, off by default (= WeNet): `valid` (route only these positions,
-    zeros elsewhere), softmax_before_topk (top-k of the full softmax, not renormalised),
+    zeros elsewhere), router = "softmax_topk" (top-k of the full softmax, times E/k),
     capacity_factor (training: each expert keeps at most ceil(cf * N * k / E) token copies,
     dropping those of lowest weight; ties: earlier copy first), and the auxiliary losses
     kept in self.aux after each forward: balance = E * sum_i f_i * P_i (f_i: share of
@@ -491,7 +491,7 @@ class MoEFFNLayer(nn.Module):
             for _ in range(n_expert))
         self.n_expert = n_expert
         self.n_expert_activated = n_expert_activated
-        self.softmax_before_topk = False
+        self.router = "topk_softmax"
         self.capacity_factor = 0.0
         self.aux = {}
 
@@ -502,9 +502,10 @@ class MoEFFNLayer(nn.Module):
         tokens = xs if keep is None else xs[keep]
         router = self.gate(tokens)
         k = self.n_expert_activated
-        if self.softmax_before_topk:
+        if self.router == "softmax_topk":
             weights, selected_experts = torch.topk(
                 torch.softmax(router, dim=1, dtype=torch.float), k)
+            weights = weights * (self.n_expert / k)
         else:
             logits, selected_experts = torch.topk(router, k)
             weights = torch.nn.functional.softmax(

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use upcycle_model::upcycle::Method;
 use upcycle_trainer::convert;
 
 #[derive(Subcommand)]
 pub(crate) enum ConvertCommand {
-    /// Dense -> MoE: every feed-forward network becomes experts that are copies of it,
-    /// with fresh routers; the result computes its parent's outputs at step 0.
+    /// Dense -> MoE: every feed-forward network becomes experts made from it (--method),
+    /// with fresh routers; copy and granular compute the parent's outputs at step 0.
     Upcycle(UpcycleArgs),
     /// Sharded -> one safetensors file (whole experts) with train.yaml, units.txt,
     /// global_cmvn and state.json, in a new directory.
@@ -99,9 +100,27 @@ pub(crate) struct UpcycleArgs {
     /// Experts each token goes to.
     #[arg(long, default_value_t = 2)]
     pub(crate) top_k: i64,
-    /// Relative Gaussian noise on each expert copy (0 keeps the parent's outputs exact).
-    #[arg(long, default_value_t = 0.0)]
-    pub(crate) noise: f64,
+    /// How experts are made from the parent's network: copy (exact copies), noise
+    /// (copies times 1 + S N(0,1)), drop (Drop-Upcycling: a fraction of each expert's
+    /// hidden units re-initialised) or granular (each expert 1/G of the hidden units).
+    #[arg(long, default_value = "copy")]
+    pub(crate) method: String,
+    /// --method noise: relative standard deviation S of the noise [default: 0.01].
+    #[arg(long)]
+    pub(crate) noise: Option<f64>,
+    /// --method drop: fraction of each expert's hidden units re-initialised [default: 0.5].
+    #[arg(long)]
+    pub(crate) drop_ratio: Option<f64>,
+    /// --method granular: G, experts per copy of the parent, each of linear_units / G
+    /// hidden units (--experts and --top-k multiples of G; --top-k G keeps the parent's
+    /// active FLOPs).
+    #[arg(long)]
+    pub(crate) granularity: Option<i64>,
+    /// Routing (moe_conf.router): topk_softmax (WeNet's) or softmax_topk (softmax over
+    /// all experts, top-k, times E/k; allows --top-k 1; with --router-init zero the child
+    /// computes its parent's outputs exactly).
+    #[arg(long, default_value = "topk_softmax")]
+    pub(crate) router: String,
     /// Router initialisation: normal (small random, breaks the copies' symmetry) or zero.
     #[arg(long, default_value = "normal")]
     pub(crate) router_init: String,
@@ -126,12 +145,22 @@ pub(crate) struct UpcycleArgs {
 pub(crate) fn run(command: ConvertCommand) -> Result<()> {
     match command {
         ConvertCommand::Upcycle(a) => {
+            if a.router == "softmax_topk" && a.router_init != "zero" {
+                eprintln!(
+                    "note: with --router softmax_topk the child reproduces its parent exactly \
+                     only with --router-init zero (a {} router moves it a little)",
+                    a.router_init
+                );
+            }
+            let method = a.method.clone();
             let (dir, r) = convert::upcycle_checkpoint(&convert::UpcycleOptions {
                 from: a.from,
                 out: a.out,
                 experts: a.experts,
                 top_k: a.top_k,
-                noise: a.noise,
+                method: Method::parse(&a.method, a.noise, a.drop_ratio, a.granularity)
+                    .map_err(anyhow::Error::msg)?,
+                router: a.router,
                 router_init: a.router_init,
                 router_std: a.router_std,
                 encoder_only: a.encoder_only,
@@ -140,7 +169,7 @@ pub(crate) fn run(command: ConvertCommand) -> Result<()> {
             })?;
             let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
             println!(
-                "upcycled: {} expert banks filled, {} fresh routers, {} tensors copied; \
+                "upcycled ({method}): {} expert banks filled, {} fresh routers, {} tensors copied; \
                  {total} parameters ({active} active per token) -> {}",
                 r.banks,
                 r.routers,

@@ -77,6 +77,10 @@ pub struct EncoderConf {
     /// Experts each token goes to, k (WeNet's key).
     #[serde(default = "two")]
     pub n_expert_activated: i64,
+    /// Hidden units of one expert (our key; absent: `linear_units`). Granular upcycling
+    /// splits the parent's `linear_units` into experts of `linear_units / G`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_linear_units: Option<i64>,
     /// Blocks whose feed-forward networks are MoE (all when absent).
     #[serde(default)]
     pub moe_layers: Option<Vec<usize>>,
@@ -186,6 +190,9 @@ pub struct DecoderConf {
     /// Experts each token goes to, k (WeNet's key).
     #[serde(default = "two")]
     pub n_expert_activated: i64,
+    /// Hidden units of one expert (our key; absent: `linear_units`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_linear_units: Option<i64>,
     /// Blocks (of both decoders) whose feed-forward is MoE (all when absent).
     #[serde(default)]
     pub moe_layers: Option<Vec<usize>>,
@@ -271,10 +278,17 @@ pub struct MoeConf {
     /// Standard deviation of a `normal` router initialisation.
     #[serde(default = "p002")]
     pub router_init_std: f64,
-    /// Softmax over all experts, then top-k of the probabilities (not renormalised),
-    /// instead of WeNet's top-k of the logits, then softmax over the k.
-    #[serde(default)]
-    pub softmax_before_topk: bool,
+    /// How a token's experts and their weights come from the router's logits:
+    /// `topk_softmax` (WeNet's: top-k of the logits, softmax over the k) or
+    /// `softmax_topk` (He et al.: softmax over all E, top-k of it, weights scaled by
+    /// E/k, so a zero router reproduces an upcycled parent and top-1 learns); see
+    /// [`Router`].
+    #[serde(default = "topk_softmax")]
+    pub router: String,
+    /// Replaced by `router` (read so that older checkpoints' configs, which wrote
+    /// `false`, load; `true` is refused with the replacement).
+    #[serde(default, skip_serializing)]
+    pub softmax_before_topk: Option<bool>,
     /// Router input multiplied by uniform noise in `[1 - j, 1 + j]` in training (Switch).
     #[serde(default)]
     pub jitter_noise: f64,
@@ -294,6 +308,27 @@ pub struct MoeConf {
     pub expert_compute: String,
 }
 
+/// The routing rule of `moe_conf.router`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Router {
+    /// WeNet's: top-k of the logits, softmax over the k (weights sum to 1; top-1 gives
+    /// weight 1 and no router gradient).
+    TopkSoftmax,
+    /// He et al. (arXiv 2410.07524): softmax over all E experts, top-k of it, the k
+    /// probabilities multiplied by E/k.
+    SoftmaxTopk,
+}
+
+impl MoeConf {
+    /// The routing rule (`router` is checked by [`MoeConf::validate`]).
+    pub fn router(&self) -> Router {
+        match self.router.as_str() {
+            "softmax_topk" => Router::SoftmaxTopk,
+            _ => Router::TopkSoftmax,
+        }
+    }
+}
+
 impl Default for MoeConf {
     fn default() -> Self {
         serde_json_like_default()
@@ -308,6 +343,19 @@ impl MoeConf {
             &self.router_init,
             &["normal", "zero"],
         )?;
+        one_of(
+            "moe_conf.router",
+            &self.router,
+            &["topk_softmax", "softmax_topk"],
+        )?;
+        if self.softmax_before_topk == Some(true) {
+            return Err(
+                "moe_conf.softmax_before_topk was replaced by moe_conf.router: \
+                        softmax_topk, which also scales the chosen probabilities by E/k \
+                        (see configs/README.md); remove the old key"
+                    .into(),
+            );
+        }
         one_of(
             "moe_conf.expert_compute",
             &self.expert_compute,
@@ -378,7 +426,13 @@ fn validate_mlp(
     k: i64,
     moe_layers: Option<&[usize]>,
     num_blocks: usize,
+    expert_linear_units: Option<i64>,
 ) -> Result<(), String> {
+    if let Some(units) = expert_linear_units.filter(|&u| u < 1) {
+        return Err(format!(
+            "{section}.expert_linear_units: {units} must be at least 1 (or absent: linear_units)"
+        ));
+    }
     one_of(
         &format!("{section}.mlp_type"),
         mlp_type,
@@ -439,6 +493,9 @@ fn p001() -> f64 {
 }
 fn normal() -> String {
     "normal".into()
+}
+fn topk_softmax() -> String {
+    "topk_softmax".into()
 }
 fn auto() -> String {
     "auto".into()
@@ -621,6 +678,7 @@ impl EncoderConf {
             self.n_expert_activated,
             self.moe_layers.as_deref(),
             self.num_blocks,
+            self.expert_linear_units,
         )?;
         let mut seen = std::collections::BTreeSet::new();
         for group in &self.expert_sharing {
@@ -639,6 +697,11 @@ impl EncoderConf {
             }
         }
         Ok(())
+    }
+
+    /// Hidden units of one expert.
+    pub fn expert_units(&self) -> i64 {
+        self.expert_linear_units.unwrap_or(self.linear_units)
     }
 
     /// Whether the feed-forward networks of `block` are MoE.
@@ -724,7 +787,13 @@ impl DecoderConf {
             self.n_expert_activated,
             self.moe_layers.as_deref(),
             self.num_blocks.max(self.r_num_blocks),
+            self.expert_linear_units,
         )
+    }
+
+    /// Hidden units of one expert.
+    pub fn expert_units(&self) -> i64 {
+        self.expert_linear_units.unwrap_or(self.linear_units)
     }
 
     /// Whether the feed-forward network of `block` (of either decoder) is MoE.

@@ -165,7 +165,7 @@ impl BiTransformerDecoder {
             c.linear_units,
             Activation::from_name(&c.activation_type),
             c.dropout_rate,
-            (c.n_expert, c.n_expert_activated),
+            (c.n_expert, c.n_expert_activated, c.expert_units()),
             moe,
         );
         Self {

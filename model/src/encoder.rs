@@ -140,7 +140,7 @@ impl ConformerEncoder {
             c.linear_units,
             Activation::from_name(&c.activation_type),
             c.dropout_rate,
-            (c.n_expert, c.n_expert_activated),
+            (c.n_expert, c.n_expert_activated, c.expert_units()),
             moe,
         );
         let mut ffn = |block: usize, name: &str, moe: bool| {

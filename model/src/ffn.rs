@@ -84,6 +84,7 @@ impl FeedForward {
 pub struct FfnFactory {
     d: i64,
     hidden: i64,
+    expert_hidden: i64,
     activation: Activation,
     dropout: f64,
     moe: MoeSpec,
@@ -91,18 +92,20 @@ pub struct FfnFactory {
 }
 
 impl FfnFactory {
-    /// Networks `d -> hidden -> d`; MoE ones with `n_expert` experts, `k` per token.
+    /// Networks `d -> hidden -> d`; MoE ones with `n_expert` experts of
+    /// `d -> expert_hidden -> d`, `k` per token.
     pub fn new(
         d: i64,
         hidden: i64,
         activation: Activation,
         dropout: f64,
-        (n_expert, k): (i64, i64),
+        (n_expert, k, expert_hidden): (i64, i64, i64),
         moe: &MoeContext,
     ) -> Self {
         Self {
             d,
             hidden,
+            expert_hidden,
             activation,
             dropout,
             moe: MoeSpec {
@@ -137,7 +140,7 @@ impl FfnFactory {
         let experts = self
             .banks
             .entry(key)
-            .or_insert_with(|| ExpertBank::new(bank, local, self.d, self.hidden))
+            .or_insert_with(|| ExpertBank::new(bank, local, self.d, self.expert_hidden))
             .share();
         FeedForward::Moe(MoeFeedForward::new(path, experts, &self.moe))
     }

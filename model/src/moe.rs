@@ -15,7 +15,7 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use crate::activation::Activation;
-use crate::config::MoeConf;
+use crate::config::{MoeConf, Router};
 pub use upcycle_parallel::grads::Placement;
 
 /// The path component under which every expert bank's tensors live
@@ -295,6 +295,33 @@ struct Route {
     counts: Vec<i64>,
 }
 
+/// The `k` experts of each token `[N, k]` and their weights `[N, k]`, from the router's
+/// `logits` `[N, E]` (`probs` is their softmax over the E).
+///
+/// The chosen are the k largest logits, ties going to the lower expert index (a stable
+/// sort): under a zero router every logit ties, and the first k experts are then whole
+/// virtual groups of a granular upcycle, which lays its experts out group by group.
+///
+/// `softmax_topk` multiplies the k probabilities by E/k so that an upcycled layer starts
+/// as its parent f. Its experts are copies of f, or, granular with G, virtual groups of G
+/// experts whose outputs sum to G f (slices of f's hidden units, scaled by G) with
+/// k = T G choosing T whole groups. A zero router gives every expert 1/E, so the chosen
+/// weigh k/E in all: copies give (k/E) f, granular T (1/E) G f = (k/E) f; the factor E/k
+/// makes both f exactly. Renormalising over the k would too, but gives top-1 weight 1 and
+/// its router no gradient. A non-zero router's chosen probabilities do not sum to k/E, so
+/// there the parent is approximated (`router_init: zero` for exact). `topk_softmax`'s
+/// weights sum to 1 over the k: exact for copies under any router, and for granular
+/// groups chosen whole (equal logits within a group).
+fn gate(router: Router, logits: &Tensor, probs: &Tensor, k: i64) -> (Tensor, Tensor) {
+    let n_expert = logits.size()[1];
+    let expert = logits.sort_stable(true, -1, true).1.narrow(-1, 0, k);
+    let weight = match router {
+        Router::TopkSoftmax => logits.gather(-1, &expert, false).softmax(-1, Kind::Float),
+        Router::SoftmaxTopk => probs.gather(-1, &expert, false) * (n_expert as f64 / k as f64),
+    };
+    (weight, expert)
+}
+
 /// A mixture-of-experts feed-forward layer.
 #[derive(Debug)]
 pub struct MoeFeedForward {
@@ -434,12 +461,7 @@ impl MoeFeedForward {
             input.matmul(&self.router.to_kind(Kind::Float).tr())
         });
         let probs = logits.softmax(-1, Kind::Float);
-        let (weight, expert) = if self.conf.softmax_before_topk {
-            probs.topk(k, -1, true, true)
-        } else {
-            let (top, expert) = logits.topk(k, -1, true, true);
-            (top.softmax(-1, Kind::Float), expert)
-        };
+        let (weight, expert) = gate(self.conf.router(), &logits, &probs, k);
         // Token copies in token order (token i's copies at i*k..i*k+k).
         let copy_expert = expert.reshape([-1]);
         let copy_weight = weight.reshape([-1]);
@@ -541,6 +563,30 @@ mod tests {
             ExpertBank::new(&(&path / "experts"), 4, 16, 24),
             &spec,
         )
+    }
+
+    /// A zero router ties every logit: the first k experts are chosen (whole virtual
+    /// groups of a granular upcycle) and softmax_topk's weights are 1/k, as WeNet's.
+    #[test]
+    fn ties_go_to_the_lower_experts_and_softmax_topk_scales_by_e_over_k() {
+        let logits = Tensor::zeros([3, 8], (Kind::Float, Device::Cpu));
+        let probs = logits.softmax(-1, Kind::Float);
+        for router in [Router::TopkSoftmax, Router::SoftmaxTopk] {
+            let (weight, expert) = gate(router, &logits, &probs, 4);
+            let first: Vec<i64> = (0..4).collect();
+            for row in 0..3 {
+                assert_eq!(Vec::<i64>::try_from(expert.get(row)).unwrap(), first);
+            }
+            let quarter = Tensor::full([3, 4], 0.25, (Kind::Float, Device::Cpu));
+            assert!(weight.allclose(&quarter, 1e-6, 1e-7, false), "{router:?}");
+        }
+        // Otherwise softmax_topk's weights are the k largest probabilities times E/k.
+        let logits = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0]).view([1, 4]);
+        let probs = logits.softmax(-1, Kind::Float);
+        let (weight, expert) = gate(Router::SoftmaxTopk, &logits, &probs, 1);
+        assert_eq!(expert.int64_value(&[0, 0]), 2);
+        let want = probs.double_value(&[0, 2]) * 4.0;
+        assert!((weight.double_value(&[0, 0]) - want).abs() < 1e-6);
     }
 
     /// Same input, same gradients, bit for bit (resume and parity rely on it).

@@ -1,7 +1,7 @@
 //! The Rust MoE layer against WeNet's `MoEFFNLayer` (`bench/reference/u2pp.py`, eager
 //! PyTorch 2.11 from the project's environment): forward output, auxiliary losses, tokens
 //! per expert and every gradient (input, router, experts), for WeNet's semantics, for
-//! masked positions with capacity-limited token dropping, and for softmax-before-top-k;
+//! masked positions with capacity-limited token dropping, and for `router: softmax_topk`;
 //! in each case one expert receives no token. Every expert computation (grouped GEMM,
 //! padded bmm, loop) is checked. Tolerance: fp32, 1e-5.
 
@@ -65,7 +65,7 @@ fn check_case(case: &str, meta: &serde_json::Value, io: &BTreeMap<String, Tensor
     let int = |k: &str| meta[k].as_i64().unwrap();
     let (e, d, f, k) = (int("n_expert"), int("d"), int("hidden"), int("k"));
     let conf = MoeConf {
-        softmax_before_topk: meta["softmax_before_topk"].as_bool().unwrap(),
+        router: meta["router"].as_str().unwrap().into(),
         capacity_factor: meta["capacity_factor"].as_f64().unwrap(),
         expert_compute: compute.into(),
         ..Default::default()

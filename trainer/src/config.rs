@@ -9,7 +9,7 @@ use thiserror::Error;
 use upcycle_dataset::config::DatasetConf;
 use upcycle_dataset::text::Units;
 use upcycle_model::asr::{AsrModel, Vocab};
-use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf};
+use upcycle_model::config::{DecoderConf, EncoderConf, ModelConf, MoeConf, Router};
 use upcycle_model::moe::MoeContext;
 
 /// A configuration that cannot be used.
@@ -591,12 +591,12 @@ impl TrainConfig {
                 self.decoder_conf.n_expert_activated,
             ),
         ] {
-            if mlp == "moe" && k == 1 && !self.moe_conf.softmax_before_topk {
+            if mlp == "moe" && k == 1 && self.moe_conf.router() == Router::TopkSoftmax {
                 return bad(format!(
                     "{section}.n_expert_activated: 1 with WeNet's routing (softmax over the \
                      chosen experts) gives every token weight 1, so the router gets no \
-                     gradient and never learns; set moe_conf.softmax_before_topk: true \
-                     (Switch-style top-1) or choose 2 or more experts"
+                     gradient and never learns; set moe_conf.router: softmax_topk \
+                     (softmax over all experts, then top-1) or choose 2 or more experts"
                 ));
             }
         }
@@ -645,6 +645,7 @@ impl TrainConfig {
             .validate(self.encoder_conf.output_size)
             .map_err(ConfigError::Invalid)?;
         self.model_conf.validate().map_err(ConfigError::Invalid)?;
+        self.moe_conf.validate().map_err(ConfigError::Invalid)?;
         if self.model_conf.reverse_weight > 0.0 && self.decoder_conf.r_num_blocks == 0 {
             return bad("model_conf.reverse_weight > 0 needs decoder_conf.r_num_blocks > 0".into());
         }
@@ -671,6 +672,8 @@ mod tests {
             ("wenet-u2pp-conformer.yaml", 4233, 40e6, 55e6),
             ("wenet-u2pp-moe.yaml", 51, 200e6, 230e6),
             ("dense-225m.yaml", 5000, 150e6, 260e6),
+            ("small-upcycle-top1.yaml", 51, 20e6, 21.5e6),
+            ("small-upcycle-granular.yaml", 51, 6e6, 7.5e6),
         ] {
             let c = TrainConfig::load(&configs().join(name)).unwrap();
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -720,7 +723,17 @@ mod tests {
             e.to_string().contains("encoder_conf.n_expert_activated: 1"),
             "{e}"
         );
-        let switch = format!("{moe}\nmoe_conf: {{softmax_before_topk: true}}");
+        let switch = format!("{moe}\nmoe_conf: {{router: softmax_topk}}");
         TrainConfig::parse(&switch).unwrap().validate().unwrap();
+        // The key it replaced: false (what older checkpoints wrote) loads, true is
+        // refused with its replacement.
+        let old = format!("{moe}\nmoe_conf: {{router: softmax_topk, softmax_before_topk: false}}");
+        TrainConfig::parse(&old).unwrap().validate().unwrap();
+        let old = format!("{moe}\nmoe_conf: {{softmax_before_topk: true}}");
+        let e = TrainConfig::parse(&old).unwrap().validate().unwrap_err();
+        assert!(
+            e.to_string().contains("moe_conf.router: softmax_topk"),
+            "{e}"
+        );
     }
 }

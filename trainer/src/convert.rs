@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
-use upcycle_model::upcycle::{upcycle, UpcycleReport};
+use upcycle_model::upcycle::{upcycle, Method, UpcycleReport};
 
 use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
 use crate::config::TrainConfig;
@@ -32,8 +32,10 @@ pub struct UpcycleOptions {
     pub experts: i64,
     /// Experts per token.
     pub top_k: i64,
-    /// Relative Gaussian noise on the expert copies (0: exact copies).
-    pub noise: f64,
+    /// How the experts are made from the parent's networks.
+    pub method: Method,
+    /// `moe_conf.router` of the child (`topk_softmax`, WeNet's, or `softmax_topk`).
+    pub router: String,
     /// `normal` or `zero` router initialisation.
     pub router_init: String,
     /// Standard deviation of a `normal` router.
@@ -65,23 +67,28 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
             dense.dir.display()
         );
     }
-    config.encoder_conf.mlp_type = "moe".into();
-    config.encoder_conf.n_expert = o.experts;
-    config.encoder_conf.n_expert_activated = o.top_k;
+    let e = &mut config.encoder_conf;
+    e.mlp_type = "moe".into();
+    e.n_expert = o.experts;
+    e.n_expert_activated = o.top_k;
+    e.expert_linear_units = expert_units("encoder_conf", e.linear_units, o)?;
     if !o.encoder_only {
-        config.decoder_conf.mlp_type = "moe".into();
-        config.decoder_conf.n_expert = o.experts;
-        config.decoder_conf.n_expert_activated = o.top_k;
+        let d = &mut config.decoder_conf;
+        d.mlp_type = "moe".into();
+        d.n_expert = o.experts;
+        d.n_expert_activated = o.top_k;
+        d.expert_linear_units = expert_units("decoder_conf", d.linear_units, o)?;
     }
     config.moe_conf.router_init = o.router_init.clone();
     config.moe_conf.router_init_std = o.router_std;
+    config.moe_conf.router = o.router.clone();
     config.validate().context("the upcycled configuration")?;
 
     tch::manual_seed(o.seed as i64);
     let vs = nn::VarStore::new(Device::Cpu);
     config.build_model(&vs.root(), crate::config::vocab(&dense.units))?;
     let parent = checkpoint::read_tensors(&dense.dir)?;
-    let report = upcycle(&parent, &vs, o.noise).map_err(anyhow::Error::msg)?;
+    let report = upcycle(&parent, &vs, o.method).map_err(anyhow::Error::msg)?;
     let cmvn = CmvnStats::load(&dense.dir.join("global_cmvn"))?;
     let dir = checkpoint::save_layout(
         &o.out,
@@ -98,6 +105,29 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
         },
     )?;
     Ok((dir, report))
+}
+
+/// `expert_linear_units` of a section whose `linear_units` hidden units the method splits
+/// (granular: G ways; `None`, the same as `linear_units`, otherwise). Granular needs
+/// whole virtual groups: G divides the units, the experts and k.
+fn expert_units(section: &str, units: i64, o: &UpcycleOptions) -> Result<Option<i64>> {
+    let g = o.method.granularity();
+    if g == 1 {
+        return Ok(None);
+    }
+    if units % g != 0 {
+        bail!("--granularity {g} does not divide {section}.linear_units ({units})");
+    }
+    if o.experts % g != 0 || o.top_k % g != 0 {
+        bail!(
+            "--granularity {g}: --experts ({}) and --top-k ({}) must be multiples of it, so \
+             that tokens take whole virtual groups (--top-k {g} keeps the parent's active \
+             FLOPs)",
+            o.experts,
+            o.top_k
+        );
+    }
+    Ok(Some(units / g))
 }
 
 /// A directory that must not exist yet: refused by name (nothing is overwritten).

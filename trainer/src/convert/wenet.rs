@@ -14,6 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
+use upcycle_model::config::Router;
 use upcycle_model::naming::{from_wenet, to_wenet};
 
 use crate::checkpoint::{self, fsync_dir, write_synced, SaveRequest, TrainState};
@@ -520,10 +521,13 @@ fn check_wenet_expressible(c: &TrainConfig) -> Result<()> {
     if d.mlp_type == "moe" && !all(&d.moe_layers, d.num_blocks.max(d.r_num_blocks)) {
         return refuse("decoder_conf.moe_layers");
     }
-    if c.moe_conf.softmax_before_topk {
+    let moe = e.mlp_type == "moe" || d.mlp_type == "moe";
+    if moe && c.moe_conf.router() != Router::TopkSoftmax {
         bail!(
-            "moe_conf.softmax_before_topk: WeNet routes by a softmax over the top-k logits; \
-             this model routes otherwise and cannot be exported to WeNet"
+            "moe_conf.router: {}: WeNet routes by a softmax over the top-k logits \
+             (topk_softmax); this model weighs its experts otherwise and cannot be exported \
+             to WeNet",
+            c.moe_conf.router
         );
     }
     Ok(())
@@ -547,6 +551,11 @@ fn wenet_train_yaml(c: &TrainConfig, units: &Units, out: &Path) -> Result<serde_
         let dense = m.get("mlp_type").and_then(Value::as_str) != Some("moe");
         for ours in ["moe_layers", "moe_macaron", "expert_sharing"] {
             m.remove(ours);
+        }
+        // WeNet's experts have linear_units; every feed-forward network of an exported
+        // MoE section is MoE (check_wenet_expressible), so the key can carry the experts'.
+        if let Some(units) = m.remove("expert_linear_units").filter(|_| !dense) {
+            m.insert("linear_units".into(), units);
         }
         // A dense model's yaml stays loadable by WeNet versions without MoE.
         if dense {
@@ -711,6 +720,27 @@ mod tests {
         assert_eq!(back.wenet_special_token("<eos>"), Some(26));
     }
 
+    /// Granular experts are WeNet's experts of `linear_units` = `expert_linear_units`.
+    #[test]
+    fn granular_experts_export_as_wenet_linear_units() {
+        let mut c = tiny();
+        c.encoder_conf.mlp_type = "moe".into();
+        c.encoder_conf.expert_linear_units = Some(c.encoder_conf.linear_units / 4);
+        let units = Units::from_texts(["abc"]);
+        let v = wenet_train_yaml(&c, &units, Path::new("/x/out")).unwrap();
+        let enc = v["encoder_conf"].as_mapping().unwrap();
+        assert!(!enc.contains_key("expert_linear_units"));
+        assert_eq!(
+            enc["linear_units"].as_i64(),
+            c.encoder_conf.expert_linear_units
+        );
+        let back = TrainConfig::parse(&serde_yaml::to_string(&v).unwrap()).unwrap();
+        assert_eq!(
+            back.encoder_conf.expert_units(),
+            c.encoder_conf.expert_units()
+        );
+    }
+
     #[test]
     fn floats_are_spelled_for_yaml_1_1() {
         assert_eq!(
@@ -728,9 +758,9 @@ mod tests {
         assert!(e.contains("encoder_conf.moe_layers"), "{e}");
         c.encoder_conf.moe_layers = Some(vec![1, 0]);
         check_wenet_expressible(&c).unwrap();
-        c.moe_conf.softmax_before_topk = true;
+        c.moe_conf.router = "softmax_topk".into();
         let e = check_wenet_expressible(&c).unwrap_err().to_string();
-        assert!(e.contains("softmax_before_topk"), "{e}");
+        assert!(e.contains("moe_conf.router: softmax_topk"), "{e}");
     }
 
     #[test]
