@@ -16,7 +16,8 @@
 //!   scores `(q + u) k^T` and `(q + v) p^T` and the weighted sum `3 * 2 T'^2 d`; convolution
 //!   module `2 (T' + L) d (2d) + 2 T' d K + 2 T' d d`, where `L = K - 1` when causal (the
 //!   left padding comes before the first pointwise convolution, as in WeNet) and 0 if not; each feed-forward network `2 * 2 T' d f`
-//!   (dense) or `2 T' d E + k * 2 * 2 T' d f_e` (router plus k experts per token);
+//!   (dense) or `2 T' d E + k * 2 * 2 T' d f_e` (router plus k experts of `f_e` hidden
+//!   units, `expert_linear_units`, per token);
 //! - CTC `2 T' d V`;
 //! - each decoder block (left-to-right and, when trained, right-to-left) over `U + 1`
 //!   positions: self-attention `4 * 2 U d^2 + 2 * 2 U^2 d`, source attention
@@ -86,8 +87,13 @@ impl FlopShape {
         let moe = e
             .is_moe_block(block)
             .then_some((e.n_expert as f64, e.n_expert_activated as f64));
+        let hidden = if moe.is_some() {
+            e.expert_units()
+        } else {
+            e.linear_units
+        };
         let ffns = if e.macaron_style { 2.0 } else { 1.0 };
-        attention + conv + ffns * ffn(t, d, e.linear_units as f64, moe)
+        attention + conv + ffns * ffn(t, d, hidden as f64, moe)
     }
 
     fn decoder_block(&self, block: usize, u: f64, t: f64) -> f64 {
@@ -99,7 +105,12 @@ impl FlopShape {
         let moe = c
             .is_moe_block(block)
             .then_some((c.n_expert as f64, c.n_expert_activated as f64));
-        self_attention + source_attention + ffn(u, d, c.linear_units as f64, moe)
+        let hidden = if moe.is_some() {
+            c.expert_units()
+        } else {
+            c.linear_units
+        };
+        self_attention + source_attention + ffn(u, d, hidden as f64, moe)
     }
 
     /// Forward FLOPs of one utterance of `frames` input frames and `tokens` target tokens.
@@ -178,6 +189,17 @@ mod tests {
         let source = 2 * 2 * 3 * 8 * 8 + 2 * 2 * 2 * 8 * 8 + 2 * 2 * 3 * 2 * 8;
         let decoder = self_attention + source + 2 * 2 * 3 * 8 * 12 + 2 * 3 * 8 * 5;
         let expected = conv1 + conv2 + proj + encoder + ctc + 2 * decoder;
+        // Granular experts (a quarter of the units, top-4 of 16) cost what the dense
+        // network costs, plus the router.
+        let mut granular = tiny("moe");
+        granular.encoder.n_expert = 16;
+        granular.encoder.n_expert_activated = 4;
+        granular.encoder.expert_linear_units = Some(4);
+        let router = 2 * 2 * 8 * 16;
+        assert_eq!(
+            granular.forward_flops(13, 2),
+            (expected + 2 * router) as f64
+        );
         assert_eq!(
             tiny("position_wise_feed_forward").forward_flops(13, 2),
             expected as f64
