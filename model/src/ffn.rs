@@ -113,6 +113,7 @@ impl FfnFactory {
                 dropout,
                 conf: moe.conf.clone(),
                 dispatch: moe.dispatch.clone(),
+                balance: moe.balance.clone(),
             },
             banks: Default::default(),
         }

@@ -15,6 +15,7 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use crate::activation::Activation;
+use crate::balance::{BalanceStats, EXPERT_BIAS};
 use crate::config::MoeConf;
 pub use upcycle_parallel::grads::Placement;
 
@@ -300,6 +301,9 @@ struct Route {
 pub struct MoeFeedForward {
     layer: String,
     router: Tensor,
+    /// Added to the router's scores to choose the top-k (`moe_conf.expert_bias`).
+    expert_bias: Option<Tensor>,
+    balance: Arc<BalanceStats>,
     experts: ExpertBank,
     k: i64,
     conf: MoeConf,
@@ -316,6 +320,8 @@ pub struct MoeContext {
     pub conf: MoeConf,
     /// Where the experts are.
     pub dispatch: Arc<dyn ExpertDispatch>,
+    /// The load-balance statistics every layer shares.
+    pub balance: Arc<BalanceStats>,
 }
 
 impl MoeContext {
@@ -324,6 +330,7 @@ impl MoeContext {
         Self {
             conf,
             dispatch: Arc::new(LocalDispatch),
+            balance: Arc::default(),
         }
     }
 }
@@ -351,6 +358,8 @@ pub struct MoeSpec {
     pub conf: MoeConf,
     /// Where the experts are.
     pub dispatch: Arc<dyn ExpertDispatch>,
+    /// The load-balance statistics every layer shares.
+    pub balance: Arc<BalanceStats>,
 }
 
 impl MoeFeedForward {
@@ -364,9 +373,15 @@ impl MoeFeedForward {
             },
         };
         let router = (path / "router").var("weight", &[spec.n_expert, spec.d], init);
+        let expert_bias = spec
+            .conf
+            .expert_bias
+            .then(|| (path / "router").zeros_no_train(EXPERT_BIAS, &[spec.n_expert]));
         Self {
             layer: path.components().collect::<Vec<_>>().join("."),
             router,
+            expert_bias,
+            balance: spec.balance.clone(),
             experts,
             k: spec.k,
             conf: spec.conf.clone(),
@@ -435,9 +450,9 @@ impl MoeFeedForward {
         });
         let probs = logits.softmax(-1, Kind::Float);
         let (weight, expert) = if self.conf.softmax_before_topk {
-            probs.topk(k, -1, true, true)
+            self.top_k(&probs, k)
         } else {
-            let (top, expert) = logits.topk(k, -1, true, true);
+            let (top, expert) = self.top_k(&logits, k);
             (top.softmax(-1, Kind::Float), expert)
         };
         // Token copies in token order (token i's copies at i*k..i*k+k).
@@ -474,7 +489,7 @@ impl MoeFeedForward {
         if routing.enabled() {
             routing
                 .layers
-                .push(self.statistics(&logits, &probs, &routed, &kept, n * k));
+                .push(self.statistics(&logits, &probs, &routed, &kept, train));
         }
         Route {
             token: order.divide_scalar_mode(k, "trunc"),
@@ -483,28 +498,56 @@ impl MoeFeedForward {
         }
     }
 
+    /// The `k` highest `scores` of each row and their experts. With an expert bias the
+    /// experts are those of the highest `scores + bias`, but their unbiased scores are
+    /// returned: the bias decides which experts compute a token, never its weights.
+    fn top_k(&self, scores: &Tensor, k: i64) -> (Tensor, Tensor) {
+        match &self.expert_bias {
+            None => scores.topk(k, -1, true, true),
+            Some(bias) => {
+                let (_, expert) = (scores + bias).topk(k, -1, true, true);
+                (scores.gather(-1, &expert, false), expert)
+            }
+        }
+    }
+
+    /// The load-balancing loss `E * sum_i f_i * P_i` of `routed` copies per expert and
+    /// router probabilities `probs`: over this micro-batch, or in training with
+    /// `balance_scope: global` over the global batch ([`BalanceStats::global_loss`]).
+    fn balance_loss(&self, probs: &Tensor, routed: &Tensor, train: bool) -> Tensor {
+        if train && self.conf.balance_scope == "global" {
+            return self.balance.global_loss(&self.layer, probs, routed, self.k);
+        }
+        let fraction = routed.to_kind(Kind::Float) / (probs.size()[0] * self.k) as f64;
+        let mean_prob = probs.mean_dim(0, false, Kind::Float);
+        (fraction * mean_prob).sum(Kind::Float) * probs.size()[1] as f64
+    }
+
     fn statistics(
         &self,
         logits: &Tensor,
         probs: &Tensor,
         routed: &Tensor,
         kept: &Tensor,
-        copies: i64,
+        train: bool,
     ) -> LayerRouting {
-        let e = probs.size()[1];
-        let (balance_loss, z_loss, entropy) = if copies == 0 {
+        let (balance_loss, z_loss, entropy) = if probs.size()[0] == 0 {
             let zero = || self.router.sum(Kind::Float) * 0.0;
-            (zero(), zero(), Tensor::from(0f32))
+            // Every worker joins the global statistics' sum, with or without tokens.
+            let balance = if train && self.conf.balance_scope == "global" {
+                self.balance_loss(probs, routed, train)
+            } else {
+                zero()
+            };
+            (balance, zero(), Tensor::from(0f32))
         } else {
-            let fraction = routed.to_kind(Kind::Float) / copies as f64;
-            let mean_prob = probs.mean_dim(0, false, Kind::Float);
             let entropy = tch::no_grad(|| {
                 -(probs * probs.clamp_min(1e-20).log())
                     .sum_dim_intlist(-1, false, Kind::Float)
                     .mean(Kind::Float)
             });
             (
-                (fraction * mean_prob).sum(Kind::Float) * e as f64,
+                self.balance_loss(probs, routed, train),
                 logits.logsumexp(-1, false).square().mean(Kind::Float),
                 entropy,
             )
@@ -534,6 +577,7 @@ mod tests {
             dropout: 0.0,
             conf,
             dispatch: Arc::new(LocalDispatch),
+            balance: Arc::default(),
         };
         let path = vs.root() / "ffn";
         MoeFeedForward::new(
@@ -576,6 +620,55 @@ mod tests {
         for ((name, a), (_, b)) in a.iter().zip(&b) {
             assert!(a.equal(b), "{name} differs between two runs");
         }
+    }
+
+    /// The expert bias chooses experts only (a chosen copy keeps its unbiased score), and
+    /// moved after each batch it evens out a router that favours one expert.
+    #[test]
+    fn expert_bias_evens_the_load_and_leaves_the_weights() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let moe = layer(
+            &vs,
+            MoeConf {
+                expert_bias: true,
+                ..Default::default()
+            },
+        );
+        let mut bias = moe.expert_bias.as_ref().unwrap().shallow_clone();
+        assert!(!bias.requires_grad(), "the bias is not trained");
+        let scores = Tensor::from_slice(&[0.1f32, 0.5, 0.2, 0.3]).view([1, 4]);
+        tch::no_grad(|| bias.copy_(&Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0])));
+        let (weight, expert) = moe.top_k(&scores, 2);
+        assert_eq!(Vec::<i64>::try_from(expert.view([-1])).unwrap(), [0, 1]);
+        assert_eq!(Vec::<f32>::try_from(weight.view([-1])).unwrap(), [0.1, 0.5]);
+        let _ = bias.zero_();
+        // Expert 0's logit is the tokens' mean feature (about 1), the others' about 0:
+        // expert 0 takes half of the top-2 copies, twice an even share.
+        let _ = tch::no_grad(|| moe.router.get(0).fill_(1.0 / 16.0));
+        let mut imbalance = |bias_on: bool| -> Vec<f64> {
+            let _ = tch::no_grad(|| bias.zero_());
+            (0..150)
+                .map(|_| {
+                    let x = Tensor::randn([1, 64, 16], (Kind::Float, Device::Cpu)) + 1.0;
+                    let mut r = Routing::recording();
+                    let _ = moe.forward(&x, None, true, &mut r);
+                    let load = &r.layers[0].tokens_per_expert;
+                    if bias_on {
+                        crate::balance::update_expert_bias(&mut bias, load, 0.02);
+                    }
+                    load.max().double_value(&[]) / (64.0 * 2.0 / 4.0)
+                })
+                .collect()
+        };
+        let last = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
+        let (without, with) = (imbalance(false), imbalance(true));
+        assert!(last(&without) > 1.8, "the router favours expert 0: {}", last(&without));
+        assert!(
+            last(&with) < 1.25,
+            "with the bias the busiest expert takes {} even shares",
+            last(&with)
+        );
     }
 
     /// Jitter noise changes routing inputs in training only; a capacity drops copies and

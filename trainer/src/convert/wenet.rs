@@ -526,6 +526,15 @@ fn check_wenet_expressible(c: &TrainConfig) -> Result<()> {
              this model routes otherwise and cannot be exported to WeNet"
         );
     }
+    if c.moe_conf.expert_bias {
+        // Dropping the trained biases would send tokens to other experts than those the
+        // model was trained with.
+        bail!(
+            "moe_conf.expert_bias: WeNet's router has no expert bias for choosing the top-k; \
+             this model routes otherwise and cannot be exported to WeNet (train with \
+             expert_bias: false to export)"
+        );
+    }
     Ok(())
 }
 
@@ -731,6 +740,10 @@ mod tests {
         c.moe_conf.softmax_before_topk = true;
         let e = check_wenet_expressible(&c).unwrap_err().to_string();
         assert!(e.contains("softmax_before_topk"), "{e}");
+        c.moe_conf.softmax_before_topk = false;
+        c.moe_conf.expert_bias = true;
+        let e = check_wenet_expressible(&c).unwrap_err().to_string();
+        assert!(e.contains("moe_conf.expert_bias"), "{e}");
     }
 
     #[test]
