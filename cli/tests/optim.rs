@@ -202,7 +202,10 @@ fn continuation_schedules_equal_torch_schedulers() {
         assert_eq!(want.len(), 60);
         for (step, w) in want.iter().enumerate() {
             let got = ours.lr(step as u64);
-            assert!((got - w).abs() <= 1e-12, "{name} step {step}: {got} vs torch {w}");
+            assert!(
+                (got - w).abs() <= 1e-12,
+                "{name} step {step}: {got} vs torch {w}"
+            );
         }
     }
 }

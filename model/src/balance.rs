@@ -126,7 +126,11 @@ mod tests {
     fn the_bias_moves_towards_an_even_load() {
         let mut bias = Tensor::from_slice(&[0.0f32, 0.5, -0.25, 0.0]);
         // Mean load 25: expert 0 over it, 1 and 2 under, 3 exactly even.
-        update_expert_bias(&mut bias, &Tensor::from_slice(&[40i64, 10, 25 - 1, 26]), 0.01);
+        update_expert_bias(
+            &mut bias,
+            &Tensor::from_slice(&[40i64, 10, 25 - 1, 26]),
+            0.01,
+        );
         let got = Vec::<f32>::try_from(&bias).unwrap();
         // (40+10+24+26)/4 = 25: signs -, +, +, -.
         assert_eq!(got, vec![-0.01, 0.51, -0.24, -0.01]);
@@ -138,12 +142,20 @@ mod tests {
     #[test]
     fn one_process_global_loss_is_the_micro_batch_loss() {
         tch::manual_seed(0);
-        let probs = Tensor::randn([10, 4], (Kind::Float, tch::Device::Cpu)).softmax(-1, Kind::Float);
-        let routed = probs.topk(2, -1, true, true).1.reshape([-1]).bincount(None::<&Tensor>, 4);
+        let probs =
+            Tensor::randn([10, 4], (Kind::Float, tch::Device::Cpu)).softmax(-1, Kind::Float);
+        let routed = probs
+            .topk(2, -1, true, true)
+            .1
+            .reshape([-1])
+            .bincount(None::<&Tensor>, 4);
         let stats = BalanceStats::default();
         let got = stats.global_loss("l", &probs, &routed, 2).double_value(&[]);
         let f = routed.to_kind(Kind::Float) / 20.0;
-        let want = (f * probs.mean_dim(0, false, Kind::Float)).sum(Kind::Float).double_value(&[]) * 4.0;
+        let want = (f * probs.mean_dim(0, false, Kind::Float))
+            .sum(Kind::Float)
+            .double_value(&[])
+            * 4.0;
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         // A second micro-batch of the same step counts the first's copies too.
         let twice = stats.global_loss("l", &probs, &routed, 2).double_value(&[]);

@@ -652,7 +652,9 @@ impl TrainConfig {
                 let key = format!("upcycle_conf.freeze[{i}].lr_schedule.scheduler");
                 check_schedule(&key, &s.scheduler, &s.scheduler_conf).or_else(bad)?;
                 if s.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
-                    return bad(format!("upcycle_conf.freeze[{i}].lr_schedule.lr must be positive"));
+                    return bad(format!(
+                        "upcycle_conf.freeze[{i}].lr_schedule.lr must be positive"
+                    ));
                 }
             }
         }
@@ -737,6 +739,28 @@ mod tests {
             .contains("r_num_blocks"));
         let c = TrainConfig::parse("cmvn: global_cmvn\ntrain_engine: torch_ddp").unwrap();
         assert_eq!(c.ignored_keys(), vec!["cmvn", "train_engine"]);
+        let phase = |s: &str| {
+            let c = TrainConfig::parse(&format!(
+                "upcycle_conf: {{freeze: [{{from_step: 5, trainable: ['*'], lr_schedule: {s}}}]}}"
+            ))
+            .unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let e = phase("{scheduler: step}").unwrap_err();
+        assert!(
+            e.contains("freeze[0].lr_schedule.scheduler: \"step\""),
+            "{e}"
+        );
+        let e = phase("{scheduler: cosine, scheduler_conf: {warmup_steps: 10}}").unwrap_err();
+        assert!(e.contains("total_steps"), "{e}");
+        phase("{scheduler: linear, scheduler_conf: {warmup_steps: 10, total_steps: 20}}").unwrap();
+        // The model refuses its own keys when it is built.
+        let e = TrainConfig::parse("moe_conf: {balance_scope: world}")
+            .unwrap()
+            .moe_conf
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("moe_conf.balance_scope"), "{e}");
     }
 
     /// Top-1 with WeNet's routing would leave the router without a gradient.

@@ -208,7 +208,10 @@ impl Distributed {
                     // A model that never had expert biases (a parent, an upcycled
                     // checkpoint) starts them at zero.
                     if is_expert_bias(&name) {
-                        tracing::info!(name, "no expert bias in the weights loaded; it starts at 0");
+                        tracing::info!(
+                            name,
+                            "no expert bias in the weights loaded; it starts at 0"
+                        );
                         continue;
                     }
                     bail!("tensor {name} is missing");

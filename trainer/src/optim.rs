@@ -642,7 +642,10 @@ mod tests {
         );
         let close = |step: u64, want: f64| {
             let got = s.lr(step);
-            assert!((got - want).abs() <= 1e-12 * want, "step {step}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "step {step}: {got} vs {want}"
+            );
         };
         // WeNet's WarmupLR on the global step: the peak at s = 4, then lr * 2 / sqrt(s).
         close(3, 2e-3);
