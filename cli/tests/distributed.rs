@@ -9,8 +9,8 @@
 //! sorting; static batches whose union over the workers is the single process's batch
 //! (the loader deals utterance i to worker i % N); full-context attention (a dynamic
 //! chunk is drawn relative to the padded length of each worker's own batch, as in WeNet);
-//! no auxiliary losses (a load-balancing loss is computed per worker, as Megatron-Core
-//! does, so it is not the global batch's); routers initialised wide enough that float
+//! no auxiliary losses (the default `balance_scope: micro_batch` computes the load-balancing
+//! loss per worker, so it is not the global batch's; `balance.rs` tests the global one); routers initialised wide enough that float
 //! rounding does not flip a top-2 choice; AdamW with eps 1e-3, so that the update of a
 //! near-zero gradient does not turn rounding noise into a full step.
 

@@ -75,6 +75,7 @@ fn adamw_equals_torch_when_frozen_parameters_are_released() {
     .map(|(from_step, globs)| FreezePhase {
         from_step: *from_step,
         trainable: globs.iter().map(|g| g.to_string()).collect(),
+        lr_schedule: None,
     })
     .collect();
     let (release, steps) = (3, 12);
@@ -162,4 +163,49 @@ fn adamw_equals_torch_when_frozen_parameters_are_released() {
         "max |ours - torch.optim.AdamW| over every tensor from the release (step {release}) \
          to step {steps}: {worst_after_release:.3e}"
     );
+}
+
+/// PyTorch's own schedulers for our `linear` and `cosine`: `LinearLR` warm-up from
+/// `1/w` over `w - 1` steps, then (`SequentialLR`) `LinearLR` down to the floor or
+/// `CosineAnnealingLR`, over `total - w` steps; the rate of each of `n` steps as JSON.
+const TORCH_SCHEDULES: &str = r#"
+import json, torch
+lr, w, total, floor, n = 1e-3, 10, 60, 1e-4, 60
+def run(decay):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / w, total_iters=w - 1)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay(opt)], milestones=[w - 1])
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+L = torch.optim.lr_scheduler
+print(json.dumps({
+    "linear": run(lambda o: L.LinearLR(o, start_factor=1.0, end_factor=floor / lr, total_iters=total - w)),
+    "cosine": run(lambda o: L.CosineAnnealingLR(o, T_max=total - w, eta_min=floor)),
+}))
+"#;
+
+#[test]
+fn continuation_schedules_equal_torch_schedulers() {
+    let torch: BTreeMap<String, Vec<f64>> =
+        serde_json::from_str(&python(TORCH_SCHEDULES, &[])).unwrap();
+    let conf = upcycle_trainer::config::SchedulerConf {
+        warmup_steps: 10,
+        total_steps: 60,
+        min_lr: 1e-4,
+    };
+    for (name, want) in &torch {
+        let ours = Schedule::new(name, 1e-3, &conf);
+        assert_eq!(want.len(), 60);
+        for (step, w) in want.iter().enumerate() {
+            let got = ours.lr(step as u64);
+            assert!(
+                (got - w).abs() <= 1e-12,
+                "{name} step {step}: {got} vs torch {w}"
+            );
+        }
+    }
 }

@@ -119,6 +119,11 @@ impl AsrModel {
         })
     }
 
+    /// How the MoE layers route (options, dispatch, balance statistics).
+    pub fn moe(&self) -> &MoeContext {
+        &self.moe
+    }
+
     /// The encoder.
     pub fn encoder(&self) -> &ConformerEncoder {
         &self.encoder

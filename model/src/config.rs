@@ -306,6 +306,19 @@ pub struct MoeConf {
     /// Expert computation: `auto`, `grouped_mm`, `bmm` or `loop`.
     #[serde(default = "auto")]
     pub expert_compute: String,
+    /// Token fractions `f_i` of the load-balancing loss: `micro_batch` (each worker's
+    /// batch) or `global` (summed over every data-parallel worker and over the
+    /// micro-batches of the optimizer step so far; arXiv 2501.11873).
+    #[serde(default = "micro_batch")]
+    pub balance_scope: String,
+    /// Aux-loss-free balancing (DeepSeek-V3): a per-expert bias, not trained, added to the
+    /// router's scores to choose the top-k only, moved after each optimizer step by
+    /// `bias_update_rate` towards an even load of that step's global batch.
+    #[serde(default)]
+    pub expert_bias: bool,
+    /// The step of the expert bias's update (Megatron-Core's default).
+    #[serde(default = "p0001")]
+    pub bias_update_rate: f64,
 }
 
 /// The routing rule of `moe_conf.router`.
@@ -361,12 +374,18 @@ impl MoeConf {
             &self.expert_compute,
             &["auto", "grouped_mm", "bmm", "loop"],
         )?;
+        one_of(
+            "moe_conf.balance_scope",
+            &self.balance_scope,
+            &["micro_batch", "global"],
+        )?;
         for (key, v) in [
             ("router_init_std", self.router_init_std),
             ("jitter_noise", self.jitter_noise),
             ("capacity_factor", self.capacity_factor),
             ("balance_loss_weight", self.balance_loss_weight),
             ("z_loss_weight", self.z_loss_weight),
+            ("bias_update_rate", self.bias_update_rate),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("moe_conf.{key}: {v} must be a finite number >= 0"));
@@ -499,6 +518,12 @@ fn topk_softmax() -> String {
 }
 fn auto() -> String {
     "auto".into()
+}
+fn micro_batch() -> String {
+    "micro_batch".into()
+}
+fn p0001() -> f64 {
+    1e-3
 }
 fn p05() -> f64 {
     0.5

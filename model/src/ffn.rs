@@ -116,6 +116,7 @@ impl FfnFactory {
                 dropout,
                 conf: moe.conf.clone(),
                 dispatch: moe.dispatch.clone(),
+                balance: moe.balance.clone(),
             },
             banks: Default::default(),
         }

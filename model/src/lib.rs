@@ -29,6 +29,7 @@
 pub mod activation;
 pub mod asr;
 pub mod attention;
+pub mod balance;
 pub mod config;
 pub mod convolution;
 pub mod ctc;

@@ -15,6 +15,7 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use crate::activation::Activation;
+use crate::balance::{BalanceStats, EXPERT_BIAS};
 use crate::config::{MoeConf, Router};
 pub use upcycle_parallel::grads::Placement;
 
@@ -312,9 +313,24 @@ struct Route {
 /// there the parent is approximated (`router_init: zero` for exact). `topk_softmax`'s
 /// weights sum to 1 over the k: exact for copies under any router, and for granular
 /// groups chosen whole (equal logits within a group).
-fn gate(router: Router, logits: &Tensor, probs: &Tensor, k: i64) -> (Tensor, Tensor) {
+///
+/// An `expert_bias` (`moe_conf.expert_bias`, the aux-loss-free balancing) is added to the
+/// scores the rule ranks (the logits, or the probabilities for `softmax_topk`) to choose
+/// the k, and to nothing else: the weights stay the unbiased ones.
+fn gate(
+    router: Router,
+    logits: &Tensor,
+    probs: &Tensor,
+    k: i64,
+    expert_bias: Option<&Tensor>,
+) -> (Tensor, Tensor) {
     let n_expert = logits.size()[1];
-    let expert = logits.sort_stable(true, -1, true).1.narrow(-1, 0, k);
+    let ranked = match (expert_bias, router) {
+        (None, _) => logits.shallow_clone(),
+        (Some(bias), Router::TopkSoftmax) => logits + bias,
+        (Some(bias), Router::SoftmaxTopk) => probs + bias,
+    };
+    let expert = ranked.sort_stable(true, -1, true).1.narrow(-1, 0, k);
     let weight = match router {
         Router::TopkSoftmax => logits.gather(-1, &expert, false).softmax(-1, Kind::Float),
         Router::SoftmaxTopk => probs.gather(-1, &expert, false) * (n_expert as f64 / k as f64),
@@ -327,6 +343,9 @@ fn gate(router: Router, logits: &Tensor, probs: &Tensor, k: i64) -> (Tensor, Ten
 pub struct MoeFeedForward {
     layer: String,
     router: Tensor,
+    /// Added to the router's scores to choose the top-k (`moe_conf.expert_bias`).
+    expert_bias: Option<Tensor>,
+    balance: Arc<BalanceStats>,
     experts: ExpertBank,
     k: i64,
     conf: MoeConf,
@@ -343,6 +362,8 @@ pub struct MoeContext {
     pub conf: MoeConf,
     /// Where the experts are.
     pub dispatch: Arc<dyn ExpertDispatch>,
+    /// The load-balance statistics every layer shares.
+    pub balance: Arc<BalanceStats>,
 }
 
 impl MoeContext {
@@ -351,6 +372,7 @@ impl MoeContext {
         Self {
             conf,
             dispatch: Arc::new(LocalDispatch),
+            balance: Arc::default(),
         }
     }
 }
@@ -378,6 +400,8 @@ pub struct MoeSpec {
     pub conf: MoeConf,
     /// Where the experts are.
     pub dispatch: Arc<dyn ExpertDispatch>,
+    /// The load-balance statistics every layer shares.
+    pub balance: Arc<BalanceStats>,
 }
 
 impl MoeFeedForward {
@@ -391,9 +415,15 @@ impl MoeFeedForward {
             },
         };
         let router = (path / "router").var("weight", &[spec.n_expert, spec.d], init);
+        let expert_bias = spec
+            .conf
+            .expert_bias
+            .then(|| (path / "router").zeros_no_train(EXPERT_BIAS, &[spec.n_expert]));
         Self {
             layer: path.components().collect::<Vec<_>>().join("."),
             router,
+            expert_bias,
+            balance: spec.balance.clone(),
             experts,
             k: spec.k,
             conf: spec.conf.clone(),
@@ -461,7 +491,8 @@ impl MoeFeedForward {
             input.matmul(&self.router.to_kind(Kind::Float).tr())
         });
         let probs = logits.softmax(-1, Kind::Float);
-        let (weight, expert) = gate(self.conf.router(), &logits, &probs, k);
+        let bias = self.expert_bias.as_ref();
+        let (weight, expert) = gate(self.conf.router(), &logits, &probs, k, bias);
         // Token copies in token order (token i's copies at i*k..i*k+k).
         let copy_expert = expert.reshape([-1]);
         let copy_weight = weight.reshape([-1]);
@@ -496,7 +527,7 @@ impl MoeFeedForward {
         if routing.enabled() {
             routing
                 .layers
-                .push(self.statistics(&logits, &probs, &routed, &kept, n * k));
+                .push(self.statistics(&logits, &probs, &routed, &kept, train));
         }
         Route {
             token: order.divide_scalar_mode(k, "trunc"),
@@ -505,28 +536,43 @@ impl MoeFeedForward {
         }
     }
 
+    /// The load-balancing loss `E * sum_i f_i * P_i` of `routed` copies per expert and
+    /// router probabilities `probs`: over this micro-batch, or in training with
+    /// `balance_scope: global` over the global batch ([`BalanceStats::global_loss`]).
+    fn balance_loss(&self, probs: &Tensor, routed: &Tensor, train: bool) -> Tensor {
+        if train && self.conf.balance_scope == "global" {
+            return self.balance.global_loss(&self.layer, probs, routed, self.k);
+        }
+        let fraction = routed.to_kind(Kind::Float) / (probs.size()[0] * self.k) as f64;
+        let mean_prob = probs.mean_dim(0, false, Kind::Float);
+        (fraction * mean_prob).sum(Kind::Float) * probs.size()[1] as f64
+    }
+
     fn statistics(
         &self,
         logits: &Tensor,
         probs: &Tensor,
         routed: &Tensor,
         kept: &Tensor,
-        copies: i64,
+        train: bool,
     ) -> LayerRouting {
-        let e = probs.size()[1];
-        let (balance_loss, z_loss, entropy) = if copies == 0 {
+        let (balance_loss, z_loss, entropy) = if probs.size()[0] == 0 {
             let zero = || self.router.sum(Kind::Float) * 0.0;
-            (zero(), zero(), Tensor::from(0f32))
+            // Every worker joins the global statistics' sum, with or without tokens.
+            let balance = if train && self.conf.balance_scope == "global" {
+                self.balance_loss(probs, routed, train)
+            } else {
+                zero()
+            };
+            (balance, zero(), Tensor::from(0f32))
         } else {
-            let fraction = routed.to_kind(Kind::Float) / copies as f64;
-            let mean_prob = probs.mean_dim(0, false, Kind::Float);
             let entropy = tch::no_grad(|| {
                 -(probs * probs.clamp_min(1e-20).log())
                     .sum_dim_intlist(-1, false, Kind::Float)
                     .mean(Kind::Float)
             });
             (
-                (fraction * mean_prob).sum(Kind::Float) * e as f64,
+                self.balance_loss(probs, routed, train),
                 logits.logsumexp(-1, false).square().mean(Kind::Float),
                 entropy,
             )
@@ -556,6 +602,7 @@ mod tests {
             dropout: 0.0,
             conf,
             dispatch: Arc::new(LocalDispatch),
+            balance: Arc::default(),
         };
         let path = vs.root() / "ffn";
         MoeFeedForward::new(
@@ -572,7 +619,7 @@ mod tests {
         let logits = Tensor::zeros([3, 8], (Kind::Float, Device::Cpu));
         let probs = logits.softmax(-1, Kind::Float);
         for router in [Router::TopkSoftmax, Router::SoftmaxTopk] {
-            let (weight, expert) = gate(router, &logits, &probs, 4);
+            let (weight, expert) = gate(router, &logits, &probs, 4, None);
             let first: Vec<i64> = (0..4).collect();
             for row in 0..3 {
                 assert_eq!(Vec::<i64>::try_from(expert.get(row)).unwrap(), first);
@@ -583,7 +630,7 @@ mod tests {
         // Otherwise softmax_topk's weights are the k largest probabilities times E/k.
         let logits = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0]).view([1, 4]);
         let probs = logits.softmax(-1, Kind::Float);
-        let (weight, expert) = gate(Router::SoftmaxTopk, &logits, &probs, 1);
+        let (weight, expert) = gate(Router::SoftmaxTopk, &logits, &probs, 1, None);
         assert_eq!(expert.int64_value(&[0, 0]), 2);
         let want = probs.double_value(&[0, 2]) * 4.0;
         assert!((weight.double_value(&[0, 0]) - want).abs() < 1e-6);
@@ -622,6 +669,66 @@ mod tests {
         for ((name, a), (_, b)) in a.iter().zip(&b) {
             assert!(a.equal(b), "{name} differs between two runs");
         }
+    }
+
+    /// The expert bias chooses experts only (a chosen copy keeps its unbiased score), and
+    /// moved after each batch it evens out a router that favours one expert.
+    #[test]
+    fn expert_bias_evens_the_load_and_leaves_the_weights() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let moe = layer(
+            &vs,
+            MoeConf {
+                expert_bias: true,
+                ..Default::default()
+            },
+        );
+        let mut bias = moe.expert_bias.as_ref().unwrap().shallow_clone();
+        assert!(!bias.requires_grad(), "the bias is not trained");
+        let scores = Tensor::from_slice(&[0.1f32, 0.5, 0.2, 0.3]).view([1, 4]);
+        tch::no_grad(|| bias.copy_(&Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0])));
+        // softmax_topk ranks the probabilities: 1.1 and 0.5 with the bias; the weights are
+        // the unbiased 0.1 and 0.5, times E/k = 2.
+        let (weight, expert) = gate(Router::SoftmaxTopk, &scores, &scores, 2, Some(&bias));
+        assert_eq!(Vec::<i64>::try_from(expert.view([-1])).unwrap(), [0, 1]);
+        assert_eq!(Vec::<f32>::try_from(weight.view([-1])).unwrap(), [0.2, 1.0]);
+        let _ = bias.zero_();
+        // Expert 0's logit is the tokens' mean feature (about 1), the others' about 0:
+        // expert 0 takes half of the top-2 copies, twice an even share.
+        let _ = tch::no_grad(|| moe.router.get(0).fill_(1.0 / 16.0));
+        let mut imbalance = |bias_on: bool| -> Vec<f64> {
+            let _ = tch::no_grad(|| bias.zero_());
+            (0..100)
+                .map(|_| {
+                    let x = Tensor::randn([1, 256, 16], (Kind::Float, Device::Cpu)) + 1.0;
+                    let mut r = Routing::recording();
+                    let _ = moe.forward(&x, None, true, &mut r);
+                    let load = &r.layers[0].tokens_per_expert;
+                    if bias_on {
+                        crate::balance::update_expert_bias(&mut bias, load, 0.02);
+                    }
+                    load.max().double_value(&[]) / (256.0 * 2.0 / 4.0)
+                })
+                .collect()
+        };
+        let last = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
+        let (without, with) = (imbalance(false), imbalance(true));
+        eprintln!(
+            "busiest expert over an even share, last 20 batches: {:.3} without the bias, {:.3} with",
+            last(&without),
+            last(&with)
+        );
+        assert!(
+            last(&without) > 1.8,
+            "the router favours expert 0: {}",
+            last(&without)
+        );
+        assert!(
+            last(&with) < 1.3,
+            "with the bias the busiest expert takes {} even shares",
+            last(&with)
+        );
     }
 
     /// Jitter noise changes routing inputs in training only; a capacity drops copies and

@@ -33,6 +33,7 @@ fn layer(vs: &nn::VarStore, dispatch: Arc<dyn ExpertDispatch>) -> MoeFeedForward
         dropout: 0.0,
         conf: MoeConf::default(),
         dispatch,
+        balance: Arc::default(),
     };
     let p = vs.root() / "ffn";
     MoeFeedForward::new(&p, ExpertBank::new(&(&p / "experts"), local, D, F), &spec)

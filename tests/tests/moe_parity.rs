@@ -80,6 +80,7 @@ fn check_case(case: &str, meta: &serde_json::Value, io: &BTreeMap<String, Tensor
         dropout: 0.0,
         conf,
         dispatch: Arc::new(LocalDispatch),
+        balance: Arc::default(),
     };
     let layer = MoeFeedForward::new(&path, ExpertBank::new(&(&path / "experts"), e, d, f), &spec);
     let params: BTreeMap<String, Tensor> = io

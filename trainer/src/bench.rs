@@ -134,6 +134,7 @@ pub fn train_step(
         losses.push((f.loss, f.losses.ctc.double_value(&[])));
         let grad_norm = learner.sync_and_clip(&world)?;
         learner.apply(lr, grad_norm)?;
+        learner.end_step(&world)?;
         if let Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
         }
@@ -243,6 +244,7 @@ pub fn moe_layer(
             ..Default::default()
         },
         dispatch: Arc::new(LocalDispatch),
+        balance: Arc::default(),
     };
     let path = vs.root() / "moe";
     let bank = ExpertBank::new(&(&path / "experts"), shape.experts, shape.d, shape.hidden);

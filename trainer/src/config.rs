@@ -82,12 +82,49 @@ pub struct SchedulerConf {
     /// Linear warm-up steps.
     #[serde(default = "warmup")]
     pub warmup_steps: u64,
-    /// Total steps for `cosine` (decays to `min_lr` there).
+    /// Total steps for `cosine` and `linear` (they decay to `min_lr` there).
     #[serde(default)]
     pub total_steps: u64,
-    /// Floor of `cosine`.
+    /// Floor of `cosine` and `linear`.
     #[serde(default)]
     pub min_lr: f64,
+}
+
+/// The schedules `scheduler` may name.
+pub const SCHEDULERS: [&str; 3] = ["warmuplr", "cosine", "linear"];
+
+/// A learning-rate schedule of a freezing phase's own (`upcycle_conf.freeze[].lr_schedule`):
+/// it starts again at the phase's first step, so a phase re-warms and decays on its own
+/// steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSchedule {
+    /// One of [`SCHEDULERS`], as the top-level `scheduler`.
+    pub scheduler: String,
+    /// Peak rate (default: `optim_conf.lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Warm-up and total steps (counted from the phase's first step) and floor.
+    #[serde(default)]
+    pub scheduler_conf: SchedulerConf,
+}
+
+/// Refuses a schedule `key` that does not exist or lacks its length, naming the key.
+fn check_schedule(key: &str, name: &str, conf: &SchedulerConf) -> Result<(), String> {
+    if !SCHEDULERS.contains(&name) {
+        return Err(format!(
+            "{key}: {name:?} is not supported (supported: {})",
+            SCHEDULERS.join(", ")
+        ));
+    }
+    if name != "warmuplr" && conf.total_steps <= conf.warmup_steps {
+        return Err(format!(
+            "{key}: {name} decays until scheduler_conf.total_steps, which must be set above \
+             warmup_steps ({} and {})",
+            conf.total_steps, conf.warmup_steps
+        ));
+    }
+    Ok(())
 }
 
 fn warmup() -> u64 {
@@ -259,7 +296,8 @@ pub struct TrainConfig {
     /// Optimizer settings.
     #[serde(default)]
     pub optim_conf: OptimConf,
-    /// `warmuplr` (WeNet's Noam-style inverse square root) or `cosine`.
+    /// `warmuplr` (WeNet's Noam-style inverse square root), `cosine` or `linear` (linear
+    /// warm-up, then a half cosine or a straight line down to `min_lr`).
     #[serde(default = "warmuplr")]
     pub scheduler: String,
     /// Schedule settings.
@@ -619,14 +657,17 @@ impl TrainConfig {
                 self.optim
             ));
         }
-        if self.scheduler != "warmuplr" && self.scheduler != "cosine" {
-            return bad(format!(
-                "scheduler: {:?} is not supported (supported: warmuplr, cosine)",
-                self.scheduler
-            ));
-        }
-        if self.scheduler == "cosine" && self.scheduler_conf.total_steps == 0 {
-            return bad("scheduler_conf.total_steps must be set for scheduler: cosine".into());
+        check_schedule("scheduler", &self.scheduler, &self.scheduler_conf).or_else(bad)?;
+        for (i, phase) in self.upcycle_conf.freeze.iter().enumerate() {
+            if let Some(s) = &phase.lr_schedule {
+                let key = format!("upcycle_conf.freeze[{i}].lr_schedule.scheduler");
+                check_schedule(&key, &s.scheduler, &s.scheduler_conf).or_else(bad)?;
+                if s.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+                    return bad(format!(
+                        "upcycle_conf.freeze[{i}].lr_schedule.lr must be positive"
+                    ));
+                }
+            }
         }
         if self.accum_grad == 0 {
             return bad("accum_grad must be at least 1".into());
@@ -712,6 +753,28 @@ mod tests {
             .contains("r_num_blocks"));
         let c = TrainConfig::parse("cmvn: global_cmvn\ntrain_engine: torch_ddp").unwrap();
         assert_eq!(c.ignored_keys(), vec!["cmvn", "train_engine"]);
+        let phase = |s: &str| {
+            let c = TrainConfig::parse(&format!(
+                "upcycle_conf: {{freeze: [{{from_step: 5, trainable: ['*'], lr_schedule: {s}}}]}}"
+            ))
+            .unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let e = phase("{scheduler: step}").unwrap_err();
+        assert!(
+            e.contains("freeze[0].lr_schedule.scheduler: \"step\""),
+            "{e}"
+        );
+        let e = phase("{scheduler: cosine, scheduler_conf: {warmup_steps: 10}}").unwrap_err();
+        assert!(e.contains("total_steps"), "{e}");
+        phase("{scheduler: linear, scheduler_conf: {warmup_steps: 10, total_steps: 20}}").unwrap();
+        // The model refuses its own keys when it is built.
+        let e = TrainConfig::parse("moe_conf: {balance_scope: world}")
+            .unwrap()
+            .moe_conf
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("moe_conf.balance_scope"), "{e}");
     }
 
     /// Top-1 with WeNet's routing would leave the router without a gradient.

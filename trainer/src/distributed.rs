@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::loader::Shard;
+use upcycle_model::balance::{is_expert_bias, BalanceStats};
 use upcycle_model::config::MoeConf;
 use upcycle_model::dispatch::EpDispatch;
 use upcycle_model::moe::MoeContext;
@@ -158,14 +159,23 @@ impl Distributed {
         }
     }
 
-    /// Where the model's experts are: all here, or spread over the expert-parallel group.
+    /// Where the model's experts are (all here, or spread over the expert-parallel group),
+    /// and the workers the global load-balance statistics are summed over (all of them).
     pub fn moe_context(&self, conf: MoeConf) -> MoeContext {
-        match &self.groups {
-            Some(g) if g.ep_size > 1 => MoeContext {
+        let Some(g) = &self.groups else {
+            return MoeContext::local(conf);
+        };
+        let balance = Arc::new(BalanceStats::new(Some(g.world.clone())));
+        match g.ep_size {
+            1 => MoeContext {
+                balance,
+                ..MoeContext::local(conf)
+            },
+            _ => MoeContext {
                 conf,
                 dispatch: Arc::new(EpDispatch::new(g.ep.clone())),
+                balance,
             },
-            _ => MoeContext::local(conf),
         }
     }
 
@@ -194,9 +204,18 @@ impl Distributed {
     pub fn load_global(&self, global: &BTreeMap<String, Tensor>, vs: &nn::VarStore) -> Result<()> {
         tch::no_grad(|| {
             for (name, mut var) in vs.variables() {
-                let t = global
-                    .get(&name)
-                    .with_context(|| format!("tensor {name} is missing"))?;
+                let Some(t) = global.get(&name) else {
+                    // A model that never had expert biases (a parent, an upcycled
+                    // checkpoint) starts them at zero.
+                    if is_expert_bias(&name) {
+                        tracing::info!(
+                            name,
+                            "no expert bias in the weights loaded; it starts at 0"
+                        );
+                        continue;
+                    }
+                    bail!("tensor {name} is missing");
+                };
                 let t = self.local_rows(&name, t)?;
                 if t.size() != var.size() {
                     bail!(

@@ -17,6 +17,10 @@ pub struct FreezePhase {
     pub from_step: u64,
     /// Glob patterns of the trainable parameters' names.
     pub trainable: Vec<String>,
+    /// A learning-rate schedule of the phase's own, from `from_step` (re-warmed); without
+    /// it the schedule in force goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_schedule: Option<crate::config::PhaseSchedule>,
 }
 
 /// Whether `name` matches `pattern` (`*`: any run, `?`: one character).
@@ -149,10 +153,12 @@ mod tests {
             FreezePhase {
                 from_step: 0,
                 trainable: vec!["*.experts.*".into(), "*.router.*".into()],
+                lr_schedule: None,
             },
             FreezePhase {
                 from_step: 10,
                 trainable: vec!["*".into()],
+                lr_schedule: None,
             },
         ];
         let s = FreezeSchedule::new(&phases, &params).unwrap();
@@ -164,6 +170,7 @@ mod tests {
         let bad = vec![FreezePhase {
             from_step: 0,
             trainable: vec!["*.expert.*".into()],
+            lr_schedule: None,
         }];
         let e = FreezeSchedule::new(&bad, &params).unwrap_err();
         assert!(e.contains("*.expert.*"), "{e}");

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::config::{OptimConf, SchedulerConf};
+use crate::freeze::FreezePhase;
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's `AdamW` update.
 #[derive(Debug)]
@@ -326,6 +327,17 @@ pub enum Schedule {
         /// Final rate.
         min_lr: f64,
     },
+    /// Linear warm-up, then a straight line down to `min_lr` at `total` steps.
+    Linear {
+        /// Peak rate.
+        lr: f64,
+        /// Warm-up steps.
+        warmup: u64,
+        /// Steps of the whole schedule.
+        total: u64,
+        /// Final rate.
+        min_lr: f64,
+    },
 }
 
 impl Schedule {
@@ -333,6 +345,12 @@ impl Schedule {
     pub fn new(name: &str, lr: f64, conf: &SchedulerConf) -> Schedule {
         match name {
             "cosine" => Schedule::Cosine {
+                lr,
+                warmup: conf.warmup_steps,
+                total: conf.total_steps,
+                min_lr: conf.min_lr,
+            },
+            "linear" => Schedule::Linear {
                 lr,
                 warmup: conf.warmup_steps,
                 total: conf.total_steps,
@@ -361,14 +379,63 @@ impl Schedule {
                 warmup,
                 total,
                 min_lr,
+            }
+            | Schedule::Linear {
+                lr,
+                warmup,
+                total,
+                min_lr,
             } => {
                 if s <= warmup as f64 {
                     return lr * s / warmup as f64;
                 }
                 let progress =
                     ((s - warmup as f64) / (total.saturating_sub(warmup).max(1)) as f64).min(1.0);
-                min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+                let falling = match self {
+                    Schedule::Linear { .. } => 1.0 - progress,
+                    _ => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+                };
+                min_lr + (lr - min_lr) * falling
             }
+        }
+    }
+}
+
+/// The run's schedule, restarted by the freezing phases that have their own: the rate
+/// at a global step is a function of that step alone, so a resumed run continues it.
+#[derive(Debug, Clone)]
+pub struct StagedSchedule {
+    run: Schedule,
+    /// Phases' first steps and schedules, in step order.
+    phases: Vec<(u64, Schedule)>,
+}
+
+impl StagedSchedule {
+    /// The config's `scheduler` at peak `lr`, and each phase's `lr_schedule` (its peak
+    /// `lr` unless it sets one) from its `from_step`.
+    pub fn new(name: &str, lr: f64, conf: &SchedulerConf, phases: &[FreezePhase]) -> Self {
+        Self {
+            run: Schedule::new(name, lr, conf),
+            phases: phases
+                .iter()
+                .filter_map(|p| {
+                    let s = p.lr_schedule.as_ref()?;
+                    let peak = s.lr.unwrap_or(lr);
+                    Some((
+                        p.from_step,
+                        Schedule::new(&s.scheduler, peak, &s.scheduler_conf),
+                    ))
+                })
+                .collect(),
+        }
+    }
+
+    /// The rate for global step `step` (0-based): the last phase that started by then
+    /// and has a schedule counts from its first step; before any, the run's.
+    pub fn lr(&self, step: u64) -> f64 {
+        match self.phases.iter().rev().find(|(from, _)| *from <= step) {
+            Some((from, s)) => s.lr(step - from),
+            None => self.run.lr(step),
         }
     }
 }
@@ -532,5 +599,64 @@ mod tests {
         assert!((c.lr(9) - 1.0).abs() < 1e-12);
         assert!((c.lr(59) - 0.5).abs() < 1e-12);
         assert!(c.lr(200).abs() < 1e-12);
+        let l = Schedule::Linear {
+            lr: 1.0,
+            warmup: 10,
+            total: 110,
+            min_lr: 0.1,
+        };
+        // Step s (0-based) is the (s+1)-th: 5/10 of the peak, the peak, half way down.
+        assert!((l.lr(4) - 0.5).abs() < 1e-12);
+        assert!((l.lr(9) - 1.0).abs() < 1e-12);
+        assert!((l.lr(59) - 0.55).abs() < 1e-12);
+        assert!((l.lr(500) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_phase_schedule_rewarms_from_its_first_step() {
+        use crate::config::PhaseSchedule;
+        let phase = |from_step, lr_schedule| FreezePhase {
+            from_step,
+            trainable: vec!["*".into()],
+            lr_schedule,
+        };
+        let run = SchedulerConf {
+            warmup_steps: 4,
+            total_steps: 0,
+            min_lr: 0.0,
+        };
+        let rewarm = PhaseSchedule {
+            scheduler: "cosine".into(),
+            lr: Some(1e-3),
+            scheduler_conf: SchedulerConf {
+                warmup_steps: 10,
+                total_steps: 50,
+                min_lr: 1e-4,
+            },
+        };
+        let s = StagedSchedule::new(
+            "warmuplr",
+            2e-3,
+            &run,
+            &[phase(0, None), phase(100, Some(rewarm)), phase(200, None)],
+        );
+        let close = |step: u64, want: f64| {
+            let got = s.lr(step);
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "step {step}: {got} vs {want}"
+            );
+        };
+        // WeNet's WarmupLR on the global step: the peak at s = 4, then lr * 2 / sqrt(s).
+        close(3, 2e-3);
+        close(99, 2e-3 * 2.0 / 10.0);
+        // From step 100 the phase's own: (j+1)/10 of its peak, the peak, half way down
+        // the cosine (mean of peak and floor), the floor.
+        close(100, 1e-4);
+        close(109, 1e-3);
+        close(129, 5.5e-4);
+        close(149, 1e-4);
+        // A later phase without a schedule keeps the one in force.
+        close(250, 1e-4);
     }
 }

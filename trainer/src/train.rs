@@ -18,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::{AsrModel, Losses, Vocab};
+use upcycle_model::balance::{expert_bias_name, is_expert_bias, update_expert_bias};
 use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::{MoeContext, Routing};
@@ -30,7 +31,7 @@ use crate::config::{TrainConfig, UpcycleConf};
 use crate::distributed::Distributed;
 use crate::freeze::FreezeSchedule;
 use crate::metrics::MetricsLog;
-use crate::optim::{AdamW, Schedule};
+use crate::optim::{AdamW, StagedSchedule};
 use crate::scoring::ErrorRate;
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::loader::{stream_seed, Batch, DataLoader, EpochIter, Mode};
@@ -395,6 +396,11 @@ pub struct Learner {
     device: Device,
     accum_grad: u64,
     grad_clip: f64,
+    /// The routers' expert biases by name (`moe_conf.expert_bias`), and their step.
+    expert_biases: BTreeMap<String, Tensor>,
+    bias_update_rate: f64,
+    /// Per MoE layer, token copies each expert computed in this step's batches so far.
+    step_load: Vec<(String, Tensor)>,
 }
 
 impl Learner {
@@ -419,6 +425,11 @@ impl Learner {
             .iter()
             .map(|(n, p)| (n.clone(), p.shallow_clone()))
             .collect();
+        let expert_biases = vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| is_expert_bias(n))
+            .collect();
         Self {
             model,
             teacher,
@@ -428,7 +439,15 @@ impl Learner {
             device: vs.device(),
             accum_grad: config.accum_grad,
             grad_clip: config.grad_clip,
+            expert_biases,
+            bias_update_rate: config.moe_conf.bias_update_rate,
+            step_load: Vec::new(),
         }
+    }
+
+    /// The routers' expert biases by name (empty without `moe_conf.expert_bias`).
+    pub fn expert_biases(&self) -> &BTreeMap<String, Tensor> {
+        &self.expert_biases
     }
 
     /// The model.
@@ -480,9 +499,48 @@ impl Learner {
     }
 
     /// Accumulates the gradients of `f`'s objective (divided by the batches an update
-    /// accumulates).
-    pub fn backward(&self, f: &Forward) {
+    /// accumulates), and, for the expert biases, its load.
+    pub fn backward(&mut self, f: &Forward) {
         (&f.losses.loss / self.accum_grad as f64).backward();
+        if self.expert_biases.is_empty() {
+            return;
+        }
+        let layers = &f.losses.routing.layers;
+        if self.step_load.is_empty() {
+            self.step_load = layers
+                .iter()
+                .map(|r| (r.layer.clone(), r.tokens_per_expert.zeros_like()))
+                .collect();
+        }
+        for ((_, sum), r) in self.step_load.iter_mut().zip(layers) {
+            *sum = &*sum + &r.tokens_per_expert;
+        }
+    }
+
+    /// After an update: each expert bias moves towards an even load of the step's global
+    /// batch (token copies summed over the workers of `dist`), and the global balance
+    /// statistics start a new step.
+    pub fn end_step(&mut self, dist: &Distributed) -> Result<()> {
+        self.model.moe().balance.new_step();
+        let load = std::mem::take(&mut self.step_load);
+        if load.is_empty() {
+            return Ok(());
+        }
+        let counts: Vec<Vec<f64>> = load
+            .iter()
+            .map(|(_, t)| Vec::<f64>::try_from(&t.to_kind(Kind::Double)))
+            .collect::<Result<_, _>>()?;
+        let mut summed = dist.sum(&counts.concat())?.into_iter();
+        for ((layer, _), local) in load.iter().zip(&counts) {
+            let global: Vec<f64> = summed.by_ref().take(local.len()).collect();
+            let name = expert_bias_name(layer);
+            let bias = self
+                .expert_biases
+                .get_mut(&name)
+                .with_context(|| format!("MoE layer {layer} has no expert bias {name}"))?;
+            update_expert_bias(bias, &Tensor::from_slice(&global), self.bias_update_rate);
+        }
+        Ok(())
     }
 
     /// Synchronises the gradients over the workers of `dist` and clips them to the
@@ -605,7 +663,7 @@ pub struct Trainer {
     freeze: FreezeSchedule,
     /// The freezing phase in force (`None` before the first step).
     phase: Option<Option<usize>>,
-    schedule: Schedule,
+    schedule: StagedSchedule,
     train_loader: DataLoader,
     dev_loader: DataLoader,
     total_steps: u64,
@@ -656,10 +714,11 @@ impl Trainer {
         if let Some(dir) = &resume {
             state = restore_optimizer(dir, &dist, learner.optimizer_mut())?;
         }
-        let schedule = Schedule::new(
+        let schedule = StagedSchedule::new(
             &config.scheduler,
             config.optim_conf.lr,
             &config.scheduler_conf,
+            &uc.freeze,
         );
         let (train_loader, dev_loader) = data.loaders(&config, &dist)?;
         let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
@@ -809,6 +868,7 @@ impl Trainer {
                 "non-finite gradient norm; update skipped"
             );
         }
+        self.learner.end_step(&self.dist)?;
         self.log.times.optimizer += lap_secs(&mut lap);
         self.state.step += 1;
         self.log.bar.inc(1);
@@ -872,6 +932,12 @@ impl Trainer {
             "elapsed_s": self.started.elapsed().as_secs_f64(), "freeze_phase": self.phase.flatten(),
         });
         log.routing.take_into(&mut line, log.batches.max(1));
+        for (name, bias) in self.learner.expert_biases() {
+            let layer = name.trim_end_matches(&expert_bias_name(""));
+            if let Some(entry) = line["moe"].get_mut(layer) {
+                entry["expert_bias"] = Vec::<f64>::try_from(bias.to_kind(Kind::Double))?.into();
+            }
+        }
         log.times.take_into(&mut line);
         for (part, secs) in upcycle_model::profile::take() {
             line[format!("time_fwd_{part}_s")] = secs.into();

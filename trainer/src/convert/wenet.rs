@@ -530,6 +530,15 @@ fn check_wenet_expressible(c: &TrainConfig) -> Result<()> {
             c.moe_conf.router
         );
     }
+    if c.moe_conf.expert_bias {
+        // Dropping the trained biases would send tokens to other experts than those the
+        // model was trained with.
+        bail!(
+            "moe_conf.expert_bias: WeNet's router has no expert bias for choosing the top-k; \
+             this model routes otherwise and cannot be exported to WeNet (train with \
+             expert_bias: false to export)"
+        );
+    }
     Ok(())
 }
 
@@ -761,6 +770,10 @@ mod tests {
         c.moe_conf.router = "softmax_topk".into();
         let e = check_wenet_expressible(&c).unwrap_err().to_string();
         assert!(e.contains("moe_conf.router: softmax_topk"), "{e}");
+        c.moe_conf.router = "topk_softmax".into();
+        c.moe_conf.expert_bias = true;
+        let e = check_wenet_expressible(&c).unwrap_err().to_string();
+        assert!(e.contains("moe_conf.expert_bias"), "{e}");
     }
 
     #[test]
