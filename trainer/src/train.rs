@@ -454,9 +454,11 @@ impl Learner {
     }
 
     /// Accumulates the gradients of `f`'s objective (divided by the batches an update
-    /// accumulates).
-    pub fn backward(&self, f: &Forward) {
+    /// accumulates). Fails when an expert-parallel exchange of the forward or the
+    /// backward failed (the gradients are then not to be used).
+    pub fn backward(&self, f: &Forward) -> Result<()> {
         (&f.losses.loss / self.accum_grad as f64).backward();
+        Ok(upcycle_parallel::failure::check()?)
     }
 
     /// Synchronises the gradients over the workers of `dist` and clips them to the
@@ -760,13 +762,15 @@ impl Trainer {
         };
         self.enter_freeze_phase();
         let f = self.learner.forward(&batch, chunk);
+        // A failed exchange: the loss is not to be trusted nor the peers waited for.
+        upcycle_parallel::failure::check()?;
         self.log.times.forward += lap_secs(&mut lap);
         if self.dist.any(!f.loss.is_finite())? {
             self.skip_nonfinite(b, f.loss)?;
             return Ok(None);
         }
         self.nonfinite_run = 0;
-        self.learner.backward(&f);
+        self.learner.backward(&f)?;
         self.log.times.backward += lap_secs(&mut lap);
         self.micro += 1;
         self.log.add(b.num_frames, &f);
@@ -870,6 +874,7 @@ impl Trainer {
             self.dist.device,
             self.uc.eval_utterances,
         )?;
+        upcycle_parallel::failure::check()?;
         // Only training's forward passes are profiled.
         upcycle_model::profile::take();
         let cer = er.cer();
