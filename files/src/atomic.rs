@@ -66,7 +66,9 @@ pub fn write_with<E: From<Error>>(
     let mut w = BufWriter::new(file);
     let finish = |mut w: BufWriter<File>| -> Result<(), Error> {
         w.flush().map_err(fail("writing", &tmp))?;
-        let file = w.into_inner().map_err(|e| fail("writing", &tmp)(e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| fail("writing", &tmp)(e.into_error()))?;
         file.sync_all().map_err(fail("syncing", &tmp))?;
         drop(file);
         std::fs::rename(&tmp, path).map_err(fail("renaming to", path))?;
@@ -266,7 +268,11 @@ mod tests {
         assert_eq!(staged.publish().unwrap(), dest);
         assert_eq!(names(&dest), ["summary.json", "wav"]);
         assert_eq!(std::fs::read(dest.join("wav/a.wav")).unwrap(), b"riff");
-        assert_eq!(names(dir.path()), ["out"], "no staging or old directory left");
+        assert_eq!(
+            names(dir.path()),
+            ["out"],
+            "no staging or old directory left"
+        );
     }
 
     #[test]

@@ -189,11 +189,10 @@ impl Plan {
     /// or the new record, never half of one.
     fn write_state(&self, state: &State) -> Result<(), LaunchError> {
         let text = serde_json::to_string_pretty(state).expect("plain data");
-        atomic::write_file(&self.state_path(), text.as_bytes())
-            .map_err(|e| LaunchError::Io {
-                path: e.path,
-                source: e.source,
-            })
+        atomic::write_file(&self.state_path(), text.as_bytes()).map_err(|e| LaunchError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Runs the stages not finished before, in order, with `program` (the `upcycle`

@@ -52,7 +52,10 @@ impl ExpertDispatch for EpDispatch {
         let from = if failure::failed() {
             vec![0; counts.len()]
         } else {
-            match self.ep.all_to_all(&Tensor::from_slice(counts), &ones, &ones) {
+            match self
+                .ep
+                .all_to_all(&Tensor::from_slice(counts), &ones, &ones)
+            {
                 Ok(got) => Vec::<i64>::try_from(&got).expect("int64 counts"),
                 Err(e) => {
                     failure::record("dispatch counts", &e);

@@ -51,7 +51,8 @@ extern "C" fn exchange(handle: *mut c_void, t: *mut C_tensor, backward: c_int) -
     let exchanged = if failure::failed() {
         None
     } else {
-        let call = std::panic::AssertUnwindSafe(|| ex.group.all_to_all(&t.contiguous(), send, recv));
+        let call =
+            std::panic::AssertUnwindSafe(|| ex.group.all_to_all(&t.contiguous(), send, recv));
         match std::panic::catch_unwind(call) {
             Ok(Ok(out)) => Some(out),
             Ok(Err(e)) => {

@@ -176,7 +176,9 @@ mod tests {
         };
         assert_eq!(expired.what, "barrier on group test");
         assert!(
-            expired.to_string().starts_with("barrier on group test did not complete within"),
+            expired
+                .to_string()
+                .starts_with("barrier on group test did not complete within"),
             "{expired}"
         );
     }

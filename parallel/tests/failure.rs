@@ -75,7 +75,10 @@ fn a_failed_exchange_is_an_error_the_caller_gets_not_an_exit() {
     assert_eq!(y.abs().sum(Kind::Float).double_value(&[]), 0.0);
     let err = failure::check().unwrap_err();
     assert_eq!(err.what, "all-to-all (forward)");
-    assert!(err.to_string().contains("connection to rank 0 was reset"), "{err}");
+    assert!(
+        err.to_string().contains("connection to rank 0 was reset"),
+        "{err}"
+    );
     assert_eq!(CollectiveFailed::EXIT_CODE, 3);
     assert_eq!(failure::check(), Ok(()), "checked once");
 
@@ -92,7 +95,11 @@ fn a_failed_exchange_is_an_error_the_caller_gets_not_an_exit() {
     failure::record("dispatch counts", &"peer gone");
     let calls = BreaksAfter::new(5);
     let z = all_to_all(&x, calls.clone(), &[6], &[6]);
-    assert_eq!(calls.good.load(Ordering::SeqCst), 5, "the group was not called");
+    assert_eq!(
+        calls.good.load(Ordering::SeqCst),
+        5,
+        "the group was not called"
+    );
     assert_eq!(z.size(), [6, 4]);
     assert_eq!(failure::check().unwrap_err().what, "dispatch counts");
 }

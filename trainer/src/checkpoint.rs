@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
-use upcycle_files::atomic;
 use upcycle_dataset::text::Units;
+use upcycle_files::atomic;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 

@@ -62,7 +62,9 @@ impl CorpusName {
             CorpusName::FilletsCs => {
                 "Fish Fillets NG Czech dialogue (real, ~1,750 utterances, 1.6 h), split by level"
             }
-            CorpusName::AsteriskEn => "Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled)",
+            CorpusName::AsteriskEn => {
+                "Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled)"
+            }
             CorpusName::Librivox => {
                 "pocketsphinx's LibriVox and cards clips (real, 10 utterances; for tests)"
             }
