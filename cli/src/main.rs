@@ -2,6 +2,10 @@
 //! and its dispatch; the libraries below (`upcycle-trainer`, `upcycle-launch`) know
 //! nothing of the command line.
 
+// The arguments' doc comments are `--help` text, where `<split>` and `<r>` are placeholders,
+// not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod bench;
 mod convert;
 mod data;

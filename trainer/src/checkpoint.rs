@@ -121,7 +121,7 @@ pub struct TensorEntry {
 /// `manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    /// [`FORMAT`].
+    /// The format and its version: `upcycle-checkpoint/1`.
     pub format: String,
     /// Optimizer steps taken.
     pub step: u64,
