@@ -25,10 +25,22 @@ pub(crate) enum DataCommand {
     Check(CheckArgs),
 }
 
+/// `--corpus`: the dataset crate's names and descriptions as clap's possible values.
+fn corpus_name() -> impl clap::builder::TypedValueParser<Value = corpus::CorpusName> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let values = corpus::CorpusName::ALL.map(|c| PossibleValue::new(c.label()).help(c.about()));
+    PossibleValuesParser::new(values).map(|name| {
+        *corpus::CorpusName::ALL
+            .iter()
+            .find(|c| c.label() == name)
+            .expect("one of the possible values")
+    })
+}
+
 #[derive(Args)]
 pub(crate) struct PrepareArgs {
     /// Which corpus.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = corpus_name())]
     pub(crate) corpus: corpus::CorpusName,
     /// Output dataset directory.
     #[arg(long)]

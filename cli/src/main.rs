@@ -2,6 +2,10 @@
 //! and its dispatch; the libraries below (`upcycle-trainer`, `upcycle-launch`) know
 //! nothing of the command line.
 
+// The arguments' doc comments are `--help` text, where `<split>` and `<r>` are placeholders,
+// not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod bench;
 mod convert;
 mod data;
@@ -13,6 +17,8 @@ mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use upcycle_parallel::failure::CollectiveFailed;
+use upcycle_parallel::watchdog::TIMEOUT_EXIT;
 
 /// Train Mixture-of-Experts speech recognizers upcycled from dense checkpoints.
 #[derive(Parser)]
@@ -77,9 +83,28 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    upcycle_parallel::watchdog::on_expiry(|expired| {
+        eprintln!(
+            "error: {expired} Stopping (exit {TIMEOUT_EXIT}) so that the job can restart from \
+             its last checkpoint."
+        );
+        std::process::exit(TIMEOUT_EXIT);
+    });
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(exit_code(&e));
+    }
+}
+
+/// The exit status for an error: what the launcher contract gives its kind (a failed
+/// expert-parallel exchange: 3), else 1. (`upcycle launch` exits with its worker's status,
+/// a collective's deadline with [`TIMEOUT_EXIT`].)
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let failed = e.chain().any(|c| c.is::<CollectiveFailed>());
+    if failed {
+        CollectiveFailed::EXIT_CODE
+    } else {
+        1
     }
 }
 

@@ -10,10 +10,10 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use upcycle_files::atomic;
 
 use crate::{io_error, launch, Backend, LaunchError, LaunchSpec};
 
@@ -188,17 +188,11 @@ impl Plan {
     /// Writes the state beside itself and renames it in place, so a crash leaves the old
     /// or the new record, never half of one.
     fn write_state(&self, state: &State) -> Result<(), LaunchError> {
-        let path = self.state_path();
-        let tmp = self.out.join(".plan-state.json.tmp");
         let text = serde_json::to_string_pretty(state).expect("plain data");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.out)?.sync_all()
-        };
-        write().map_err(io_error(&path))
+        atomic::write_file(&self.state_path(), text.as_bytes()).map_err(|e| LaunchError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Runs the stages not finished before, in order, with `program` (the `upcycle`

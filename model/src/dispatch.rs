@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tch::Tensor;
 use upcycle_parallel::alltoall::all_to_all;
 use upcycle_parallel::collective::Collective;
+use upcycle_parallel::failure;
 
 use crate::moe::{Dispatched, ExpertDispatch};
 
@@ -46,12 +47,22 @@ impl ExpertDispatch for EpDispatch {
         // Row counts per peer, and each peer's per-expert counts for the receiver.
         let send: Vec<i64> = counts.chunks(per).map(|c| c.iter().sum()).collect();
         let ones = vec![per as i64; peers];
-        let got = self
-            .ep
-            .all_to_all(&Tensor::from_slice(counts), &ones, &ones)
-            .unwrap_or_else(|e| fatal("dispatch counts", &e));
-        // from[s][e]: rows source s sends to local expert e.
-        let from = Vec::<i64>::try_from(&got).expect("int64 counts");
+        // from[s][e]: rows source s sends to local expert e. When the exchange fails (or
+        // an earlier one did: `failure` holds it for the caller), nothing is received.
+        let from = if failure::failed() {
+            vec![0; counts.len()]
+        } else {
+            match self
+                .ep
+                .all_to_all(&Tensor::from_slice(counts), &ones, &ones)
+            {
+                Ok(got) => Vec::<i64>::try_from(&got).expect("int64 counts"),
+                Err(e) => {
+                    failure::record("dispatch counts", &e);
+                    vec![0; counts.len()]
+                }
+            }
+        };
         let recv: Vec<i64> = from.chunks(per).map(|c| c.iter().sum()).collect();
         let rows = all_to_all(x, self.ep.clone(), &send, &recv);
         // Received rows are grouped by source, then expert; regroup by expert, then source.
@@ -96,9 +107,4 @@ impl ExpertDispatch for EpDispatch {
         );
         all_to_all(&by_source, self.ep.clone(), &plan.recv, &plan.send)
     }
-}
-
-fn fatal(what: &str, e: &dyn std::fmt::Display) -> ! {
-    eprintln!("error: expert-parallel {what}: {e}");
-    std::process::exit(3)
 }

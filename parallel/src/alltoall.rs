@@ -11,6 +11,7 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 use crate::collective::Collective;
+use crate::failure;
 
 /// What one exchange needs in forward and backward.
 struct Exchange {
@@ -29,42 +30,54 @@ extern "C" {
 }
 
 extern "C" fn exchange(handle: *mut c_void, t: *mut C_tensor, backward: c_int) -> *mut C_tensor {
-    // Unwinding into C++ is undefined: a failed collective ends the process with its
-    // message (the launcher restarts the job from its last checkpoint).
-    let result = std::panic::catch_unwind(|| {
-        // SAFETY: the handle is the Box<Exchange> `all_to_all` leaked, alive until `drop`;
-        // `t` is a new at::Tensor* handed to us.
-        let ex = unsafe { &*(handle as *const Exchange) };
-        let t = unsafe { Tensor::from_ptr(t) };
-        let (send, recv) = if backward != 0 {
-            (&ex.recv, &ex.send)
-        } else {
-            (&ex.send, &ex.recv)
-        };
-        ex.group.all_to_all(&t.contiguous(), send, recv)
-    });
-    match result {
-        Ok(Ok(mut out)) => {
-            let ptr = out.as_mut_ptr();
-            std::mem::forget(out); // C++ owns it now
-            ptr
+    let what = if backward != 0 {
+        "all-to-all (backward)"
+    } else {
+        "all-to-all (forward)"
+    };
+    // Unwinding into C++ is undefined, and libtorch gives the node no way to fail: a
+    // failed (or skipped) exchange is recorded in `failure` and answered with zeros of
+    // the shape the peers would have sent, so that forward and backward finish and the
+    // caller's `failure::check` returns the error.
+    // SAFETY: the handle is the Box<Exchange> `all_to_all` leaked, alive until `drop`;
+    // `t` is a new at::Tensor* handed to us.
+    let ex = unsafe { &*(handle as *const Exchange) };
+    let t = unsafe { Tensor::from_ptr(t) };
+    let (send, recv) = if backward != 0 {
+        (&ex.recv, &ex.send)
+    } else {
+        (&ex.send, &ex.recv)
+    };
+    let exchanged = if failure::failed() {
+        None
+    } else {
+        let call =
+            std::panic::AssertUnwindSafe(|| ex.group.all_to_all(&t.contiguous(), send, recv));
+        match std::panic::catch_unwind(call) {
+            Ok(Ok(out)) => Some(out),
+            Ok(Err(e)) => {
+                failure::record(what, &e);
+                None
+            }
+            Err(_) => {
+                failure::record(what, &"the backend panicked");
+                None
+            }
         }
-        Ok(Err(e)) => {
-            eprintln!(
-                "error: all-to-all {} failed: {e}",
-                if backward != 0 {
-                    "(backward)"
-                } else {
-                    "(forward)"
-                }
-            );
-            std::process::exit(3);
-        }
-        Err(_) => {
-            eprintln!("error: all-to-all panicked");
-            std::process::exit(3);
-        }
+    };
+    let mut out = exchanged.unwrap_or_else(|| zeros_received(&t, recv));
+    let ptr = out.as_mut_ptr();
+    std::mem::forget(out); // C++ owns it now
+    ptr
+}
+
+/// What an exchange that did not happen hands back: zeros, `recv` rows of `t`'s width.
+fn zeros_received(t: &Tensor, recv: &[i64]) -> Tensor {
+    let mut shape = t.size();
+    if let Some(rows) = shape.first_mut() {
+        *rows = recv.iter().sum();
     }
+    Tensor::zeros(shape, (t.kind(), t.device()))
 }
 
 extern "C" fn drop_exchange(handle: *mut c_void) {

@@ -1,13 +1,14 @@
 //! `upcycle-parallel`: the communication layer of upcycle.
 //!
 //! It owns, as `../shared/design/ARCHITECTURE.md` describes: the worker's identity
-//! ([`env`]: rank, world, local rank from the launcher, `mpirun` or `srun`) and the
+//! ([`env`](mod@env): rank, world, local rank from the launcher, `mpirun` or `srun`) and the
 //! [`collective`] operations on tensors (single-rank, [`tcp`] and MPI backends; the TCP
 //! backend meets its peers through the rendezvous [`store`]: the client and the wire
 //! protocol; the server is the launcher's) and the process [`groups`] (world,
 //! expert-parallel, expert-data-parallel), and data-parallel
 //! [`grads`] synchronisation in flat buckets, and the differentiable [`alltoall`] (an
-//! autograd node in C++ calling back into Rust), every blocking call under a
+//! autograd node in C++ calling back into Rust; its failures are recorded in [`failure`]
+//! for the caller to check), every blocking call under a
 //! [`watchdog`] deadline. With the `nccl` feature, the NCCL backend for GPUs (loaded at
 //! run time). Nothing here knows what a Conformer is.
 
@@ -16,6 +17,7 @@ pub mod alltoall;
 pub mod bench;
 pub mod collective;
 pub mod env;
+pub mod failure;
 pub mod grads;
 pub mod groups;
 #[cfg(feature = "nccl")]

@@ -168,6 +168,11 @@ const SCENARIO: &str = "UPCYCLE_MPI_TIMEOUT_SCENARIO";
 /// must each name rank 1 and each other. `split`: in the group of even world ranks, world
 /// rank 2 never arrives; world rank 0 must name it by its world rank.
 fn timeout_worker() {
+    // What the `upcycle` binary does with an expired call.
+    upcycle_parallel::watchdog::on_expiry(|expired| {
+        eprintln!("error: {expired}");
+        std::process::exit(upcycle_parallel::watchdog::TIMEOUT_EXIT);
+    });
     let secs = |s| std::time::Duration::from_secs(s);
     let world = MpiCollective::world().unwrap().with_timeout(secs(2));
     let scenario = std::env::var(SCENARIO).unwrap();

@@ -130,7 +130,7 @@ pub fn train_step(
     for i in 0..warmup + steps {
         let start = Instant::now();
         let f = learner.forward(&batch_on_device, ChunkMode::Full);
-        learner.backward(&f);
+        learner.backward(&f)?;
         losses.push((f.loss, f.losses.ctc.double_value(&[])));
         let grad_norm = learner.sync_and_clip(&world)?;
         learner.apply(lr, grad_norm)?;

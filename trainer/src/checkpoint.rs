@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
+use upcycle_files::atomic;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 
@@ -120,7 +121,7 @@ pub struct TensorEntry {
 /// `manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    /// [`FORMAT`].
+    /// The format and its version: `upcycle-checkpoint/1`.
     pub format: String,
     /// Optimizer steps taken.
     pub step: u64,
@@ -164,28 +165,9 @@ fn fault_pause() {
     }
 }
 
-pub(crate) fn fsync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
-
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// Moves a pointer file (`latest`, `best`) to name `target`, atomically.
 fn set_pointer(root: &Path, name: &str, target: &str) -> Result<()> {
-    let tmp = root.join(format!(".{name}.tmp"));
-    write_synced(&tmp, target.as_bytes())?;
-    std::fs::rename(&tmp, root.join(name))?;
-    fsync_dir(root);
-    Ok(())
+    Ok(atomic::write_file(&root.join(name), target.as_bytes())?)
 }
 
 fn dtype_name(kind: Kind) -> Result<&'static str> {
@@ -317,7 +299,8 @@ pub fn write_part(
         entry.3.sha256 = sum;
     }
     fault_pause();
-    std::fs::File::open(&path)?.sync_all()?;
+    // Each worker flushes its own file: on a shared file system rank 0 cannot.
+    atomic::sync_file(&path)?;
     Ok(part)
 }
 
@@ -385,39 +368,27 @@ pub fn commit(
         config: serde_json::to_value(req.config)?,
         tensors,
     };
-    write_synced(
+    atomic::write_file(
         &tmp.join("manifest.json"),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     fault_pause();
-    write_synced(
+    atomic::write_file(
         &tmp.join("train.yaml"),
         serde_yaml::to_string(req.config)?.as_bytes(),
     )?;
-    write_synced(
+    atomic::write_file(
         &tmp.join("state.json"),
         serde_json::to_string_pretty(req.state)?.as_bytes(),
     )?;
     req.units.save(&tmp.join("units.txt"))?;
     req.cmvn.save(&tmp.join("global_cmvn"))?;
-    for f in ["units.txt", "global_cmvn"] {
-        std::fs::File::open(tmp.join(f))?.sync_all()?;
-    }
-    fsync_dir(tmp);
     let name = format!("step-{}", req.state.step);
     let dst = root.join(&name);
+    fault_pause();
     // A checkpoint of the same step (a run resumed before it and saving again) goes
     // only after the new one is in place.
-    let old = root.join(format!(".{name}.old"));
-    if dst.exists() {
-        std::fs::rename(&dst, &old)?;
-    }
-    fault_pause();
-    std::fs::rename(tmp, &dst)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    fsync_dir(root);
+    atomic::publish_dir(tmp, &dst)?;
     fault_pause();
     set_pointer(root, "latest", &name)?;
     if req.is_best {

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
+use upcycle_files::atomic::{self, StagedDir};
 use upcycle_model::upcycle::{upcycle, Method, UpcycleReport};
 
 use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
@@ -191,25 +192,22 @@ fn read_whole(from: &Path) -> Result<Whole> {
 pub fn consolidate(from: &Path, out: &Path) -> Result<PathBuf> {
     fresh_output(out)?;
     let w = read_whole(from)?;
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let staged = StagedDir::beside(out, "consolidate")?;
+    let tmp = staged.path();
     let tensors: Vec<(String, Tensor)> = w.model.into_iter().collect();
     let file = tmp.join("model.safetensors");
     Tensor::write_safetensors(&tensors, &file)?;
-    std::fs::File::open(&file)?.sync_all()?;
-    checkpoint::write_synced(
+    atomic::write_file(
         &tmp.join("train.yaml"),
         serde_yaml::to_string(&w.config)?.as_bytes(),
     )?;
-    checkpoint::write_synced(
+    atomic::write_file(
         &tmp.join("state.json"),
         serde_json::to_string_pretty(&w.state)?.as_bytes(),
     )?;
     w.units.save(&tmp.join("units.txt"))?;
     w.cmvn.save(&tmp.join("global_cmvn"))?;
-    std::fs::rename(&tmp, out)?;
-    Ok(out.to_path_buf())
+    Ok(staged.publish()?)
 }
 
 /// `convert shard` / `convert reshard`: a sharded checkpoint for `world` workers with
@@ -218,10 +216,9 @@ pub fn consolidate(from: &Path, out: &Path) -> Result<PathBuf> {
 pub fn reshard(from: &Path, world: usize, ep: usize, out: &Path) -> Result<PathBuf> {
     fresh_output(out)?;
     let w = read_whole(from)?;
-    let tmp_root = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp_root);
+    let staged = StagedDir::beside(out, "reshard")?;
     let dir = checkpoint::save_layout(
-        &tmp_root,
+        staged.path(),
         Layout::new(world, ep),
         &w.model,
         &w.moments,
@@ -236,6 +233,6 @@ pub fn reshard(from: &Path, world: usize, ep: usize, out: &Path) -> Result<PathB
         },
     )
     .with_context(|| format!("resharding {}", w.dir.display()))?;
-    std::fs::rename(&tmp_root, out)?;
+    let out = staged.publish()?;
     Ok(out.join(dir.file_name().expect("step-N")))
 }

@@ -17,7 +17,7 @@
 //! | [`torch_file`] | `torch.save` state dicts read (no pickle code run) and written |
 //! | [`eval`] | decoding, CER/WER, RTF; transcription |
 //! | [`scoring`] | edit distance and error rates |
-//! | [`bench`] | benchmarks of the Rust side |
+//! | [`bench`](mod@bench) | benchmarks of the Rust side |
 
 pub mod bench;
 pub mod checkpoint;

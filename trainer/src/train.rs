@@ -499,11 +499,14 @@ impl Learner {
     }
 
     /// Accumulates the gradients of `f`'s objective (divided by the batches an update
-    /// accumulates), and, for the expert biases, its load.
-    pub fn backward(&mut self, f: &Forward) {
+    /// accumulates), and, for the expert biases, its load. Fails when an expert-parallel
+    /// exchange of the forward or the backward failed (the gradients are then not to be
+    /// used).
+    pub fn backward(&mut self, f: &Forward) -> Result<()> {
         (&f.losses.loss / self.accum_grad as f64).backward();
+        upcycle_parallel::failure::check()?;
         if self.expert_biases.is_empty() {
-            return;
+            return Ok(());
         }
         let layers = &f.losses.routing.layers;
         if self.step_load.is_empty() {
@@ -515,6 +518,7 @@ impl Learner {
         for ((_, sum), r) in self.step_load.iter_mut().zip(layers) {
             *sum = &*sum + &r.tokens_per_expert;
         }
+        Ok(())
     }
 
     /// After an update: each expert bias moves towards an even load of the step's global
@@ -845,13 +849,15 @@ impl Trainer {
         };
         self.enter_freeze_phase();
         let f = self.learner.forward(&batch, chunk);
+        // A failed exchange: the loss is not to be trusted nor the peers waited for.
+        upcycle_parallel::failure::check()?;
         self.log.times.forward += lap_secs(&mut lap);
         if self.dist.any(!f.loss.is_finite())? {
             self.skip_nonfinite(b, f.loss)?;
             return Ok(None);
         }
         self.nonfinite_run = 0;
-        self.learner.backward(&f);
+        self.learner.backward(&f)?;
         self.log.times.backward += lap_secs(&mut lap);
         self.micro += 1;
         self.log.add(b.num_frames, &f);
@@ -962,6 +968,7 @@ impl Trainer {
             &self.dist,
             self.uc.eval_utterances,
         )?;
+        upcycle_parallel::failure::check()?;
         // Only training's forward passes are profiled.
         upcycle_model::profile::take();
         let cer = er.cer();

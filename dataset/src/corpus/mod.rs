@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use upcycle_files::atomic::StagedDir;
 
 use super::audio::{self, SAMPLE_RATE};
 use super::cmvn::CmvnStats;
@@ -29,23 +30,51 @@ use super::fbank::{Fbank, FbankOptions};
 use super::list::{write_list, ListEntry};
 use super::text::{self, Units};
 
-/// The corpora `data prepare` knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+/// The corpora `data prepare` knows (named on the command line by [`CorpusName::label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CorpusName {
-    /// Fish Fillets NG Czech dialogue (real, ~1,750 utterances, 1.6 h), split by level.
+    /// Fish Fillets NG Czech dialogue.
     FilletsCs,
-    /// Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled).
+    /// Asterisk English telephone prompts.
     AsteriskEn,
-    /// pocketsphinx's LibriVox and cards clips (real, 10 utterances; for tests).
+    /// pocketsphinx's LibriVox and cards clips.
     Librivox,
-    /// Synthetic English from espeak-ng with varied voices, speeds and pitches.
+    /// Synthetic English from espeak-ng.
     EspeakEn,
-    /// Your own data: `--src` with wav.scp + text, or a data.list.
+    /// Your own data.
     Dir,
 }
 
 impl CorpusName {
+    /// Every corpus, in the order `--help` lists them.
+    pub const ALL: [CorpusName; 5] = [
+        CorpusName::FilletsCs,
+        CorpusName::AsteriskEn,
+        CorpusName::Librivox,
+        CorpusName::EspeakEn,
+        CorpusName::Dir,
+    ];
+
+    /// What the corpus is, in a line.
+    pub fn about(self) -> &'static str {
+        match self {
+            CorpusName::FilletsCs => {
+                "Fish Fillets NG Czech dialogue (real, ~1,750 utterances, 1.6 h), split by level"
+            }
+            CorpusName::AsteriskEn => {
+                "Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled)"
+            }
+            CorpusName::Librivox => {
+                "pocketsphinx's LibriVox and cards clips (real, 10 utterances; for tests)"
+            }
+            CorpusName::EspeakEn => {
+                "Synthetic English from espeak-ng with varied voices, speeds and pitches"
+            }
+            CorpusName::Dir => "Your own data: `--src` with wav.scp + text, or a data.list",
+        }
+    }
+
     /// Debian packages the corpus needs.
     pub fn packages(self) -> &'static [&'static str] {
         match self {
@@ -62,7 +91,8 @@ impl CorpusName {
         }
     }
 
-    fn label(self) -> &'static str {
+    /// Its name (on the command line, in `summary.json`).
+    pub fn label(self) -> &'static str {
         match self {
             CorpusName::FilletsCs => "fillets-cs",
             CorpusName::AsteriskEn => "asterisk-en",
@@ -366,39 +396,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
     }
     ensure_packages(opts.corpus, opts.install)?;
 
-    let out_name = opts
-        .out
-        .file_name()
-        .context("--out needs a folder name")?
-        .to_string_lossy()
-        .to_string();
-    let parent = opts
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let work = parent.join(format!(".{out_name}.partial-{}", std::process::id()));
-    std::fs::create_dir_all(work.join("wav"))?;
-    let result = build(opts, &work);
-    match result {
-        Ok(summary) => {
-            if opts.out.exists() {
-                let old = parent.join(format!(".{out_name}.old-{}", std::process::id()));
-                std::fs::rename(&opts.out, &old)?;
-                std::fs::rename(&work, &opts.out)?;
-                std::fs::remove_dir_all(&old)?;
-            } else {
-                std::fs::rename(&work, &opts.out)?;
-            }
-            // The lists point into wav/ by relative path, so the rename keeps them valid.
-            Ok(summary)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&work);
-            Err(e)
-        }
-    }
+    let staged = StagedDir::beside(&opts.out, "partial")?;
+    std::fs::create_dir_all(staged.path().join("wav"))?;
+    let summary = build(opts, staged.path())?;
+    // The lists point into wav/ by relative path, so the rename keeps them valid.
+    staged.publish()?;
+    Ok(summary)
 }
 
 /// Builds the dataset in `work`: gather, convert, split, units, CMVN, lists, summary.

@@ -14,10 +14,11 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
+use upcycle_files::atomic::{self, StagedDir};
 use upcycle_model::config::Router;
 use upcycle_model::naming::{from_wenet, to_wenet};
 
-use crate::checkpoint::{self, fsync_dir, write_synced, SaveRequest, TrainState};
+use crate::checkpoint::{self, SaveRequest, TrainState};
 use crate::config::TrainConfig;
 use crate::torch_file;
 
@@ -63,33 +64,6 @@ fn check_new(out: &Path) -> Result<()> {
             out.display()
         );
     }
-    Ok(())
-}
-
-/// A hidden sibling of `out` to build it in, and `out`'s parent (created).
-fn staging(out: &Path, what: &str) -> Result<(PathBuf, PathBuf)> {
-    let name = out
-        .file_name()
-        .with_context(|| format!("--out {}: not a directory name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)?;
-    let tmp = parent.join(format!(".{name}.{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok((tmp, parent))
-}
-
-/// Moves the finished `tmp` to `out` (an empty `out` is replaced).
-fn publish(tmp: &Path, out: &Path, parent: &Path) -> Result<()> {
-    if out.exists() {
-        std::fs::remove_dir(out)?;
-    }
-    std::fs::rename(tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
-    fsync_dir(parent);
     Ok(())
 }
 
@@ -280,20 +254,15 @@ pub fn import_wenet(o: &ImportOptions) -> Result<PathBuf> {
 
     // Build in a hidden sibling and load it back with the checkpoint loader, which checks
     // every tensor's name and shape against the model the config builds.
-    let (tmp, parent) = staging(&o.out, "import")?;
-    let result = write_checked(&tmp, &config, &units, &cmvn, &tensors).with_context(|| {
+    let staged = StagedDir::beside(&o.out, "import")?;
+    write_checked(staged.path(), &config, &units, &cmvn, &tensors).with_context(|| {
         format!(
             "--checkpoint {} does not fit the model that --config {} describes",
             o.checkpoint.display(),
             o.config.display()
         )
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    publish(&tmp, &o.out, &parent)?;
-    Ok(o.out.join("step-0"))
+    })?;
+    Ok(staged.publish()?.join("step-0"))
 }
 
 /// The train.yaml, checked for what WeNet's model would compute otherwise; the keys with
@@ -658,33 +627,22 @@ pub fn export_wenet(o: &ExportOptions) -> Result<PathBuf> {
         .into_iter()
         .collect();
 
-    let (tmp, parent) = staging(&o.out, "export")?;
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp)?;
+    let staged = StagedDir::beside(&o.out, "export")?;
+    let tmp = staged.path();
+    let written = (|| -> Result<()> {
         torch_file::write_state_dict(&tmp.join("final.pt"), &tensors)?;
         if o.safetensors {
-            let f = tmp.join("final.safetensors");
-            Tensor::write_safetensors(&tensors, &f)?;
-            std::fs::File::open(&f)?.sync_all()?;
+            Tensor::write_safetensors(&tensors, tmp.join("final.safetensors"))?;
         }
-        write_synced(
+        atomic::write_file(
             &tmp.join("train.yaml"),
             yaml_1_1_floats(&serde_yaml::to_string(&yaml)?).as_bytes(),
         )?;
         loaded.units.save(&tmp.join("units.txt"))?;
-        cmvn.save(&tmp.join("global_cmvn"))?;
-        for f in ["units.txt", "global_cmvn"] {
-            std::fs::File::open(tmp.join(f))?.sync_all()?;
-        }
-        fsync_dir(&tmp);
-        Ok(())
+        Ok(cmvn.save(&tmp.join("global_cmvn"))?)
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing {}", o.out.display())));
-    }
-    publish(&tmp, &o.out, &parent)?;
-    Ok(o.out.clone())
+    written.with_context(|| format!("writing {}", o.out.display()))?;
+    Ok(staged.publish()?)
 }
 
 #[cfg(test)]
