@@ -74,6 +74,20 @@ impl ListReader {
     }
 }
 
+/// The policy for audio paths in a list (`data.list`, `wav.scp`): an absolute path is
+/// taken as it is (WeNet's lists name audio anywhere, spelled out); a relative one is
+/// relative to the list's folder and may not leave it by `..` (symbolic links inside it
+/// are followed: a corpus folder linked in is a common layout). A list handed over with a
+/// corpus so reads only that corpus, unless it says otherwise in plain sight.
+fn check_audio_path(wav: &str) -> Result<(), String> {
+    if Path::new(wav).is_absolute() {
+        return Ok(());
+    }
+    upcycle_files::confine::check_relative(wav).map_err(|why| {
+        format!("audio path {wav:?}: {why}; write it absolute, or relative to the list's folder without `..`")
+    })
+}
+
 /// Resolves `wav` against `base` unless it is absolute.
 pub fn resolve(base: &Path, wav: &str) -> PathBuf {
     let p = Path::new(wav);
@@ -105,11 +119,12 @@ impl Iterator for ListReader {
             }
             return Some(
                 serde_json::from_str::<ListEntry>(&line)
-                    .map(|e| (index, e))
-                    .map_err(|e| ListError::Malformed {
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| check_audio_path(&e.wav).map(|()| (index, e)))
+                    .map_err(|message| ListError::Malformed {
                         path: self.path.clone(),
                         line: index + 1,
-                        message: e.to_string(),
+                        message,
                     }),
             );
         }
@@ -167,6 +182,7 @@ pub fn read_kaldi_dir(dir: &Path) -> Result<Vec<ListEntry>, ListError> {
                 "{key:?} is a command pipe; convert the audio to files first"
             )));
         }
+        check_audio_path(&wav).map_err(malformed)?;
         let txt = texts.get(&key).ok_or_else(|| {
             malformed(format!(
                 "key {key:?} has no line in {}",
@@ -202,6 +218,34 @@ mod tests {
         let err = r.next().unwrap().unwrap_err().to_string();
         assert!(err.contains("data.list:3:") && err.contains("txt"), "{err}");
         assert!(r.next().is_none());
+    }
+
+    #[test]
+    fn relative_audio_paths_stay_in_the_lists_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data.list");
+        let line = |wav: &str| format!("{{\"key\":\"k\",\"wav\":{wav:?},\"txt\":\"x\"}}\n");
+        let lines = ["/abs/a.wav", "wav/b.wav", "../c.wav", "wav/../../d.wav", ""];
+        std::fs::write(&p, lines.map(line).concat()).unwrap();
+        let got: Vec<_> = ListReader::open(&p).unwrap().collect();
+        assert_eq!(got[0].as_ref().unwrap().1.wav, "/abs/a.wav");
+        assert_eq!(got[1].as_ref().unwrap().1.wav, "wav/b.wav");
+        for (line, r) in got.iter().enumerate().skip(2) {
+            let err = r.as_ref().unwrap_err().to_string();
+            let want = if lines[line].is_empty() {
+                "empty"
+            } else {
+                "`..`"
+            };
+            assert!(
+                err.contains(&format!("data.list:{}:", line + 1)) && err.contains(want),
+                "{err}"
+            );
+        }
+        std::fs::write(dir.path().join("wav.scp"), "u1 ../a.wav\n").unwrap();
+        std::fs::write(dir.path().join("text"), "u1 hi\n").unwrap();
+        let err = read_kaldi_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("wav.scp:1") && err.contains("`..`"), "{err}");
     }
 
     #[test]

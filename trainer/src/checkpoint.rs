@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
+use upcycle_files::confine::confined_join;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 
@@ -751,7 +752,8 @@ fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
         // A pointer asked for by name: what it names, or an error (never another one).
         let name =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let dir = path.with_file_name(name.trim());
+        let root = path.parent().unwrap_or(Path::new("."));
+        let dir = confined_join(root, name.trim(), path)?;
         if !is_checkpoint(&dir) {
             bail!(
                 "{} names {}, which is not a checkpoint",
@@ -763,8 +765,9 @@ fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
     }
     for root in [path.join("checkpoints"), path.to_path_buf()] {
         for pointer in pointers {
-            if let Ok(name) = std::fs::read_to_string(root.join(pointer)) {
-                let dir = root.join(name.trim());
+            let file = root.join(pointer);
+            if let Ok(name) = std::fs::read_to_string(&file) {
+                let dir = confined_join(&root, name.trim(), &file)?;
                 if is_checkpoint(&dir) {
                     return Ok(dir);
                 }
@@ -851,7 +854,7 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
             if maps.contains_key(slice.file.as_str()) {
                 continue;
             }
-            let path = dir.join(&slice.file);
+            let path = confined_join(dir, &slice.file, &dir.join("manifest.json"))?;
             if !path.is_file() {
                 bail!(
                     "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
@@ -864,6 +867,7 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
             // SAFETY: checkpoint files are never modified after their save commits.
             let map = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
+            check_header_claim(&path, &map)?;
             maps.insert(slice.file.as_str(), map);
         }
     }
@@ -885,6 +889,21 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
         let mut rows = Vec::new();
         let mut next = 0;
         for slice in &entry.slices {
+            let (claimed, holds) = (slice_bytes(entry, slice), maps[slice.file.as_str()].len());
+            if claimed.is_none_or(|b| b > holds as u64) {
+                bail!(
+                    "{}: tensor {tagged}: the manifest claims rows {}..{} of shape {:?} {} in {} \
+                     ({} bytes), which holds {holds} bytes: the manifest is damaged; use another \
+                     checkpoint",
+                    dir.display(),
+                    slice.start,
+                    slice.end,
+                    entry.shape,
+                    entry.dtype,
+                    slice.file,
+                    claimed.map_or("more than 2^64".into(), |b| b.to_string()),
+                );
+            }
             let view = files[slice.file.as_str()].tensor(&slice.key).map_err(|_| {
                 anyhow::anyhow!(
                     "{}: {} does not hold {}",
@@ -939,6 +958,51 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
         out.insert(name.to_string(), whole);
     }
     Ok(out)
+}
+
+/// A safetensors file begins with the length of its header: a claim beyond the file's end
+/// (a truncated or damaged file) is named here, before anything is parsed.
+fn check_header_claim(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Some(claim) = bytes.get(..8) else {
+        bail!(
+            "{}: {} bytes, too short for a safetensors file: it is truncated; use another \
+             checkpoint",
+            path.display(),
+            bytes.len()
+        );
+    };
+    let claim = u64::from_le_bytes(claim.try_into().expect("8 bytes"));
+    let holds = bytes.len() as u64 - 8;
+    if claim > holds {
+        bail!(
+            "{}: the safetensors header claims {claim} bytes, the file holds {holds} after its \
+             length: it is truncated or damaged; use another checkpoint",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The bytes a manifest says one slice holds (`None`: beyond 2^64, or a bad shape or dtype).
+fn slice_bytes(entry: &TensorEntry, slice: &Slice) -> Option<u64> {
+    let kind = [
+        Kind::Float,
+        Kind::Double,
+        Kind::Half,
+        Kind::BFloat16,
+        Kind::Int64,
+        Kind::Int,
+    ]
+    .into_iter()
+    .find(|&k| dtype_name(k).is_ok_and(|n| n == entry.dtype))?;
+    let rows = u64::try_from(slice.end.checked_sub(slice.start)?).ok()?;
+    let row: u64 = entry
+        .shape
+        .iter()
+        .skip(1)
+        .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))?;
+    rows.checked_mul(row)?
+        .checked_mul(kind.elt_size_in_bytes() as u64)
 }
 
 /// A model loaded for decoding.
