@@ -220,6 +220,32 @@ mod tests {
         assert!(r.next().is_none());
     }
 
+    /// Fuzzing, seeded, a fixed number of inputs: `data.list` files and Kaldi folders
+    /// (`tests/fuzz/list/`) mutated and read whole. No input may panic, hang (2 s each) or
+    /// allocate above the test binary's bound.
+    #[test]
+    fn fuzz_lists() {
+        let seeds = upcycle_files::fuzz::seeds(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/list"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (list, limit) = (
+            dir.path().join("data.list"),
+            std::time::Duration::from_secs(2),
+        );
+        upcycle_files::fuzz::run("data.list", &seeds, 19_007, 2000, limit, |bytes| {
+            std::fs::write(&list, bytes).unwrap();
+            for entry in ListReader::open(&list).unwrap().flatten() {
+                let _ = resolve(dir.path(), &entry.1.wav);
+            }
+        });
+        std::fs::write(dir.path().join("text"), "u1 hi\nu2 there\n").unwrap();
+        upcycle_files::fuzz::run("wav.scp", &seeds, 19_008, 1000, limit, |bytes| {
+            std::fs::write(dir.path().join("wav.scp"), bytes).unwrap();
+            let _ = read_kaldi_dir(dir.path());
+        });
+    }
+
     #[test]
     fn relative_audio_paths_stay_in_the_lists_folder() {
         let dir = tempfile::tempdir().unwrap();

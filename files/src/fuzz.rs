@@ -135,6 +135,7 @@ pub fn run(
         })
     };
     let mut rng = Rng::new(rng_seed);
+    let start = Instant::now();
     for i in 0..seeds.len() + inputs {
         let input = match seeds.get(i) {
             Some(s) => s.clone(),
@@ -156,7 +157,12 @@ pub fn run(
     }
     done.store(true, Ordering::Relaxed);
     watchdog.join().expect("the watchdog");
-    seeds.len() + inputs
+    let tried = seeds.len() + inputs;
+    eprintln!(
+        "fuzz {name}: {tried} inputs (rng seed {rng_seed}) in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    tried
 }
 
 fn show(input: &[u8]) -> String {

@@ -1073,6 +1073,43 @@ pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Fuzzing, seeded, a fixed number of inputs: a two-worker checkpoint (an expert bank
+    /// in two slices, a dense tensor, a scalar; `tests/fuzz/checkpoint/`) read with its
+    /// manifest mutated, then with a slice file mutated. No input may panic, hang (2 s
+    /// each) or allocate above the test binary's bound.
+    #[test]
+    fn fuzz_checkpoint_reader() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/checkpoint");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let copy_seeds = || {
+            for e in std::fs::read_dir(seeds.join("slices")).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+            }
+            std::fs::copy(
+                seeds.join("manifest/manifest.json"),
+                dir.join("manifest.json"),
+            )
+            .unwrap();
+        };
+        copy_seeds();
+        let whole = read_group(dir, "model").unwrap();
+        assert_eq!(whole["experts"].size(), [2, 2]);
+        let limit = std::time::Duration::from_secs(2);
+        let manifests = upcycle_files::fuzz::seeds(&seeds.join("manifest"));
+        upcycle_files::fuzz::run("manifest", &manifests, 19_003, 1500, limit, |bytes| {
+            std::fs::write(dir.join("manifest.json"), bytes).unwrap();
+            let _ = read_group(dir, "model");
+        });
+        copy_seeds();
+        let slices = upcycle_files::fuzz::seeds(&seeds.join("slices"));
+        upcycle_files::fuzz::run("safetensors", &slices, 19_004, 1500, limit, |bytes| {
+            std::fs::write(dir.join("rank-0.safetensors"), bytes).unwrap();
+            let _ = read_group(dir, "model");
+        });
+    }
+
     #[test]
     fn pointers_choose_the_checkpoint() {
         let tmp = tempfile::tempdir().unwrap();
