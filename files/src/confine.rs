@@ -4,7 +4,8 @@
 //! data list names audio: each such entry comes from a file someone else may have written.
 //! [`confined_join`] joins an entry to its directory only when the result stays inside it,
 //! after every symbolic link is followed; [`check_relative`] is the lexical half alone, for
-//! entries whose symbolic links may lead anywhere by design (a data list's audio folder).
+//! entries whose symbolic links may lead anywhere by design (a plan's stage names), and
+//! [`check_text`] the least of all, for entries that may name any file (a data list's audio).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -63,11 +64,21 @@ pub struct ConfineError {
     pub why: Escape,
 }
 
-/// Checks the entry's text alone: not empty, no control characters, relative, no `..`.
-pub fn check_relative(entry: &str) -> Result<(), Escape> {
+/// Checks that an entry names something at all: not empty, no control characters (a
+/// NUL, a line break). The least every path read from a file must pass.
+pub fn check_text(entry: &str) -> Result<(), Escape> {
     if entry.chars().any(char::is_control) {
         return Err(Escape::OddCharacter);
     }
+    if entry.trim().is_empty() {
+        return Err(Escape::Empty);
+    }
+    Ok(())
+}
+
+/// Checks the entry's text alone: [`check_text`], relative, no `..`.
+pub fn check_relative(entry: &str) -> Result<(), Escape> {
+    check_text(entry)?;
     let path = Path::new(entry);
     let mut normal = false;
     for c in path.components() {
