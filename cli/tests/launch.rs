@@ -1,8 +1,8 @@
 //! `upcycle launch` end to end with real processes on the CPU (workers under one
 //! `mpirun` job, or spawned directly and talking over TCP, on one launcher or on two
 //! launchers as two nodes): the same losses and parameters as a plain `mpirun -np 2` run; a worker
-//! killed with SIGKILL mid-run is followed by a restart from the latest checkpoint that
-//! ends bit-identical to the uninterrupted run; with no restart left the launcher exits
+//! killed with SIGKILL mid-run, or in the middle of a checkpoint save, is followed by a
+//! restart from the latest whole checkpoint that ends bit-identical to the uninterrupted run; with no restart left the launcher exits
 //! with the worker's status and why; SIGINT leaves no process behind; a plan with a frozen
 //! and a full phase on 2 and 4 workers runs end to end (and is skipped when rerun); the
 //! emitted SLURM script starts the right workers under stub `sbatch`/`srun`; a killed
@@ -124,6 +124,32 @@ fn wait_for_step(out: &Path, step: u64) {
     }
 }
 
+/// Waits until a save of step `from` or later is being written under `root` (its
+/// `.step-N.tmp` exists); its name.
+fn wait_for_save(root: &Path, from: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let staging = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step: u64 = name
+                    .strip_prefix(".step-")?
+                    .strip_suffix(".tmp")?
+                    .parse()
+                    .ok()?;
+                (step >= from).then_some(name)
+            });
+        if let Some(name) = staging {
+            return name;
+        }
+        assert!(Instant::now() < deadline, "no save from step {from} began");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn sigkill(pid: i32) {
     Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -208,6 +234,27 @@ fn launched_runs_equal_mpirun_and_a_killed_worker_is_restarted_from_the_latest_c
     );
     assert_eq!(losses(&killed), losses(&straight), "killed at step {at}");
     assert_same_parameters(&straight.join(&last), &killed.join(&last));
+
+    // A worker killed in the middle of a checkpoint save (each stage of a save made to
+    // last 300 ms): the previous checkpoint is whole, the restart resumes from it, and the
+    // run still ends bit-identical.
+    let saving = tmp.path().join("saving");
+    let mut args = vec!["--nproc-per-node", "2", "--max-restarts", "2", "--"];
+    args.extend(train_args(c, d, saving.to_str().unwrap(), &s));
+    let mut l = Launcher::spawn_with(&args, &[("UPCYCLE_FAULT_SAVE_PAUSE_MS", "300")]);
+    let pids = l.worker_pids();
+    let staging = wait_for_save(&saving.join("checkpoints"), 4);
+    sigkill(pids[1]);
+    eprintln!("killed rank 1 while {staging} was being written");
+    let (status, err) = l.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("rank 1 was killed by signal 9; all workers stopped; restart 1 of 2")
+            && err.contains("resuming"),
+        "{err}"
+    );
+    assert_eq!(losses(&saving), losses(&straight), "killed in {staging}");
+    assert_same_parameters(&straight.join(&last), &saving.join(&last));
 
     // No restart left: the launcher ends with the worker's status and the reason.
     let failed = tmp.path().join("failed");
