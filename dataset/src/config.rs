@@ -405,6 +405,22 @@ impl Default for BatchConf {
 mod tests {
     use super::*;
 
+    /// Fuzzing, seeded, a fixed number of inputs: the shipped `dataset_conf` mutated,
+    /// parsed and validated. No input may panic, hang (2 s each) or allocate above the
+    /// test binary's bound.
+    #[test]
+    fn fuzz_dataset_conf() {
+        let seed = include_bytes!("../../configs/dataset_conf.yaml").to_vec();
+        let limit = std::time::Duration::from_secs(2);
+        upcycle_files::fuzz::run("dataset_conf", &[seed], 19_006, 5000, limit, |bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            if let Ok(c) = serde_yaml::from_str::<DatasetConf>(&text) {
+                let _ = c.validate();
+                let _ = c.ignored_keys();
+            }
+        });
+    }
+
     #[test]
     fn the_shipped_config_parses_and_validates() {
         let c: DatasetConf =

@@ -74,6 +74,15 @@ impl ListReader {
     }
 }
 
+/// The policy for audio paths in a list (`data.list`, `wav.scp`): not confined. WeNet's
+/// lists name audio anywhere (absolute paths; ours `../wav/` beside `train/`), and what
+/// is read from such a path is only ever decoded as audio (a file that is not is counted
+/// bad, never shown). An entry must still name something: an empty one, or one with a
+/// control character (a NUL, a line break), is a malformed line.
+fn check_audio_path(wav: &str) -> Result<(), String> {
+    upcycle_files::confine::check_text(wav).map_err(|why| format!("audio path {wav:?}: {why}"))
+}
+
 /// Resolves `wav` against `base` unless it is absolute.
 pub fn resolve(base: &Path, wav: &str) -> PathBuf {
     let p = Path::new(wav);
@@ -105,11 +114,12 @@ impl Iterator for ListReader {
             }
             return Some(
                 serde_json::from_str::<ListEntry>(&line)
-                    .map(|e| (index, e))
-                    .map_err(|e| ListError::Malformed {
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| check_audio_path(&e.wav).map(|()| (index, e)))
+                    .map_err(|message| ListError::Malformed {
                         path: self.path.clone(),
                         line: index + 1,
-                        message: e.to_string(),
+                        message,
                     }),
             );
         }
@@ -167,6 +177,7 @@ pub fn read_kaldi_dir(dir: &Path) -> Result<Vec<ListEntry>, ListError> {
                 "{key:?} is a command pipe; convert the audio to files first"
             )));
         }
+        check_audio_path(&wav).map_err(malformed)?;
         let txt = texts.get(&key).ok_or_else(|| {
             malformed(format!(
                 "key {key:?} has no line in {}",
@@ -202,6 +213,74 @@ mod tests {
         let err = r.next().unwrap().unwrap_err().to_string();
         assert!(err.contains("data.list:3:") && err.contains("txt"), "{err}");
         assert!(r.next().is_none());
+    }
+
+    /// Fuzzing, seeded, a fixed number of inputs: `data.list` files and Kaldi folders
+    /// (`tests/fuzz/list/`) mutated and read whole. No input may panic, hang (2 s each) or
+    /// allocate above the test binary's bound.
+    #[test]
+    fn fuzz_lists() {
+        let seeds = upcycle_files::fuzz::seeds(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/list"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (list, limit) = (
+            dir.path().join("data.list"),
+            std::time::Duration::from_secs(2),
+        );
+        upcycle_files::fuzz::run("data.list", &seeds, 19_007, 2000, limit, |bytes| {
+            std::fs::write(&list, bytes).unwrap();
+            for entry in ListReader::open(&list).unwrap().flatten() {
+                let _ = resolve(dir.path(), &entry.1.wav);
+            }
+        });
+        std::fs::write(dir.path().join("text"), "u1 hi\nu2 there\n").unwrap();
+        upcycle_files::fuzz::run("wav.scp", &seeds, 19_008, 1000, limit, |bytes| {
+            std::fs::write(dir.path().join("wav.scp"), bytes).unwrap();
+            let _ = read_kaldi_dir(dir.path());
+        });
+    }
+
+    #[test]
+    fn audio_paths_name_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data.list");
+        let line = |wav: &str| {
+            let wav = serde_json::to_string(wav).unwrap();
+            format!("{{\"key\":\"k\",\"wav\":{wav},\"txt\":\"x\"}}\n")
+        };
+        let lines = [
+            "/abs/a.wav",
+            "wav/b.wav",
+            "../wav/c.wav",
+            "",
+            "a\0.wav",
+            "a\n.wav",
+        ];
+        std::fs::write(&p, lines.map(line).concat()).unwrap();
+        let got: Vec<_> = ListReader::open(&p).unwrap().collect();
+        for (line, r) in got.iter().enumerate().take(3) {
+            assert_eq!(r.as_ref().unwrap().1.wav, lines[line]);
+        }
+        for (line, r) in got.iter().enumerate().skip(3) {
+            let err = r.as_ref().unwrap_err().to_string();
+            let want = if lines[line].is_empty() {
+                "empty"
+            } else {
+                "control character"
+            };
+            assert!(
+                err.contains(&format!("data.list:{}:", line + 1)) && err.contains(want),
+                "{err}"
+            );
+        }
+        std::fs::write(dir.path().join("wav.scp"), "u1 a\x01.wav\n").unwrap();
+        std::fs::write(dir.path().join("text"), "u1 hi\n").unwrap();
+        let err = read_kaldi_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("wav.scp:1") && err.contains("control character"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -105,10 +105,15 @@ impl Plan {
         let mut names = BTreeSet::new();
         for s in &self.stages {
             let n = &s.name;
-            if n.is_empty()
-                || !n
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            // It names a folder under `logs/`: `.` or `..` would put the logs elsewhere.
+            if let Err(why) = upcycle_files::confine::check_relative(n) {
+                return Err(format!(
+                    "stage name {n:?}: {why}; name the stage with letters or digits"
+                ));
+            }
+            if !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
                 return Err(format!(
                     "stage name {n:?}: use letters, digits, '-', '_' or '.' (it names a log folder)"
@@ -283,6 +288,11 @@ mod tests {
         assert!(e.contains("upcycle subcommand"), "{e}");
         let e = plan("- {name: 'a b', command: [eval]}").unwrap_err();
         assert!(e.contains("letters, digits"), "{e}");
+        // `..` would put a stage's logs beside `logs/`, not in it.
+        let e = plan("- {name: '..', command: [eval]}").unwrap_err();
+        assert!(e.contains("stage name \"..\"") && e.contains("`..`"), "{e}");
+        let e = plan("- {name: '.', command: [eval]}").unwrap_err();
+        assert!(e.contains("empty"), "{e}");
         let e = plan("- {name: a, nproc: 2, backend: nccl, command: [train]}").unwrap_err();
         assert!(e.contains("--backend mpi"), "{e}");
         let bad: Result<Plan, _> = serde_yaml::from_str("out: x\nstages:\n- {name: a, cmd: [x]}");

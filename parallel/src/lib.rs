@@ -13,6 +13,12 @@
 //! run time). Nothing here knows what a Conformer is.
 
 pub mod alltoall;
+
+/// Unit tests (the fuzz tests among them) fail on any single allocation above 1 GiB: a
+/// reader that believed a peer's claim of a huge size.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: upcycle_files::fuzz::Bounded = upcycle_files::fuzz::Bounded::new(1 << 30);
 #[cfg(feature = "mpi")]
 pub mod bench;
 pub mod collective;

@@ -30,6 +30,7 @@ use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
 use upcycle_dataset::text::Units;
 use upcycle_files::atomic;
+use upcycle_files::confine::confined_join;
 use upcycle_model::asr::AsrModel;
 use upcycle_model::moe::{placement, Placement};
 
@@ -722,7 +723,8 @@ fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
         // A pointer asked for by name: what it names, or an error (never another one).
         let name =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let dir = path.with_file_name(name.trim());
+        let root = path.parent().unwrap_or(Path::new("."));
+        let dir = confined_join(root, name.trim(), path)?;
         if !is_checkpoint(&dir) {
             bail!(
                 "{} names {}, which is not a checkpoint",
@@ -734,8 +736,9 @@ fn resolve_with(path: &Path, pointers: &[&str]) -> Result<PathBuf> {
     }
     for root in [path.join("checkpoints"), path.to_path_buf()] {
         for pointer in pointers {
-            if let Ok(name) = std::fs::read_to_string(root.join(pointer)) {
-                let dir = root.join(name.trim());
+            let file = root.join(pointer);
+            if let Ok(name) = std::fs::read_to_string(&file) {
+                let dir = confined_join(&root, name.trim(), &file)?;
                 if is_checkpoint(&dir) {
                     return Ok(dir);
                 }
@@ -822,7 +825,7 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
             if maps.contains_key(slice.file.as_str()) {
                 continue;
             }
-            let path = dir.join(&slice.file);
+            let path = confined_join(dir, &slice.file, &dir.join("manifest.json"))?;
             if !path.is_file() {
                 bail!(
                     "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
@@ -835,6 +838,7 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
             // SAFETY: checkpoint files are never modified after their save commits.
             let map = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
+            check_header_claim(&path, &map)?;
             maps.insert(slice.file.as_str(), map);
         }
     }
@@ -856,6 +860,21 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
         let mut rows = Vec::new();
         let mut next = 0;
         for slice in &entry.slices {
+            let (claimed, holds) = (slice_bytes(entry, slice), maps[slice.file.as_str()].len());
+            if claimed.is_none_or(|b| b > holds as u64) {
+                bail!(
+                    "{}: tensor {tagged}: the manifest claims rows {}..{} of shape {:?} {} in {} \
+                     ({} bytes), which holds {holds} bytes: the manifest is damaged; use another \
+                     checkpoint",
+                    dir.display(),
+                    slice.start,
+                    slice.end,
+                    entry.shape,
+                    entry.dtype,
+                    slice.file,
+                    claimed.map_or("more than 2^64".into(), |b| b.to_string()),
+                );
+            }
             let view = files[slice.file.as_str()].tensor(&slice.key).map_err(|_| {
                 anyhow::anyhow!(
                     "{}: {} does not hold {}",
@@ -910,6 +929,51 @@ pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
         out.insert(name.to_string(), whole);
     }
     Ok(out)
+}
+
+/// A safetensors file begins with the length of its header: a claim beyond the file's end
+/// (a truncated or damaged file) is named here, before anything is parsed.
+fn check_header_claim(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Some(claim) = bytes.get(..8) else {
+        bail!(
+            "{}: {} bytes, too short for a safetensors file: it is truncated; use another \
+             checkpoint",
+            path.display(),
+            bytes.len()
+        );
+    };
+    let claim = u64::from_le_bytes(claim.try_into().expect("8 bytes"));
+    let holds = bytes.len() as u64 - 8;
+    if claim > holds {
+        bail!(
+            "{}: the safetensors header claims {claim} bytes, the file holds {holds} after its \
+             length: it is truncated or damaged; use another checkpoint",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The bytes a manifest says one slice holds (`None`: beyond 2^64, or a bad shape or dtype).
+fn slice_bytes(entry: &TensorEntry, slice: &Slice) -> Option<u64> {
+    let kind = [
+        Kind::Float,
+        Kind::Double,
+        Kind::Half,
+        Kind::BFloat16,
+        Kind::Int64,
+        Kind::Int,
+    ]
+    .into_iter()
+    .find(|&k| dtype_name(k).is_ok_and(|n| n == entry.dtype))?;
+    let rows = u64::try_from(slice.end.checked_sub(slice.start)?).ok()?;
+    let row: u64 = entry
+        .shape
+        .iter()
+        .skip(1)
+        .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))?;
+    rows.checked_mul(row)?
+        .checked_mul(kind.elt_size_in_bytes() as u64)
 }
 
 /// A model loaded for decoding.
@@ -979,6 +1043,43 @@ pub fn load_weights(dir: &Path, vs: &nn::VarStore) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing, seeded, a fixed number of inputs: a two-worker checkpoint (an expert bank
+    /// in two slices, a dense tensor, a scalar; `tests/fuzz/checkpoint/`) read with its
+    /// manifest mutated, then with a slice file mutated. No input may panic, hang (2 s
+    /// each) or allocate above the test binary's bound.
+    #[test]
+    fn fuzz_checkpoint_reader() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/checkpoint");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let copy_seeds = || {
+            for e in std::fs::read_dir(seeds.join("slices")).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+            }
+            std::fs::copy(
+                seeds.join("manifest/manifest.json"),
+                dir.join("manifest.json"),
+            )
+            .unwrap();
+        };
+        copy_seeds();
+        let whole = read_group(dir, "model").unwrap();
+        assert_eq!(whole["experts"].size(), [2, 2]);
+        let limit = std::time::Duration::from_secs(2);
+        let manifests = upcycle_files::fuzz::seeds(&seeds.join("manifest"));
+        upcycle_files::fuzz::run("manifest", &manifests, 19_003, 1500, limit, |bytes| {
+            std::fs::write(dir.join("manifest.json"), bytes).unwrap();
+            let _ = read_group(dir, "model");
+        });
+        copy_seeds();
+        let slices = upcycle_files::fuzz::seeds(&seeds.join("slices"));
+        upcycle_files::fuzz::run("safetensors", &slices, 19_004, 1500, limit, |bytes| {
+            std::fs::write(dir.join("rank-0.safetensors"), bytes).unwrap();
+            let _ = read_group(dir, "model");
+        });
+    }
 
     #[test]
     fn pointers_choose_the_checkpoint() {

@@ -699,6 +699,24 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
+    /// Fuzzing, seeded, a fixed number of inputs: the shipped configs (upcycle's and
+    /// WeNet's, each with a `dataset_conf`) mutated, parsed and validated. No input may
+    /// panic, hang (2 s each) or allocate above the test binary's bound.
+    #[test]
+    fn fuzz_train_config() {
+        let seeds: Vec<Vec<u8>> = ["tiny.yaml", "small-upcycle.yaml", "wenet-u2pp-moe.yaml"]
+            .iter()
+            .map(|f| std::fs::read(configs().join(f)).unwrap())
+            .collect();
+        let limit = std::time::Duration::from_secs(2);
+        upcycle_files::fuzz::run("train config", &seeds, 19_005, 5000, limit, |bytes| {
+            if let Ok(c) = TrainConfig::parse(&String::from_utf8_lossy(bytes)) {
+                let _ = c.validate();
+                let _ = c.ignored_keys();
+            }
+        });
+    }
+
     fn configs() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
     }

@@ -20,6 +20,12 @@
 //! | [`bench`](mod@bench) | benchmarks of the Rust side |
 
 pub mod bench;
+
+/// Unit tests (the fuzz tests among them) fail on any single allocation above 1 GiB: a
+/// reader that believed a file's claim of a huge size.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: upcycle_files::fuzz::Bounded = upcycle_files::fuzz::Bounded::new(1 << 30);
 pub mod checkpoint;
 pub mod config;
 pub mod convert;

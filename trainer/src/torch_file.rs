@@ -135,6 +135,42 @@ enum Value {
     Tensor(TensorRef),
 }
 
+impl Value {
+    /// Roughly the bytes a copy of this value takes.
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Value>()
+            + match self {
+                Value::Str(s) => s.len(),
+                Value::Bytes(b) => b.len(),
+                Value::Tuple(v) | Value::List(v) => v.iter().map(Value::weight).sum(),
+                Value::Dict(kv) => kv.iter().map(|(k, v)| k.weight() + v.weight()).sum(),
+                Value::Storage { key, .. } => key.len(),
+                Value::Tensor(t) => t.key.len() + 8 * (t.size.len() + t.stride.len()),
+                _ => 0,
+            }
+    }
+
+    /// Whether the value nests at most `levels` containers deep.
+    fn nests_within(&self, levels: usize) -> bool {
+        let within = |v: &Value| levels > 0 && v.nests_within(levels - 1);
+        match self {
+            Value::Tuple(v) | Value::List(v) => v.iter().all(within),
+            Value::Dict(kv) => kv.iter().all(|(k, v)| within(k) && within(v)),
+            _ => true,
+        }
+    }
+}
+
+/// Containers nest at most this deep (a state dict needs a handful of levels); deeper
+/// ones, a few bytes of pickle each, would overflow the stack when dropped.
+const MAX_NESTING: usize = 64;
+
+/// Bytes that memo fetches, DUP and memoizing may copy, beyond [`COPIES_PER_BYTE`] per
+/// byte of pickle: each copy of a few bytes of pickle may double a value.
+const COPY_ALLOWANCE: usize = 1 << 24;
+/// Bytes of copies allowed per byte of pickle (PyTorch's own files copy a few).
+const COPIES_PER_BYTE: usize = 64;
+
 /// The pickle machine: a stack, marks and a memo; values are data only.
 struct Unpickler<'a> {
     data: &'a [u8],
@@ -143,6 +179,8 @@ struct Unpickler<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// Bytes copied so far (memo, DUP), against the budget.
+    copied: usize,
     path: &'a str,
 }
 
@@ -224,18 +262,55 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
+    /// Charges a copy of `weight` bytes to the budget: a pickle may not copy values over
+    /// and over until they fill the memory.
+    fn charge(&mut self, weight: usize) -> Result<(), TorchFileError> {
+        self.copied = self.copied.saturating_add(weight);
+        let budget = COPY_ALLOWANCE.saturating_add(self.data.len().saturating_mul(COPIES_PER_BYTE));
+        if self.copied > budget {
+            return Err(self.err(format!(
+                "the pickle copies more than {budget} bytes of values (memo fetches or DUP \
+                 repeated): not a torch.save state dict"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A copy of the top of the stack, charged.
+    fn copy_top(&mut self) -> Result<Value, TorchFileError> {
+        let weight = self.top()?.weight();
+        self.charge(weight)?;
+        Ok(self.top()?.clone())
+    }
+
+    /// Refuses items that would nest containers deeper than [`MAX_NESTING`].
+    fn nestable<'v>(
+        &self,
+        items: impl IntoIterator<Item = &'v Value>,
+    ) -> Result<(), TorchFileError> {
+        if items.into_iter().all(|v| v.nests_within(MAX_NESTING - 1)) {
+            Ok(())
+        } else {
+            Err(self.err(format!(
+                "containers nest deeper than {MAX_NESTING}: not a torch.save state dict"
+            )))
+        }
+    }
+
     fn memo_put(&mut self, key: u32) -> Result<(), TorchFileError> {
-        let v = self.top()?.clone();
+        let v = self.copy_top()?;
         self.memo.insert(key, v);
         Ok(())
     }
 
     fn memo_get(&mut self, key: u32) -> Result<(), TorchFileError> {
-        let v = self
+        let weight = self
             .memo
             .get(&key)
-            .cloned()
-            .ok_or_else(|| self.err(format!("memo key {key} is not set")))?;
+            .ok_or_else(|| self.err(format!("memo key {key} is not set")))?
+            .weight();
+        self.charge(weight)?;
+        let v = self.memo[&key].clone();
         self.stack.push(v);
         Ok(())
     }
@@ -366,6 +441,7 @@ impl<'a> Unpickler<'a> {
             b')' => self.stack.push(Value::Tuple(Vec::new())),
             b't' => {
                 let items = self.pop_mark()?;
+                self.nestable(&items)?;
                 self.stack.push(Value::Tuple(items));
             }
             0x85..=0x87 => {
@@ -374,15 +450,18 @@ impl<'a> Unpickler<'a> {
                     return Err(self.err("stack underflow"));
                 }
                 let items = self.stack.split_off(self.stack.len() - n);
+                self.nestable(&items)?;
                 self.stack.push(Value::Tuple(items));
             }
             b']' => self.stack.push(Value::List(Vec::new())),
             b'l' => {
                 let items = self.pop_mark()?;
+                self.nestable(&items)?;
                 self.stack.push(Value::List(items));
             }
             b'a' => {
                 let v = self.pop()?;
+                self.nestable([&v])?;
                 match self.top()? {
                     Value::List(l) => l.push(v),
                     _ => return Err(self.err("APPEND to something that is not a list")),
@@ -390,6 +469,7 @@ impl<'a> Unpickler<'a> {
             }
             b'e' => {
                 let items = self.pop_mark()?;
+                self.nestable(&items)?;
                 match self.top()? {
                     Value::List(l) => l.extend(items),
                     _ => return Err(self.err("APPENDS to something that is not a list")),
@@ -398,12 +478,14 @@ impl<'a> Unpickler<'a> {
             b'}' => self.stack.push(Value::Dict(Vec::new())),
             b'd' => {
                 let items = self.pop_mark()?;
+                self.nestable(&items)?;
                 let d = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
                 self.stack.push(Value::Dict(d));
             }
             b's' => {
                 let v = self.pop()?;
                 let k = self.pop()?;
+                self.nestable([&k, &v])?;
                 match self.top()? {
                     Value::Dict(d) => d.push((k, v)),
                     _ => return Err(self.err("SETITEM on something that is not a dict")),
@@ -411,6 +493,7 @@ impl<'a> Unpickler<'a> {
             }
             b'u' => {
                 let items = self.pop_mark()?;
+                self.nestable(&items)?;
                 let kv = pairs(items).ok_or_else(|| self.err("odd number of dict items"))?;
                 match self.top()? {
                     Value::Dict(d) => d.extend(kv),
@@ -523,7 +606,7 @@ impl<'a> Unpickler<'a> {
                 self.pop_mark()?;
             }
             b'2' => {
-                let v = self.top()?.clone();
+                let v = self.copy_top()?;
                 self.stack.push(v);
             }
             b'c' => {
@@ -649,6 +732,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileEr
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        copied: 0,
         path: &p,
     }
     .run()?;
@@ -891,6 +975,7 @@ mod tests {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            copied: 0,
             path: "test",
         }
         .run()
@@ -987,5 +1072,99 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("reaches past"), "{e}");
+    }
+
+    /// A pickle that copies a value over and over, each copy doubling it (`]` then DUP and
+    /// APPEND repeated; and a memo fetch repeated), or nests lists thousands deep, is
+    /// refused in milliseconds, not after filling the memory or overflowing the stack.
+    #[test]
+    fn pickle_bombs_are_refused() {
+        let run = |pickle: Vec<u8>| {
+            let start = std::time::Instant::now();
+            let e = unpickle(&pickle).unwrap_err().to_string();
+            assert!(start.elapsed() < std::time::Duration::from_secs(1), "{e}");
+            e
+        };
+        let doubling = [&[0x80, 2, b']'][..], &b"2a".repeat(64), b"."].concat();
+        assert!(run(doubling).contains("copies more than"));
+        let fetched = [
+            &[0x80, 2][..],
+            b"X\x00\x00\x10\x00",
+            &[0u8; 1 << 20],
+            b"q\x00",
+            &b"h\x00".repeat(1000),
+            b".",
+        ]
+        .concat();
+        assert!(run(fetched).contains("copies more than"));
+        let deep = [
+            &[0x80, 2][..],
+            &b"]".repeat(10_000),
+            &b"a".repeat(9_999),
+            b".",
+        ]
+        .concat();
+        assert!(run(deep).contains("nest deeper than"));
+    }
+
+    fn fuzz_seeds() -> Vec<Vec<u8>> {
+        upcycle_files::fuzz::seeds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/pt"))
+    }
+
+    /// Fuzzing, seeded, a fixed number of inputs (no fuzzing toolchain needed):
+    /// whole `.pt` files mutated (the zip layer), and their pickles mutated inside a valid
+    /// archive beside the first seed's storages (the unpickler and the rebuilding of views).
+    /// No input may panic, hang (2 s each) or allocate above the test binary's bound; the
+    /// seeds are PyTorch's own files in `tests/fuzz/pt/`.
+    #[test]
+    fn fuzz_pt_reader() {
+        let seeds = fuzz_seeds();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.pt");
+        let limit = std::time::Duration::from_secs(2);
+        upcycle_files::fuzz::run("pt file", &seeds, 19_001, 1000, limit, |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            let _ = read_state_dict(&path);
+        });
+        let entries = |archive: &[u8]| {
+            let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive.to_vec())).unwrap();
+            let names: Vec<String> = zip.file_names().map(String::from).collect();
+            names
+                .into_iter()
+                .map(|n| {
+                    let mut b = Vec::new();
+                    zip.by_name(&n).unwrap().read_to_end(&mut b).unwrap();
+                    (n, b)
+                })
+                .collect::<Vec<_>>()
+        };
+        let pickles: Vec<Vec<u8>> = seeds
+            .iter()
+            .map(|s| {
+                entries(s)
+                    .into_iter()
+                    .find(|(n, _)| n.ends_with("/data.pkl"))
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        let storages: Vec<_> = entries(&seeds[0])
+            .into_iter()
+            .filter(|(n, _)| !n.ends_with("/data.pkl"))
+            .collect();
+        upcycle_files::fuzz::run("pickle", &pickles, 19_002, 2000, limit, |pkl| {
+            let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+            let o = zip::write::FileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored);
+            w.start_file("archive/data.pkl", o).unwrap();
+            w.write_all(pkl).unwrap();
+            for (name, b) in &storages {
+                w.start_file(format!("archive/{}", name.split_once('/').unwrap().1), o)
+                    .unwrap();
+                w.write_all(b).unwrap();
+            }
+            w.finish().unwrap();
+            let _ = read_state_dict(&path);
+        });
     }
 }

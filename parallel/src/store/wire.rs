@@ -292,6 +292,38 @@ impl Request {
 mod tests {
     use super::*;
 
+    /// Fuzzing, seeded, a fixed number of inputs: what a client sends (its handshake, then
+    /// requests of every op) and what a server answers, as this module writes them,
+    /// mutated and read as the server and the client read them. No input may panic, hang
+    /// (2 s each) or allocate above the test binary's bound.
+    #[test]
+    fn fuzz_store_framing() {
+        let session = |requests: &[Vec<u8>]| [&[hello("token")][..], requests].concat().concat();
+        let seeds = [
+            session(&[
+                set_request("k", b"value"),
+                get_request("k", Duration::from_secs(5)),
+            ]),
+            session(&[
+                add_request("n", -3),
+                compare_set_request("k", Some(b"a"), b"b"),
+            ]),
+            session(&[compare_set_request("k", None, b"")]),
+            busy_answer("too many handshakes"),
+            vec![OK],
+        ];
+        let limit = Duration::from_secs(2);
+        upcycle_files::fuzz::run("store wire", &seeds, 19_009, 10_000, limit, |bytes| {
+            let mut r = bytes;
+            if check_hello(&mut r, "token").is_ok() {
+                while Request::read(&mut r).is_ok() {}
+            }
+            let mut r = bytes;
+            while Request::read(&mut r).is_ok() {}
+            let _ = read_hello_reply(&mut &bytes[..]);
+        });
+    }
+
     #[test]
     fn requests_read_back_as_written_and_bad_ones_are_refused() {
         let read = |bytes: Vec<u8>| Request::read(&mut bytes.as_slice());
