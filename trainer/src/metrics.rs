@@ -27,9 +27,13 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Appends to `run_dir/metrics.jsonl` (a resumed run continues it) and, with
-    /// `tensorboard`, starts a new event file in `run_dir/tensorboard/`.
-    pub fn create(run_dir: &Path, tensorboard: bool) -> Result<Self> {
+    /// `tensorboard`, starts a new event file in `run_dir/tensorboard/`. A run that
+    /// starts at step `start` first drops the lines of later steps: a run that crashed
+    /// after its last checkpoint logged them, and this one logs them again (so that each
+    /// step is in the file once).
+    pub fn create(run_dir: &Path, tensorboard: bool, start: u64) -> Result<Self> {
         let path = run_dir.join(FILE);
+        drop_lines_after(&path, start)?;
         let jsonl = BufWriter::new(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -66,6 +70,36 @@ impl MetricsLog {
         }
         Ok(())
     }
+}
+
+/// Rewrites `path` (atomically) without the lines whose `step` is past `step`, if it has
+/// any; lines that are not JSON with a step are kept as they are.
+fn drop_lines_after(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let later = |l: &str| {
+        serde_json::from_str::<Value>(l)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+            .is_some_and(|s| s > step)
+    };
+    if !text.lines().any(later) {
+        return Ok(());
+    }
+    let kept: String = text
+        .lines()
+        .filter(|l| !later(l))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    tracing::info!(
+        "{}: dropping the lines after step {step}, which this run logs again",
+        path.display()
+    );
+    upcycle_files::atomic::write_file(path, kept.as_bytes())?;
+    Ok(())
 }
 
 /// The TensorBoard scalars of a metrics line: evaluation lines (any `dev_` key) give
@@ -187,13 +221,39 @@ mod tests {
         let line = json!({"step": 1, "loss": 2.0});
         for tb in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            MetricsLog::create(dir.path(), tb)
+            MetricsLog::create(dir.path(), tb, 0)
                 .unwrap()
                 .log(&line)
                 .unwrap();
             assert_eq!(read(dir.path()).unwrap(), vec![line.clone()]);
             assert_eq!(dir.path().join(tensorboard::DIR).is_dir(), tb);
         }
+    }
+
+    /// A run resumed at step 2 after one that logged steps 1-4 (and a dev line at 4)
+    /// before it crashed: steps 3 and 4 are dropped and logged again, once each.
+    #[test]
+    fn a_resumed_run_logs_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = "{\"step\":1,\"loss\":4.0}\n{\"step\":2,\"loss\":3.0}\n\
+                       {\"step\":2,\"dev_cer\":50.0}\n{\"step\":3,\"loss\":2.5}\n\
+                       {\"step\":4,\"loss\":2.0}\n{\"step\":4,\"dev_cer\":40.0}\n";
+        std::fs::write(dir.path().join(FILE), crashed).unwrap();
+        let mut log = MetricsLog::create(dir.path(), false, 2).unwrap();
+        for step in [3, 4] {
+            log.log(&json!({"step": step, "loss": 1.0})).unwrap();
+        }
+        let steps: Vec<(u64, bool)> = read(dir.path())
+            .unwrap()
+            .iter()
+            .map(|l| (l["step"].as_u64().unwrap(), l.get("dev_cer").is_some()))
+            .collect();
+        let want = [(1, false), (2, false), (2, true), (3, false), (4, false)];
+        assert_eq!(steps, want);
+        // Nothing after the start: the file is left as it is.
+        let before = std::fs::read(dir.path().join(FILE)).unwrap();
+        drop(MetricsLog::create(dir.path(), false, 4).unwrap());
+        assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), before);
     }
 
     #[test]

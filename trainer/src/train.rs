@@ -593,11 +593,12 @@ impl Log {
         dist: &Distributed,
         out: &std::path::Path,
         tensorboard: bool,
+        start: u64,
         steps: u64,
     ) -> Result<Self> {
         let metrics = dist
             .is_main()
-            .then(|| MetricsLog::create(out, tensorboard))
+            .then(|| MetricsLog::create(out, tensorboard, start))
             .transpose()?;
         let bar = if dist.is_main() {
             indicatif::ProgressBar::new(steps)
@@ -735,7 +736,7 @@ impl Trainer {
             0 => steps_per_epoch.max(1),
             n => n,
         };
-        let mut log = Log::new(&dist, &opts.out, uc.tensorboard, total_steps)?;
+        let mut log = Log::new(&dist, &opts.out, uc.tensorboard, state.step, total_steps)?;
         if resume.is_some() {
             rescale_epoch_position(&mut state, &train_loader)?;
         }
