@@ -52,7 +52,7 @@ pub enum FeedForward {
     /// One network for every token.
     Dense(DenseFeedForward),
     /// Routed experts.
-    Moe(MoeFeedForward),
+    Moe(Box<MoeFeedForward>),
 }
 
 impl FeedForward {
@@ -143,6 +143,6 @@ impl FfnFactory {
             .entry(key)
             .or_insert_with(|| ExpertBank::new(bank, local, self.d, self.expert_hidden))
             .share();
-        FeedForward::Moe(MoeFeedForward::new(path, experts, &self.moe))
+        FeedForward::Moe(Box::new(MoeFeedForward::new(path, experts, &self.moe)))
     }
 }
