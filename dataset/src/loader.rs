@@ -898,6 +898,7 @@ mod tests {
                 key: format!("u{i}"),
                 wav: format!("u{i}.wav"),
                 txt: txt.into(),
+                lang: None,
             });
         }
         let list = dir.join("data.list");
@@ -1051,6 +1052,7 @@ mod tests {
                     key: k.into(),
                     wav: wav.into(),
                     txt: txt.into(),
+                    lang: None,
                 })
                 .unwrap(),
             );
