@@ -124,7 +124,12 @@ fn pair<'a>(arg: &'a str, what: &str, example: &str) -> Result<(&'a str, &'a str
 }
 
 /// `inspect runs`: prints the comparison table and, with `json`, writes its numbers.
-fn runs_command(runs: &[String], methods: &[String], json: Option<&Path>, command: &str) -> Result<()> {
+fn runs_command(
+    runs: &[String],
+    methods: &[String],
+    json: Option<&Path>,
+    command: &str,
+) -> Result<()> {
     let methods = methods
         .iter()
         .map(|m| pair(m, "NAME=METHOD", "b-copy=copy"))

@@ -211,7 +211,9 @@ fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
         .collect();
     // Tagged by source; Russian is Cyrillic, written without "ё"; only English spells digits.
     for (key, txt, lang) in splits.iter().flatten() {
-        let lang = lang.as_deref().unwrap_or_else(|| panic!("{key} has no tag"));
+        let lang = lang
+            .as_deref()
+            .unwrap_or_else(|| panic!("{key} has no tag"));
         assert!(langs.contains(&lang), "{key}: {lang}");
         let source_lang = if key.starts_with("fillets-") {
             "cs"
@@ -221,7 +223,10 @@ fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
         assert_eq!(lang, source_lang, "{key}");
         assert!(!txt.chars().any(|c| c.is_ascii_digit()), "{key}: {txt}");
         if lang == "ru" {
-            assert!(txt.chars().any(|c| ('а'..='я').contains(&c)) && !txt.contains('ё'), "{txt}");
+            assert!(
+                txt.chars().any(|c| ('а'..='я').contains(&c)) && !txt.contains('ё'),
+                "{txt}"
+            );
         }
     }
     // One vocabulary over all scripts.
@@ -243,7 +248,8 @@ fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
             _ => format!("prompt {}", parts[2]),
         }
     };
-    let units_of = |i: usize| -> HashSet<String> { splits[i].iter().map(|e| unit_of(&e.0)).collect() };
+    let units_of =
+        |i: usize| -> HashSet<String> { splits[i].iter().map(|e| unit_of(&e.0)).collect() };
     let (tr, dv, te) = (units_of(0), units_of(1), units_of(2));
     assert!(tr.is_disjoint(&te) && tr.is_disjoint(&dv) && dv.is_disjoint(&te));
 }

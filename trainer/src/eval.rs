@@ -230,7 +230,10 @@ pub fn evaluate(
                 let text = m.units.decode(&hyp.tokens);
                 let (ce, n) = per[i].0.add(txt, &text);
                 if let Some(lang) = lang {
-                    per_lang[i].entry(lang).or_default().add(txt, &text);
+                    per_lang[i]
+                        .entry(lang.as_str())
+                        .or_default()
+                        .add(txt, &text);
                 }
                 per[i].1 += dsecs;
                 per[i].2.push(format!("{key} {text}"));
@@ -293,7 +296,11 @@ pub fn table(results: &[ModeResult]) -> String {
                 .iter()
                 .map(|(l, c)| format!("{l} {c:.2}"))
                 .collect();
-            s.push_str(&format!("{:>26}CER % by language: {}\n", "", langs.join("  ")));
+            s.push_str(&format!(
+                "{:>26}CER % by language: {}\n",
+                "",
+                langs.join("  ")
+            ));
         }
     }
     s

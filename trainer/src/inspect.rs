@@ -202,10 +202,10 @@ pub fn run_numbers(r: &RunRow, method: &str) -> Result<RunNumbers> {
     let ckpt = checkpoint::resolve_latest(&r.dir.join("checkpoints"))?;
     let (params, active_params) = parameter_counts(&ckpt)?;
     let file = r.dir.join("eval-test/results.json");
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| {
-            format!("reading {} (run `upcycle eval` first)", file.display())
-        })?)?;
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {} (run `upcycle eval` first)", file.display()))?,
+    )?;
     let mode = |chunk: i64| {
         results.as_array().and_then(|a| {
             a.iter()

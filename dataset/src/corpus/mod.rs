@@ -189,7 +189,10 @@ impl Summary {
         if self.languages.len() > 1 {
             s.push_str("lang  split   utterances    hours  speakers  groups\n");
             for (lang, splits) in &self.languages {
-                for (name, st) in splits {
+                for name in ["train", "dev", "test"] {
+                    let Some(st) = splits.get(name) else {
+                        continue;
+                    };
                     s.push_str(&format!(
                         "{lang:<5} {name:<6} {:>11} {:>8.3} {:>9} {:>7}\n",
                         st.utterances, st.hours, st.speakers, st.groups

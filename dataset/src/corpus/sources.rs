@@ -547,7 +547,10 @@ mod tests {
         // Numbers are not spelled outside English: such prompts are left out.
         assert_eq!(spoken_text("es", "marque 1 para salir"), None);
         assert_eq!(spoken_text("it", "[toni ascendenti]"), None);
-        assert_eq!(spoken_text("ru", "Всё ЕЩЁ здесь").as_deref(), Some("все еще здесь"));
+        assert_eq!(
+            spoken_text("ru", "Всё ЕЩЁ здесь").as_deref(),
+            Some("все еще здесь")
+        );
     }
 
     #[test]
