@@ -536,9 +536,17 @@ fn gather(
 }
 
 /// Fillets Czech and the five Asterisk languages, each source split on its own (by
-/// level; by prompt file) so that every language gets its ~10% dev and test.
+/// level; by prompt file) so that every language gets its ~10% dev and test. Every
+/// transcript goes through [`sources::spoken_text`] of its language.
 fn multilingual() -> Result<Vec<RawUtterance>> {
-    let fillets = sources::fillets_cs()?;
+    // Czech text normalised as every language is (its lines with digits left out).
+    let fillets: Vec<RawUtterance> = sources::fillets_cs()?
+        .into_iter()
+        .filter_map(|mut u| {
+            u.text = sources::spoken_text("cs", &u.text)?;
+            Some(u)
+        })
+        .collect();
     let mut prompts = Vec::new();
     for (lang, _) in sources::ASTERISK_VOICES {
         prompts.extend(sources::asterisk(lang)?);
