@@ -51,7 +51,8 @@ upcycle_args() { # METHOD
     granular) echo "--experts 16 --top-k 4 --granularity 4 --router softmax_topk --router-init zero" ;;
     *) echo "unknown method $1 in METHODS (copy, noise, drop, granular)" >&2; return 1 ;;
   esac
-  if $U convert upcycle --help | grep -q -- '--method'; then echo "--method $1"; fi
+  local help; help=$($U convert upcycle --help)
+  if grep -q -- '--method' <<<"$help"; then echo "--method $1"; fi
 }
 # The training config of a method: its own when it changes the experts' shape.
 upcycle_config() { # METHOD
