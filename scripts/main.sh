@@ -1,51 +1,95 @@
 #!/usr/bin/env bash
-# The README's main job: the UME experiment on real Czech speech (fillets-cs), CPU.
-#   parent  the small dense U2++ model, 60 minutes          runs/small-fillets
-#   (a)     the parent trained 800 more steps, dense         runs/ume/a-dense
-#   (b)     the parent upcycled (8 experts, top-2), 800 steps runs/ume/b-upcycled
-#   (c)     the same MoE from scratch, parent's steps + 800  runs/ume/c-scratch (SCRATCH=0 skips it)
-# then every model is evaluated on the held-out levels and the table is written to
-# runs/ume/table.md, the report (plots, summary) to runs/ume/report/. Each finished stage
-# is kept: rerunning continues where it stopped.
+# The README's main job: the UME experiment (issue 20) on real speech in six languages
+# (`data prepare --corpus multilingual`: Fillets NG Czech + Asterisk en/es/fr/it/ru), CPU.
+#   parent  the small dense U2++ model (configs/multilingual.yaml)   runs/multilingual
+#   (a)     the parent trained EXTRA_STEPS more steps, dense          runs/ume/a-dense
+#   (b)     the parent upcycled by each of METHODS, EXTRA_STEPS steps runs/ume/b-<method>
+#   (c)     the same MoE from scratch, parent's steps + EXTRA_STEPS   runs/ume/c-scratch (SCRATCH=0 skips it)
+# then every model is evaluated on the held-out test set (CER per language; RTF in full
+# context and at chunk 16, measured back to back by one `eval`), and the table is written
+# to runs/ume/table.md, its numbers to runs/ume/ume.json (the form of
+# docs/experiments/ume.json), the report (plots, summary) to runs/ume/report/. Each
+# finished stage is kept: rerunning continues where it stopped.
+#
+# Budget on 2 cores, at most 2.5 h in all: data 3 min; parent PARENT_MINUTES=35; (a) and
+# each (b) EXTRA_STEPS=600 steps, each capped at EXTRA_MINUTES=18 (a cap that cuts a run
+# short breaks "equal extra steps": the table's train min shows it); (c) capped at
+# SCRATCH_MINUTES=35; evaluation about 3 min per model. With the default METHODS
+# ("copy granular") that is 3 + 35 + 3 x 18 + 35 + 5 x 3 = 142 min at most.
+# METHODS="copy noise drop granular" runs the full comparison (+36 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 U=./target/release/upcycle
-DATA=${DATA:-data/fillets-cs}
-RUN=${RUN:-runs/small-fillets}
+DATA=${DATA:-data/multilingual}
+RUN=${RUN:-runs/multilingual}
 UME=${UME:-runs/ume}
-MINUTES=${MINUTES:-60}
+METHODS=${METHODS:-copy granular}
+PARENT_MINUTES=${PARENT_MINUTES:-35}
+EXTRA_STEPS=${EXTRA_STEPS:-600}
+EXTRA_MINUTES=${EXTRA_MINUTES:-18}
+SCRATCH_MINUTES=${SCRATCH_MINUTES:-35}
 SCRATCH=${SCRATCH:-1}
-$U data prepare --corpus fillets-cs --out "$DATA"
+$U data prepare --corpus multilingual --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
 
-trained() { [ -e "$1/checkpoints/latest" ] && [ -e "$1/eval-test/results.json" ]; }
-train_and_eval() { # NAME DIR ARGS...
-  local dir=$2; shift 2
+train_and_eval() { # DIR ARGS...
+  local dir=$1; shift
   if [ -e "$dir/checkpoints/latest" ]; then
     echo "$dir already holds a trained model; delete it to train again" >&2
   else
     $U train --data "$DATA" --out "$dir" "$@"
   fi
-  trained "$dir" || $U eval --checkpoint "$dir" --data "$DATA/test" --out "$dir/eval-test"
+  [ -e "$dir/eval-test/results.json" ] ||
+    $U eval --checkpoint "$dir" --data "$DATA/test" --out "$dir/eval-test" --chunk 0 --chunk 16
 }
 
-train_and_eval parent "$RUN" --config configs/small.yaml --max-minutes "$MINUTES"
+# `convert upcycle` arguments of each method.
+upcycle_args() { # METHOD
+  case $1 in
+    copy | noise | drop) echo "--method $1 --experts 8 --top-k 2" ;;
+    granular) echo "--method granular --experts 16 --top-k 4 --granularity 4 --router softmax_topk --router-init zero" ;;
+    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular)" >&2; return 1 ;;
+  esac
+}
+# The training config of a method: its own when it changes the experts' shape.
+upcycle_config() { # METHOD
+  local own=configs/multilingual-upcycle-$1.yaml
+  if [ -e "$own" ]; then echo "$own"; else echo configs/multilingual-upcycle.yaml; fi
+}
+
+train_and_eval "$RUN" --config configs/multilingual.yaml --max-minutes "$PARENT_MINUTES"
 mkdir -p "$UME"
-[ -e "$UME/upcycled/latest" ] ||
-  $U convert upcycle --from "$RUN/checkpoints" --experts 8 --top-k 2 --out "$UME/upcycled"
-train_and_eval a "$UME/a-dense" --config configs/small-continue.yaml --init "$RUN/checkpoints"
-train_and_eval b "$UME/b-upcycled" --config configs/small-upcycle.yaml --init "$UME/upcycled"
-rows=("parent=$RUN" "a-dense-continued=$UME/a-dense" "b-upcycled=$UME/b-upcycled")
+train_and_eval "$UME/a-dense" --config configs/multilingual-continue.yaml --init "$RUN/checkpoints" \
+  --max-steps "$EXTRA_STEPS" --max-minutes "$EXTRA_MINUTES"
+rows=("parent=$RUN" "a-dense=$UME/a-dense")
+methods=(--method parent=parent --method a-dense=dense)
+after=(--after a-dense=parent)
+for m in $METHODS; do
+  args=$(upcycle_args "$m")
+  [ -e "$UME/upcycled-$m/latest" ] ||
+    # shellcheck disable=SC2086 # the arguments are words
+    $U convert upcycle --from "$RUN/checkpoints" $args --out "$UME/upcycled-$m"
+  train_and_eval "$UME/b-$m" --config "$(upcycle_config "$m")" --init "$UME/upcycled-$m" \
+    --max-steps "$EXTRA_STEPS" --max-minutes "$EXTRA_MINUTES"
+  rows+=("b-$m=$UME/b-$m")
+  methods+=(--method "b-$m=$m")
+  after+=(--after "b-$m=parent")
+done
 if [ "$SCRATCH" = 1 ]; then
   parent_steps=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" \
     "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")/state.json")
-  train_and_eval c "$UME/c-scratch" --config configs/small-moe-scratch.yaml \
-    --max-steps $((parent_steps + 800))
-  rows+=("c-moe-scratch=$UME/c-scratch")
+  train_and_eval "$UME/c-scratch" --config configs/multilingual-moe-scratch.yaml \
+    --max-steps $((parent_steps + EXTRA_STEPS)) --max-minutes "$SCRATCH_MINUTES"
+  rows+=("c-scratch=$UME/c-scratch")
+  methods+=(--method c-scratch=scratch)
 fi
-$U inspect runs "${rows[@]}" | tee "$UME/table.md"
-$U inspect routing --checkpoint "$UME/b-upcycled/checkpoints" --data "$DATA/test" | tee "$UME/routing-b.md"
+command="METHODS='$METHODS' PARENT_MINUTES=$PARENT_MINUTES EXTRA_STEPS=$EXTRA_STEPS ./run main"
+$U inspect runs "${rows[@]}" "${methods[@]}" --json "$UME/ume.json" --command "$command" |
+  tee "$UME/table.md"
+for m in $METHODS; do
+  $U inspect routing --checkpoint "$UME/b-$m/checkpoints" --data "$DATA/test" | tee "$UME/routing-b-$m.md"
+done
 # Pictures and a summary: training curves, expert load over time, dev CER against wall time
 # with (a) and (b) drawn after their parent.
-$U report "${rows[@]}" --after a-dense-continued=parent --after b-upcycled=parent --out "$UME/report"
+$U report "${rows[@]}" "${after[@]}" --out "$UME/report"

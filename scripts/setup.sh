@@ -14,6 +14,10 @@ APT_PACKAGES=(
   sox libsox-fmt-base espeak-ng fortunes-min
   fillets-ng-data fillets-ng-data-cs
   asterisk-core-sounds-en-wav asterisk-core-sounds-en
+  asterisk-core-sounds-es-wav asterisk-core-sounds-es
+  asterisk-core-sounds-fr-wav asterisk-core-sounds-fr
+  asterisk-core-sounds-it-wav asterisk-core-sounds-it
+  asterisk-core-sounds-ru-wav asterisk-core-sounds-ru
   pocketsphinx-testdata
 )
 

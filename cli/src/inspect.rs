@@ -1,7 +1,7 @@
 //! `upcycle inspect` (routing tables, checkpoint contents, run comparisons) and
 //! `upcycle report` (plots and a Markdown summary of runs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -67,10 +67,21 @@ pub(crate) enum InspectCommand {
         json: bool,
     },
     /// A Markdown table comparing finished runs (NAME=RUN_DIR, each evaluated into
-    /// RUN_DIR/eval-test): parameters, training time, test CER and RTF.
+    /// RUN_DIR/eval-test): parameters, training time, test CER (per language when the
+    /// test list is tagged) and RTF.
     Runs {
         /// NAME=RUN_DIR pairs.
         runs: Vec<String>,
+        /// NAME=METHOD: the method a run stands for in --json (parent, dense, scratch,
+        /// copy, noise, drop, granular, ...); default: its NAME.
+        #[arg(long)]
+        method: Vec<String>,
+        /// Also write the numbers as JSON ({"command", "runs": [...]}) to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The command recorded in --json: what reproduces the table.
+        #[arg(long, default_value = "./run main")]
+        command: String,
     },
 }
 
@@ -96,21 +107,49 @@ pub(crate) fn run(command: InspectCommand) -> Result<()> {
                 print!("{}", inspect::checkpoint_text(&s));
             }
         }
-        InspectCommand::Runs { runs } => {
-            let rows = runs
-                .iter()
-                .map(|r| {
-                    let (name, dir) = r.split_once('=').with_context(|| {
-                        format!("{r:?}: expected NAME=RUN_DIR, e.g. upcycled=runs/ume/b-upcycled")
-                    })?;
-                    Ok(inspect::RunRow {
-                        name: name.into(),
-                        dir: dir.into(),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            print!("{}", inspect::runs_table(&rows)?);
-        }
+        InspectCommand::Runs {
+            runs,
+            method,
+            json,
+            command,
+        } => runs_command(&runs, &method, json.as_deref(), &command)?,
+    }
+    Ok(())
+}
+
+/// `NAME=VALUE`, or an error naming the flag and an example.
+fn pair<'a>(arg: &'a str, what: &str, example: &str) -> Result<(&'a str, &'a str)> {
+    arg.split_once('=')
+        .with_context(|| format!("{arg:?}: expected {what}, e.g. {example}"))
+}
+
+/// `inspect runs`: prints the comparison table and, with `json`, writes its numbers.
+fn runs_command(
+    runs: &[String],
+    methods: &[String],
+    json: Option<&Path>,
+    command: &str,
+) -> Result<()> {
+    let methods = methods
+        .iter()
+        .map(|m| pair(m, "NAME=METHOD", "b-copy=copy"))
+        .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
+    let numbers = runs
+        .iter()
+        .map(|r| {
+            let (name, dir) = pair(r, "NAME=RUN_DIR", "upcycled=runs/ume/b-upcycled")?;
+            let row = inspect::RunRow {
+                name: name.into(),
+                dir: dir.into(),
+            };
+            inspect::run_numbers(&row, methods.get(name).copied().unwrap_or(name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    print!("{}", inspect::runs_table(&numbers));
+    if let Some(path) = json {
+        let doc = serde_json::json!({"command": command, "runs": numbers});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

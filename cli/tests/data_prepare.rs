@@ -177,6 +177,84 @@ fn asterisk_en_is_upsampled_and_skips_tone_descriptions() {
     assert_eq!(s["splits"]["train"]["speakers"], 1);
 }
 
+/// The entries of a split: (key, text, language tag).
+fn entries(dir: &Path, split: &str) -> Vec<(String, String, Option<String>)> {
+    ListReader::open(&dir.join(split).join("data.list"))
+        .unwrap()
+        .map(|r| {
+            let e = r.unwrap().1;
+            (e.key, e.txt, e.lang)
+        })
+        .collect()
+}
+
+#[test]
+fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("multilingual");
+    let s = prepare("multilingual", &dir, &[]);
+    check_dataset(&dir, &s);
+    let langs = ["cs", "en", "es", "fr", "it", "ru"];
+    // Every language has a real held-out dev and test set, about a tenth of it.
+    for lang in langs {
+        let per = &s["languages"][lang];
+        let n = |split: &str| per[split]["utterances"].as_u64().unwrap_or(0);
+        assert!(n("train") >= 300, "{lang}: {per}");
+        for split in ["dev", "test"] {
+            let frac = n(split) as f64 / (n("train") + n("dev") + n("test")) as f64;
+            assert!((0.05..=0.2).contains(&frac), "{lang} {split}: {per}");
+        }
+    }
+    let splits: Vec<_> = ["train", "dev", "test"]
+        .iter()
+        .map(|k| entries(&dir, k))
+        .collect();
+    // Tagged by source; Russian is Cyrillic (bar a few Latin letter names), written
+    // without "ё"; only English spells digits, the other languages' lines with digits are out.
+    let mut cyrillic = 0;
+    for (key, txt, lang) in splits.iter().flatten() {
+        let lang = lang
+            .as_deref()
+            .unwrap_or_else(|| panic!("{key} has no tag"));
+        assert!(langs.contains(&lang), "{key}: {lang}");
+        let source_lang = if key.starts_with("fillets-") {
+            "cs"
+        } else {
+            key.split('-').nth(1).unwrap()
+        };
+        assert_eq!(lang, source_lang, "{key}");
+        assert!(!txt.chars().any(|c| c.is_ascii_digit()), "{key}: {txt}");
+        if lang == "ru" {
+            assert!(!txt.contains('ё'), "{txt}");
+            cyrillic += txt.chars().any(|c| ('а'..='я').contains(&c)) as usize;
+        }
+    }
+    assert!(cyrillic >= 400, "{cyrillic} Russian lines in Cyrillic");
+    // One vocabulary over all scripts.
+    let units = Units::load(&dir.join("units.txt")).unwrap();
+    for t in ["žluťoučký", "мир", "è", "ç", "á"] {
+        assert_eq!(units.encode(t).1, 0, "{t} not in the units");
+    }
+    // No dev or test sentence is trained on; a prompt file or a level is in one split only.
+    let train_texts: HashSet<&String> = splits[0].iter().map(|(_, t, _)| t).collect();
+    for held_out in &splits[1..] {
+        for (key, t, _) in held_out {
+            assert!(!train_texts.contains(t), "{key}: {t:?} is also in train");
+        }
+    }
+    let unit_of = |key: &str| -> String {
+        let parts: Vec<&str> = key.splitn(3, '-').collect();
+        match parts[0] {
+            "fillets" => format!("level {}", parts[1]),
+            _ => format!("prompt {}", parts[2]),
+        }
+    };
+    let units_of =
+        |i: usize| -> HashSet<String> { splits[i].iter().map(|e| unit_of(&e.0)).collect() };
+    let (tr, dv, te) = (units_of(0), units_of(1), units_of(2));
+    assert!(tr.is_disjoint(&te) && tr.is_disjoint(&dv) && dv.is_disjoint(&te));
+}
+
 #[test]
 fn librivox_espeak_and_a_users_own_dir() {
     let tmp = tempfile::tempdir().unwrap();

@@ -84,6 +84,80 @@ fn train_then_eval_then_transcribe() {
             >= 6
     );
 
+    // A list tagged with two languages: CER per language beside the overall CER, and the
+    // comparison table and its JSON from `inspect runs`.
+    let tagged = data.join("tagged");
+    std::fs::create_dir_all(&tagged).unwrap();
+    let held_out = ["test", "dev"]
+        .map(|s| std::fs::read_to_string(data.join(s).join("data.list")).unwrap())
+        .concat();
+    let lines: Vec<String> = held_out
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut e: serde_json::Value = serde_json::from_str(l).unwrap();
+            e["lang"] = ["aa", "bb"][i % 2].into();
+            e.to_string()
+        })
+        .collect();
+    std::fs::write(tagged.join("data.list"), lines.join("\n") + "\n").unwrap();
+    let by_lang_out = out.join("eval-test");
+    let by_lang = ok(&upcycle(&[
+        "eval",
+        "--checkpoint",
+        ckpt_arg,
+        "--data",
+        tagged.to_str().unwrap(),
+        "--out",
+        by_lang_out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    assert!(by_lang.contains("CER % by language: aa"), "{by_lang}");
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(by_lang_out.join("results.json")).unwrap())
+            .unwrap();
+    for r in &results {
+        let per: Vec<f64> = ["aa", "bb"]
+            .iter()
+            .map(|l| r["cer_by_language"][l].as_f64().unwrap())
+            .collect();
+        let cer = r["cer"].as_f64().unwrap();
+        let (lo, hi) = (per[0].min(per[1]), per[0].max(per[1]));
+        assert!(lo - 1e-9 <= cer && cer <= hi + 1e-9, "{r}");
+    }
+    let json = tmp.path().join("ume.json");
+    let table = ok(&upcycle(&[
+        "inspect",
+        "runs",
+        &format!("a-dense={ckpt_arg}"),
+        "--method",
+        "a-dense=dense",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert!(table.contains("| CER aa | CER bb | CER avg |"), "{table}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["command"], "./run main");
+    let run = &doc["runs"][0];
+    assert_eq!(
+        (&run["name"], &run["method"]),
+        (&"a-dense".into(), &"dense".into())
+    );
+    assert!(run["params"].as_i64().unwrap() > 0 && run["params"] == run["active_params"]);
+    let (aa, bb) = (
+        run["cer_by_language"]["aa"].as_f64().unwrap(),
+        run["cer_by_language"]["bb"].as_f64().unwrap(),
+    );
+    assert!(
+        (run["cer_avg"].as_f64().unwrap() - (aa + bb) / 2.0).abs() < 1e-9,
+        "{run}"
+    );
+    for key in ["train_min", "rtf_full", "rtf_chunk16"] {
+        assert!(run[key].as_f64().unwrap() > 0.0, "{key}: {run}");
+    }
+
     // bf16 decoding (autocast) gives a table too; a precision it does not know is named.
     let bf16 = ok(&eval(
         &tmp.path().join("eval-bf16"),

@@ -18,6 +18,10 @@ pub struct ListEntry {
     pub wav: String,
     /// Transcript.
     pub txt: String,
+    /// Language tag (`cs`, `en`, ...) of a multilingual corpus; scoring reports CER per
+    /// language from it. Absent in plain WeNet lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
 }
 
 /// A list that cannot be read. Bad *audio* is not an error here: it is counted by the
@@ -188,6 +192,7 @@ pub fn read_kaldi_dir(dir: &Path) -> Result<Vec<ListEntry>, ListError> {
             key,
             wav: resolve(dir, &wav).display().to_string(),
             txt: txt.clone(),
+            lang: None,
         });
     }
     Ok(entries)

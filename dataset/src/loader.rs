@@ -947,6 +947,7 @@ mod tests {
                 key: format!("u{i}"),
                 wav: format!("u{i}.wav"),
                 txt: txt.into(),
+                lang: None,
             });
         }
         let list = dir.join("data.list");
@@ -1146,6 +1147,7 @@ mod tests {
                     key: k.into(),
                     wav: wav.into(),
                     txt: txt.into(),
+                    lang: None,
                 })
                 .unwrap(),
             );

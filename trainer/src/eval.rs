@@ -2,6 +2,7 @@
 //! beam search and attention rescoring, in full context and chunked, with CER/WER,
 //! real-time factor, hypotheses and a per-utterance report.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -85,6 +86,9 @@ pub struct ModeResult {
     pub rtf: f64,
     /// Error counts.
     pub errors: ErrorRate,
+    /// CER, percent, per language tag of the list (absent when the list has no tags).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cer_by_language: BTreeMap<String, f64>,
 }
 
 /// The chunk setting of `--chunk N` (0 or less: full context).
@@ -201,7 +205,7 @@ pub fn evaluate(
     let mut utts = Vec::new();
     while let Some(item) = reader.next() {
         let (_, e) = item?;
-        utts.push((e.key.clone(), reader.resolve(&e.wav), e.txt));
+        utts.push((e.key.clone(), reader.resolve(&e.wav), e.txt, e.lang));
     }
     let mut results = Vec::new();
     let mut report = std::io::BufWriter::new(std::fs::File::create(out.join("utterances.jsonl"))?);
@@ -209,8 +213,10 @@ pub fn evaluate(
         let mode = chunk_mode(chunk, o.left_chunks);
         let mut per: Vec<(ErrorRate, f64, Vec<String>)> =
             o.methods.iter().map(|_| Default::default()).collect();
+        let mut per_lang: Vec<BTreeMap<&str, ErrorRate>> =
+            o.methods.iter().map(|_| BTreeMap::new()).collect();
         let mut audio_secs = 0.0;
-        for (key, wav, txt) in &utts {
+        for (key, wav, txt, lang) in &utts {
             let (feats, secs) = match features(wav, &fbank) {
                 Ok(x) => x,
                 Err(e) => {
@@ -223,6 +229,12 @@ pub fn evaluate(
             {
                 let text = m.units.decode(&hyp.tokens);
                 let (ce, n) = per[i].0.add(txt, &text);
+                if let Some(lang) = lang {
+                    per_lang[i]
+                        .entry(lang.as_str())
+                        .or_default()
+                        .add(txt, &text);
+                }
                 per[i].1 += dsecs;
                 per[i].2.push(format!("{key} {text}"));
                 writeln!(
@@ -246,6 +258,10 @@ pub fn evaluate(
                 wer: er.wer(),
                 rtf: secs / audio_secs.max(1e-9),
                 errors: *er,
+                cer_by_language: per_lang[i]
+                    .iter()
+                    .map(|(lang, e)| (lang.to_string(), e.cer()))
+                    .collect(),
             });
         }
     }
@@ -274,6 +290,18 @@ pub fn table(results: &[ModeResult]) -> String {
             r.wer,
             r.rtf
         ));
+        if r.cer_by_language.len() > 1 {
+            let langs: Vec<String> = r
+                .cer_by_language
+                .iter()
+                .map(|(l, c)| format!("{l} {c:.2}"))
+                .collect();
+            s.push_str(&format!(
+                "{:>26}CER % by language: {}\n",
+                "",
+                langs.join("  ")
+            ));
+        }
     }
     s
 }

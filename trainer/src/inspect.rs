@@ -2,6 +2,7 @@
 //! norms), what its routers do on a data set, and the comparison table of finished runs
 //! (parameters, training time, CER and RTF per decoding mode).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -165,49 +166,120 @@ pub fn last_elapsed(dir: &Path) -> Result<f64> {
         .fold(0.0, f64::max))
 }
 
+/// One finished run's numbers, as the comparison table and `docs/experiments/ume.json`
+/// hold them: test CER and RTF of attention rescoring, full context and chunk 16.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunNumbers {
+    /// Label of the run.
+    pub name: String,
+    /// `parent`, `dense` (continued), `scratch`, or the upcycling method (`copy`, ...).
+    pub method: String,
+    /// Parameters.
+    pub params: i64,
+    /// Parameters active per token.
+    pub active_params: i64,
+    /// Minutes of this run's own training (a continuation counts only its own).
+    pub train_min: f64,
+    /// Test CER per language, full context, percent.
+    pub cer_by_language: BTreeMap<String, f64>,
+    /// Mean of the per-language CERs (each language weighs the same); the overall CER
+    /// when the test list has no language tags.
+    pub cer_avg: Option<f64>,
+    /// Mean per-language CER at chunk 16.
+    pub cer_avg_chunk16: Option<f64>,
+    /// CER over all test utterances, full context and chunk 16.
+    pub cer_full: Option<f64>,
+    /// See `cer_full`.
+    pub cer_chunk16: Option<f64>,
+    /// Real-time factor, full context and chunk 16, measured back to back by one `eval`.
+    pub rtf_full: Option<f64>,
+    /// See `rtf_full`.
+    pub rtf_chunk16: Option<f64>,
+}
+
+/// Reads a finished run: parameters, training time and `eval-test/results.json`.
+pub fn run_numbers(r: &RunRow, method: &str) -> Result<RunNumbers> {
+    let ckpt = checkpoint::resolve_latest(&r.dir.join("checkpoints"))?;
+    let (params, active_params) = parameter_counts(&ckpt)?;
+    let file = r.dir.join("eval-test/results.json");
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {} (run `upcycle eval` first)", file.display()))?,
+    )?;
+    let mode = |chunk: i64| {
+        results.as_array().and_then(|a| {
+            a.iter()
+                .find(|m| m["method"] == "attention_rescoring" && m["chunk"] == chunk)
+        })
+    };
+    let by_language = |chunk: i64| -> BTreeMap<String, f64> {
+        mode(chunk)
+            .and_then(|m| m["cer_by_language"].as_object())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(l, c)| Some((l.clone(), c.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let field = |chunk: i64, key: &str| mode(chunk).and_then(|m| m[key].as_f64());
+    let average = |chunk: i64| {
+        let per = by_language(chunk);
+        match per.len() {
+            0 => field(chunk, "cer"),
+            n => Some(per.values().sum::<f64>() / n as f64),
+        }
+    };
+    Ok(RunNumbers {
+        name: r.name.clone(),
+        method: method.to_string(),
+        params,
+        active_params,
+        train_min: last_elapsed(&r.dir)? / 60.0,
+        cer_by_language: by_language(0),
+        cer_avg: average(0),
+        cer_avg_chunk16: average(16),
+        cer_full: field(0, "cer"),
+        cer_chunk16: field(16, "cer"),
+        rtf_full: field(0, "rtf"),
+        rtf_chunk16: field(16, "rtf"),
+    })
+}
+
 /// A Markdown table comparing finished runs: parameters (total, active), training
-/// minutes, test CER and RTF of attention rescoring in full context and at chunk 16.
-pub fn runs_table(rows: &[RunRow]) -> Result<String> {
-    let mut out = String::from(
-        "| run | params | active | train min | CER full | CER chunk16 | RTF full | RTF chunk16 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for r in rows {
-        let ckpt = checkpoint::resolve(&r.dir.join("checkpoints"))?;
-        let (total, active) = parameter_counts(&ckpt)?;
-        let minutes = last_elapsed(&r.dir)? / 60.0;
-        let file = r.dir.join("eval-test/results.json");
-        let results: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| {
-                format!("reading {} (run `upcycle eval` first)", file.display())
-            })?)?;
-        let pick = |chunk: i64, key: &str| -> String {
-            results
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|m| m["method"] == "attention_rescoring" && m["chunk"] == chunk)
-                })
-                .and_then(|m| m[key].as_f64())
-                .map_or("-".into(), |v| {
-                    if key == "cer" {
-                        format!("{v:.2}")
-                    } else {
-                        format!("{v:.4}")
-                    }
-                })
-        };
+/// minutes, test CER of attention rescoring per language and averaged (full context),
+/// CER in full context and at chunk 16, and RTF in both.
+pub fn runs_table(runs: &[RunNumbers]) -> String {
+    let langs: BTreeSet<&String> = runs.iter().flat_map(|r| r.cer_by_language.keys()).collect();
+    let mut out = String::from("| run | params | active | train min |");
+    for l in &langs {
+        out += &format!(" CER {l} |");
+    }
+    out += " CER avg | CER full | CER chunk16 | RTF full | RTF chunk16 |\n|---|---:|---:|---:|";
+    out += &"---:|".repeat(langs.len() + 5);
+    out.push('\n');
+    let num = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    for r in runs {
         out += &format!(
-            "| {} | {:.2}M | {:.2}M | {minutes:.1} | {} | {} | {} | {} |\n",
+            "| {} | {:.2}M | {:.2}M | {:.1} |",
             r.name,
-            total as f64 / 1e6,
-            active as f64 / 1e6,
-            pick(0, "cer"),
-            pick(16, "cer"),
-            pick(0, "rtf"),
-            pick(16, "rtf"),
+            r.params as f64 / 1e6,
+            r.active_params as f64 / 1e6,
+            r.train_min
+        );
+        for l in &langs {
+            out += &format!(" {} |", num(r.cer_by_language.get(*l).copied(), 2));
+        }
+        out += &format!(
+            " {} | {} | {} | {} | {} |\n",
+            num(r.cer_avg, 2),
+            num(r.cer_full, 2),
+            num(r.cer_chunk16, 2),
+            num(r.rtf_full, 4),
+            num(r.rtf_chunk16, 4)
         );
     }
-    Ok(out)
+    out
 }
 
 /// What `upcycle inspect checkpoint` reports.

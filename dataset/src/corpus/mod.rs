@@ -38,6 +38,10 @@ pub enum CorpusName {
     FilletsCs,
     /// Asterisk English telephone prompts.
     AsteriskEn,
+    /// Six languages of real speech: Fillets NG Czech (split by level) plus the Asterisk
+    /// prompts in English, Spanish, French, Italian and Russian (split by prompt file);
+    /// every utterance tagged with its language, one character vocabulary.
+    Multilingual,
     /// pocketsphinx's LibriVox and cards clips.
     Librivox,
     /// Synthetic English from espeak-ng.
@@ -48,9 +52,10 @@ pub enum CorpusName {
 
 impl CorpusName {
     /// Every corpus, in the order `--help` lists them.
-    pub const ALL: [CorpusName; 5] = [
+    pub const ALL: [CorpusName; 6] = [
         CorpusName::FilletsCs,
         CorpusName::AsteriskEn,
+        CorpusName::Multilingual,
         CorpusName::Librivox,
         CorpusName::EspeakEn,
         CorpusName::Dir,
@@ -64,6 +69,10 @@ impl CorpusName {
             }
             CorpusName::AsteriskEn => {
                 "Asterisk English telephone prompts (real, one speaker, 8 kHz upsampled)"
+            }
+            CorpusName::Multilingual => {
+                "Fillets NG Czech + Asterisk prompts in en/es/fr/it/ru (real, ~4,100 \
+                 utterances, 3 h), language-tagged, no test sentence trained on"
             }
             CorpusName::Librivox => {
                 "pocketsphinx's LibriVox and cards clips (real, 10 utterances; for tests)"
@@ -85,6 +94,22 @@ impl CorpusName {
                 "libsox-fmt-base",
             ],
             CorpusName::AsteriskEn => &["asterisk-core-sounds-en-wav", "asterisk-core-sounds-en"],
+            CorpusName::Multilingual => &[
+                "fillets-ng-data",
+                "fillets-ng-data-cs",
+                "sox",
+                "libsox-fmt-base",
+                "asterisk-core-sounds-en-wav",
+                "asterisk-core-sounds-en",
+                "asterisk-core-sounds-es-wav",
+                "asterisk-core-sounds-es",
+                "asterisk-core-sounds-fr-wav",
+                "asterisk-core-sounds-fr",
+                "asterisk-core-sounds-it-wav",
+                "asterisk-core-sounds-it",
+                "asterisk-core-sounds-ru-wav",
+                "asterisk-core-sounds-ru",
+            ],
             CorpusName::Librivox => &["pocketsphinx-testdata"],
             CorpusName::EspeakEn => &["espeak-ng", "fortunes-min"],
             CorpusName::Dir => &["sox", "libsox-fmt-base"],
@@ -96,6 +121,7 @@ impl CorpusName {
         match self {
             CorpusName::FilletsCs => "fillets-cs",
             CorpusName::AsteriskEn => "asterisk-en",
+            CorpusName::Multilingual => "multilingual",
             CorpusName::Librivox => "librivox",
             CorpusName::EspeakEn => "espeak-en",
             CorpusName::Dir => "dir",
@@ -133,6 +159,8 @@ pub(crate) struct RawUtterance {
     pub(crate) speaker: String,
     /// Utterances of one group always land in the same split.
     pub(crate) group: String,
+    /// Language tag, written to the lists for per-language scoring.
+    pub(crate) lang: Option<String>,
     /// A split the source already fixed.
     pub(crate) split: Option<&'static str>,
 }
@@ -154,6 +182,9 @@ pub struct SplitStats {
     pub with_unknown_characters: usize,
 }
 
+/// Statistics per language, then per split.
+pub type LanguageStats = BTreeMap<String, BTreeMap<String, SplitStats>>;
+
 /// What `summary.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -161,6 +192,9 @@ pub struct Summary {
     pub corpus: CorpusName,
     /// Per split: train, dev, test.
     pub splits: BTreeMap<String, SplitStats>,
+    /// Per language tag, per split (utterances without a tag are not counted here).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub languages: LanguageStats,
     /// Size of the units file.
     pub units: usize,
     /// Recordings that could not be used, by reason.
@@ -187,6 +221,20 @@ impl Summary {
         let total: usize = self.splits.values().map(|s| s.utterances).sum();
         let hours: f64 = self.splits.values().map(|s| s.hours).sum();
         s.push_str(&format!("total  {total:>11} {hours:>8.3}\n"));
+        if self.languages.len() > 1 {
+            s.push_str("lang  split   utterances    hours  speakers  groups\n");
+            for (lang, splits) in &self.languages {
+                for name in ["train", "dev", "test"] {
+                    let Some(st) = splits.get(name) else {
+                        continue;
+                    };
+                    s.push_str(&format!(
+                        "{lang:<5} {name:<6} {:>11} {:>8.3} {:>9} {:>7}\n",
+                        st.utterances, st.hours, st.speakers, st.groups
+                    ));
+                }
+            }
+        }
         if self.removed_overlap > 0 {
             s.push_str(&format!(
                 "removed from train: {} utterances whose sentence is in dev/test\n",
@@ -418,10 +466,11 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
     let units = Units::from_texts(train.iter().map(|i| i.entry.txt.as_str()));
     units.save(&work.join("units.txt"))?;
     let cmvn = global_cmvn(work, train)?;
-    let stats = write_splits(work, &mut splits, &units)?;
+    let (stats, languages) = write_splits(work, &mut splits, &units)?;
     let summary = Summary {
         corpus: opts.corpus,
         splits: stats,
+        languages,
         units: units.len(),
         skipped,
         removed_overlap,
@@ -458,7 +507,8 @@ fn gather(
 ) -> Result<Vec<RawUtterance>> {
     let mut utts = match opts.corpus {
         CorpusName::FilletsCs => sources::fillets_cs()?,
-        CorpusName::AsteriskEn => sources::asterisk_en()?,
+        CorpusName::AsteriskEn => sources::asterisk("en")?,
+        CorpusName::Multilingual => multilingual()?,
         CorpusName::Librivox => sources::librivox()?,
         CorpusName::EspeakEn => sources::espeak_en(opts.count, opts.seed, &work.join("synth"))?,
         CorpusName::Dir => {
@@ -491,6 +541,32 @@ fn gather(
         );
     }
     Ok(utts)
+}
+
+/// Fillets Czech and the five Asterisk languages, each source split on its own (by
+/// level; by prompt file) so that every language gets its ~10% dev and test. Every
+/// transcript goes through [`sources::spoken_text`] of its language.
+fn multilingual() -> Result<Vec<RawUtterance>> {
+    // Czech text normalised as every language is (its lines with digits left out).
+    let fillets: Vec<RawUtterance> = sources::fillets_cs()?
+        .into_iter()
+        .filter_map(|mut u| {
+            u.text = sources::spoken_text("cs", &u.text)?;
+            Some(u)
+        })
+        .collect();
+    let mut prompts = Vec::new();
+    for (lang, _) in sources::ASTERISK_VOICES {
+        prompts.extend(sources::asterisk(lang)?);
+    }
+    let mut out = Vec::new();
+    for mut part in [fillets, prompts] {
+        let by_group = assign_splits(&part);
+        part.iter_mut()
+            .for_each(|u| u.split = Some(by_group[&u.group]));
+        out.extend(part);
+    }
+    Ok(out)
 }
 
 /// Converts every recording to 16 kHz mono under `work/wav`; recordings that fail are
@@ -567,6 +643,7 @@ fn split(kept: &[Converted]) -> (BTreeMap<&'static str, Vec<SplitItem>>, usize) 
             key: u.key.clone(),
             wav: format!("../{wav}"),
             txt: norm,
+            lang: u.lang.clone(),
         };
         splits.entry(split).or_default().push(SplitItem {
             entry,
@@ -608,32 +685,48 @@ fn write_splits(
     work: &Path,
     splits: &mut BTreeMap<&'static str, Vec<SplitItem>>,
     units: &Units,
-) -> Result<BTreeMap<String, SplitStats>> {
+) -> Result<(BTreeMap<String, SplitStats>, LanguageStats)> {
     let mut stats = BTreeMap::new();
+    let mut languages = LanguageStats::new();
     for name in ["train", "dev", "test"] {
         let items = splits.remove(name).unwrap_or_default();
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
         let entries: Vec<ListEntry> = items.iter().map(|i| i.entry.clone()).collect();
         write_list(&dir.join("data.list"), &entries)?;
-        let speakers: BTreeSet<&str> = items.iter().map(|i| i.speaker.as_str()).collect();
-        let groups: BTreeSet<&str> = items.iter().map(|i| i.group.as_str()).collect();
-        stats.insert(
-            name.to_string(),
-            SplitStats {
-                utterances: items.len(),
-                hours: items.iter().map(|i| i.secs).sum::<f64>() / 3600.0,
-                speakers: speakers.len(),
-                characters: items.iter().map(|i| i.entry.txt.chars().count()).sum(),
-                groups: groups.len(),
-                with_unknown_characters: items
-                    .iter()
-                    .filter(|i| units.encode(&i.entry.txt).1 > 0)
-                    .count(),
-            },
-        );
+        stats.insert(name.to_string(), split_stats(&items, units));
+        let mut by_lang: BTreeMap<&str, Vec<&SplitItem>> = BTreeMap::new();
+        for i in &items {
+            if let Some(lang) = &i.entry.lang {
+                by_lang.entry(lang).or_default().push(i);
+            }
+        }
+        for (lang, part) in by_lang {
+            languages
+                .entry(lang.to_string())
+                .or_default()
+                .insert(name.to_string(), split_stats(&part, units));
+        }
     }
-    Ok(stats)
+    Ok((stats, languages))
+}
+
+/// The statistics of some items of one split.
+fn split_stats<I: std::borrow::Borrow<SplitItem>>(items: &[I], units: &Units) -> SplitStats {
+    let items: Vec<&SplitItem> = items.iter().map(|i| i.borrow()).collect();
+    let speakers: BTreeSet<&str> = items.iter().map(|i| i.speaker.as_str()).collect();
+    let groups: BTreeSet<&str> = items.iter().map(|i| i.group.as_str()).collect();
+    SplitStats {
+        utterances: items.len(),
+        hours: items.iter().map(|i| i.secs).sum::<f64>() / 3600.0,
+        speakers: speakers.len(),
+        characters: items.iter().map(|i| i.entry.txt.chars().count()).sum(),
+        groups: groups.len(),
+        with_unknown_characters: items
+            .iter()
+            .filter(|i| units.encode(&i.entry.txt).1 > 0)
+            .count(),
+    }
 }
 
 #[cfg(test)]
@@ -647,6 +740,7 @@ mod tests {
             text: key.into(),
             speaker: "s".into(),
             group: group.into(),
+            lang: None,
             split: None,
         }
     }

@@ -13,10 +13,17 @@ use crate::text;
 
 /// Fish Fillets NG, Czech dialogue.
 pub(crate) const FILLETS_ROOT: &str = "/usr/share/games/fillets-ng";
-/// Asterisk core prompts, English, 8 kHz.
-pub(crate) const ASTERISK_SOUNDS: &str = "/usr/share/asterisk/sounds/en_US_f_Allison";
-pub(crate) const ASTERISK_TEXT: &str =
-    "/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz";
+/// Asterisk core prompts: per language, the voice folder under `ASTERISK_SOUNDS` (8 kHz
+/// WAV, one speaker each; the speaker is the voice's name) and the package whose
+/// `core-sounds-<lang>.txt.gz` holds the transcripts.
+pub(crate) const ASTERISK_SOUNDS: &str = "/usr/share/asterisk/sounds";
+pub(crate) const ASTERISK_VOICES: [(&str, &str); 5] = [
+    ("en", "en_US_f_Allison"),
+    ("es", "es_MX_f_Allison"),
+    ("fr", "fr_CA_f_June"),
+    ("it", "it_IT_m_Carlo"),
+    ("ru", "ru_RU_f_IvrvoiceRU"),
+];
 /// pocketsphinx test clips.
 pub(crate) const POCKETSPHINX: &str = "/usr/share/pocketsphinx/test/data";
 /// Text for synthetic speech.
@@ -153,6 +160,7 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
                     speaker
                 },
                 group: level.clone(),
+                lang: Some("cs".into()),
                 split: None,
             });
         }
@@ -160,50 +168,90 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
     Ok(out)
 }
 
-/// Asterisk English prompts (one speaker): `relpath: Text.` lines; `silence/*` and
-/// bracketed descriptions of tones are dropped.
-pub(crate) fn asterisk_en() -> Result<Vec<RawUtterance>> {
+/// The transcript file of the Asterisk prompts in `lang`.
+pub(crate) fn asterisk_text_file(lang: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/usr/share/doc/asterisk-core-sounds-{lang}/core-sounds-{lang}.txt.gz"
+    ))
+}
+
+/// What a prompt's transcript says aloud in `lang`, normalised, or `None` when it cannot
+/// be written as spoken characters. Descriptions of sounds are dropped ("dot [.]" ->
+/// "dot"; "(simple tone sound plays)", "<beep ascending>" -> nothing). English spells
+/// digits and keys ("7" -> "seven", "*" -> "star"); the other languages' numbers are not
+/// spelled here, so their prompts with digits are left out. Russian writes "ё" as "е", as
+/// most Russian text does. The result is what training and scoring both see.
+pub(crate) fn spoken_text(lang: &str, raw: &str) -> Option<String> {
+    let mut clean = String::new();
+    let mut depth = 0;
+    for c in raw.chars() {
+        match c {
+            '[' | '(' | '<' => depth += 1,
+            ']' | ')' | '>' => depth = (depth - 1).max(0),
+            _ if depth > 0 => {}
+            '*' | '#' if lang != "en" => return None,
+            '*' => clean.push_str(" star "),
+            '#' => clean.push_str(" pound "),
+            c if c.is_ascii_digit() && lang != "en" => return None,
+            c => clean.push(c),
+        }
+    }
+    let spelled = if lang == "en" {
+        spell_numbers(&clean)
+    } else {
+        clean
+    };
+    let mut norm = text::normalize(&spelled);
+    if lang == "ru" {
+        norm = norm.replace('ё', "е");
+    }
+    (!norm.is_empty()).then_some(norm)
+}
+
+/// Asterisk prompts in `lang` (one speaker): `relpath: Text.` lines; `silence/*` and
+/// prompts with nothing speakable are dropped. The group is the prompt file, which is
+/// the same file name in every language, so one prompt's translations share a split.
+pub(crate) fn asterisk(lang: &str) -> Result<Vec<RawUtterance>> {
+    let voice = ASTERISK_VOICES
+        .iter()
+        .find(|(l, _)| *l == lang)
+        .map(|(_, v)| *v)
+        .with_context(|| format!("no Asterisk voice for language {lang:?}"))?;
+    let file = asterisk_text_file(lang);
     let gz = std::process::Command::new("zcat")
-        .arg(ASTERISK_TEXT)
+        .arg(&file)
         .output()
-        .with_context(|| format!("running zcat on {ASTERISK_TEXT}"))?;
+        .with_context(|| format!("running zcat on {}", file.display()))?;
     if !gz.status.success() {
-        bail!("cannot read {ASTERISK_TEXT}");
+        bail!("cannot read {}", file.display());
     }
     let text = String::from_utf8_lossy(&gz.stdout);
+    let speaker = voice.rsplit('_').next().unwrap_or(voice).to_lowercase();
     let mut out = Vec::new();
     for line in text.lines() {
         let Some((rel, t)) = line.split_once(": ") else {
             continue;
         };
-        if line.starts_with(';') || rel.starts_with("silence/") {
+        let rel = rel.trim_start_matches('\u{feff}').trim();
+        if rel.starts_with(';') || rel.starts_with("silence/") {
             continue;
         }
-        // Drop descriptions of sounds ("dot [.]" -> "dot"; "(simple tone sound plays)",
-        // "<beep ascending>" -> nothing) and say what is spoken ("*" -> "star").
-        let mut clean = String::new();
-        let mut depth = 0;
-        for c in t.chars() {
-            match c {
-                '[' | '(' | '<' => depth += 1,
-                ']' | ')' | '>' => depth = (depth - 1).max(0),
-                '*' if depth == 0 => clean.push_str(" star "),
-                '#' if depth == 0 => clean.push_str(" pound "),
-                c if depth == 0 => clean.push(c),
-                _ => {}
-            }
-        }
-        let clean = spell_numbers(&clean);
-        let audio = Path::new(ASTERISK_SOUNDS).join(format!("{rel}.wav"));
-        if clean.trim().is_empty() || !audio.exists() {
+        let audio = Path::new(ASTERISK_SOUNDS)
+            .join(voice)
+            .join(format!("{rel}.wav"));
+        let Some(spoken) = spoken_text(lang, t) else {
+            continue;
+        };
+        if !audio.exists() {
             continue;
         }
         out.push(RawUtterance {
-            key: format!("asterisk-{}", rel.replace('/', "-")),
+            key: format!("asterisk-{lang}-{}", rel.replace('/', "-")),
             audio,
-            text: clean.trim().to_string(),
-            speaker: "allison".into(),
-            group: text::normalize(&clean),
+            text: spoken,
+            speaker: speaker.clone(),
+            group: format!("asterisk/{rel}"),
+            lang: Some(lang.into()),
             split: None,
         });
     }
@@ -303,6 +351,7 @@ pub(crate) fn librivox() -> Result<Vec<RawUtterance>> {
                 text: body.trim().to_string(),
                 speaker: speaker.into(),
                 group: text::normalize(&body),
+                lang: Some("en".into()),
                 split: None,
             });
         }
@@ -383,6 +432,7 @@ pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawU
                 group: text::normalize(&text),
                 text,
                 speaker: format!("{voice}+{variant}"),
+                lang: Some("en".into()),
                 split: None,
             };
             (u, args)
@@ -454,6 +504,7 @@ pub(crate) fn user_dir(src: &Path) -> Result<Vec<RawUtterance>> {
             audio: PathBuf::from(e.wav),
             key: e.key,
             text: e.txt,
+            lang: e.lang,
             split: None,
         })
         .collect())
@@ -481,6 +532,25 @@ mod tests {
             "use the seven key twenty or one hundred fifteen or three thousand"
         );
         assert_eq!(number_words(42), "forty two");
+    }
+
+    #[test]
+    fn prompts_are_normalised_per_language() {
+        assert_eq!(
+            spoken_text("en", "Press 7 or * [beep]").as_deref(),
+            Some("press seven or star")
+        );
+        assert_eq!(
+            spoken_text("fr", "Pour quitter, appuyez sur l'étoile.").as_deref(),
+            Some("pour quitter appuyez sur l'étoile")
+        );
+        // Numbers are not spelled outside English: such prompts are left out.
+        assert_eq!(spoken_text("es", "marque 1 para salir"), None);
+        assert_eq!(spoken_text("it", "[toni ascendenti]"), None);
+        assert_eq!(
+            spoken_text("ru", "Всё ЕЩЁ здесь").as_deref(),
+            Some("все еще здесь")
+        );
     }
 
     #[test]
