@@ -4,25 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 #[test]
 fn benchmark_scripts_run() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = env!("CARGO_BIN_EXE_upcycle");
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("librivox");
-    let o = Command::new(bin)
-        .args([
-            "data",
-            "prepare",
-            "--no-install",
-            "--corpus",
-            "librivox",
-            "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    let data = common::librivox(&tmp.path().join("librivox"));
     let list = data.join("train/data.list");
     let list = list.to_str().unwrap();
     let python = root.join(".venv/bin/python");

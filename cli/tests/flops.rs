@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{configs, ok, python, upcycle};
+use common::{configs, librivox, ok, python, upcycle};
 
 const FORWARD_FLOPS: &str = r#"
 import sys, yaml, torch
@@ -28,16 +28,7 @@ print(counter.get_total_flops())
 #[test]
 fn forward_flops_equal_pytorchs_flop_counter() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("librivox");
-    ok(&upcycle(&[
-        "data",
-        "prepare",
-        "--no-install",
-        "--corpus",
-        "librivox",
-        "--out",
-        data.to_str().unwrap(),
-    ]));
+    let data = librivox(&tmp.path().join("librivox"));
     let list = data.join("train/data.list");
     // Dense and MoE (MoE encoder and decoder), causal convolutions (padded before their
     // first pointwise product), decoder in both directions.

@@ -51,11 +51,33 @@ fn subsampling_convs(rate: i64) -> &'static [(i64, i64)] {
     }
 }
 
-/// One feed-forward network over `n` positions: dense, or router plus `k` experts.
-fn ffn(n: f64, d: f64, hidden: f64, moe: Option<(f64, f64)>) -> f64 {
-    match moe {
-        None => 2.0 * 2.0 * n * d * hidden,
-        Some((experts, k)) => 2.0 * n * d * experts + k * 2.0 * 2.0 * n * d * hidden,
+/// A block's feed-forward network, as far as its FLOPs go: its hidden units, and for an
+/// MoE block the experts and how many each token uses.
+struct Ffn {
+    hidden: f64,
+    moe: Option<(f64, f64)>,
+}
+
+impl Ffn {
+    fn of(moe: bool, linear_units: i64, expert_units: i64, experts: i64, active: i64) -> Self {
+        match moe {
+            true => Ffn {
+                hidden: expert_units as f64,
+                moe: Some((experts as f64, active as f64)),
+            },
+            false => Ffn {
+                hidden: linear_units as f64,
+                moe: None,
+            },
+        }
+    }
+
+    /// FLOPs over `n` positions of width `d`: dense, or router plus `k` experts.
+    fn flops(&self, n: f64, d: f64) -> f64 {
+        match self.moe {
+            None => 2.0 * 2.0 * n * d * self.hidden,
+            Some((experts, k)) => 2.0 * n * d * experts + k * 2.0 * 2.0 * n * d * self.hidden,
+        }
     }
 }
 
@@ -84,16 +106,15 @@ impl FlopShape {
         } else {
             0.0
         };
-        let moe = e
-            .is_moe_block(block)
-            .then_some((e.n_expert as f64, e.n_expert_activated as f64));
-        let hidden = if moe.is_some() {
-            e.expert_units()
-        } else {
-            e.linear_units
-        };
+        let ffn = Ffn::of(
+            e.is_moe_block(block),
+            e.linear_units,
+            e.expert_units(),
+            e.n_expert,
+            e.n_expert_activated,
+        );
         let ffns = if e.macaron_style { 2.0 } else { 1.0 };
-        attention + conv + ffns * ffn(t, d, hidden as f64, moe)
+        attention + conv + ffns * ffn.flops(t, d)
     }
 
     fn decoder_block(&self, block: usize, u: f64, t: f64) -> f64 {
@@ -102,15 +123,14 @@ impl FlopShape {
         let self_attention = 4.0 * 2.0 * u * d * d + 2.0 * 2.0 * u * u * d;
         let source_attention =
             2.0 * 2.0 * u * d * d + 2.0 * 2.0 * t * d * d + 2.0 * 2.0 * u * t * d;
-        let moe = c
-            .is_moe_block(block)
-            .then_some((c.n_expert as f64, c.n_expert_activated as f64));
-        let hidden = if moe.is_some() {
-            c.expert_units()
-        } else {
-            c.linear_units
-        };
-        self_attention + source_attention + ffn(u, d, hidden as f64, moe)
+        let ffn = Ffn::of(
+            c.is_moe_block(block),
+            c.linear_units,
+            c.expert_units(),
+            c.n_expert,
+            c.n_expert_activated,
+        );
+        self_attention + source_attention + ffn.flops(u, d)
     }
 
     /// Forward FLOPs of one utterance of `frames` input frames and `tokens` target tokens.

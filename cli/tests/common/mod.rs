@@ -46,9 +46,8 @@ pub(crate) fn configs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
 }
 
-/// The librivox dataset and a tiny config with a short warm-up, in `dir`.
-pub(crate) fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
-    let data = dir.join("data");
+/// pocketsphinx's LibriVox clips prepared as a dataset at `data`.
+pub(crate) fn librivox(data: &Path) -> PathBuf {
     ok(&upcycle(&[
         "data",
         "prepare",
@@ -58,6 +57,12 @@ pub(crate) fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
         "--out",
         data.to_str().unwrap(),
     ]));
+    data.to_path_buf()
+}
+
+/// The librivox dataset and a tiny config with a short warm-up, in `dir`.
+pub(crate) fn setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let data = librivox(&dir.join("data"));
     let mut text = std::fs::read_to_string(configs().join("tiny.yaml")).unwrap()
         + "dataset_conf:\n  batch_conf: {batch_type: static, batch_size: 4}\n  filter_conf: {min_length: 0}\n  spec_aug: false\n"
         + "optim: adamw\nlog_interval: 1\n"
