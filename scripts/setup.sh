@@ -45,8 +45,10 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" >"$stamp"
 fi
 torch_dir=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
-# .cargo/config.toml points LIBTORCH at this link, so plain `cargo` commands work.
-ln -sfn "$torch_dir" .venv/libtorch
+# .cargo/config.toml points LIBTORCH at this link, so plain `cargo` commands work. The
+# link is relative, so it stays right when .venv is reached through another path (a git
+# worktree linking to this .venv).
+ln -sfn "$(realpath --relative-to=.venv "$torch_dir")" .venv/libtorch
 # NCCL for the GPU backend: the wheel ships libnccl.so.2, cudarc opens libnccl.so; the
 # binaries' run path includes libtorch's lib folder, so the link goes there.
 nccl=$(ls "$torch_dir"/../nvidia/nccl/lib/libnccl.so.2 2>/dev/null || true)

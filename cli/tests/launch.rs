@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use upcycle_parallel::store::wire;
+use upcycle_parallel::testing::free_port;
 use upcycle_trainer::checkpoint;
 
 mod common;
@@ -270,15 +271,6 @@ fn launched_runs_equal_mpirun_and_a_killed_worker_is_restarted_from_the_latest_c
         err.contains("rank 0 was killed by signal 9") && err.contains("no restart left"),
         "{err}"
     );
-}
-
-/// A free port on the loopback interface (for launchers of several "nodes").
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const TOKEN: &str = "launch-test-token-0123456789";

@@ -786,6 +786,7 @@ fn attempts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use upcycle_parallel::testing::free_port;
 
     fn sh(script: &str, nproc: usize) -> LaunchSpec {
         let mut spec = LaunchSpec::new(
@@ -903,15 +904,6 @@ mod tests {
         // Killed by a signal: 128 + the signal.
         let e = launch(&sh("kill -9 $$", 1)).unwrap_err();
         assert_eq!(e.exit_code(), 137);
-    }
-
-    /// A free port on the loopback interface (for a job of several launchers).
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     /// Runs `spec` as node `node` of `nnodes` (on a thread: the launchers of one job).

@@ -378,15 +378,10 @@ impl RendezvousEnv {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::net::TcpListener;
 
     #[test]
     fn nothing_listening_is_reported_after_the_timeout() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::testing::free_port();
         let e = Store::connect(
             &format!("127.0.0.1:{port}"),
             "x",

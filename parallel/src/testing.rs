@@ -8,6 +8,15 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{Collective, ReduceOp};
 use std::sync::Mutex;
 
+/// A free TCP port on the loopback interface (bound, read, released), for tests that
+/// start servers or launchers of several "nodes".
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// The variable that turns "no GPU here" into a test failure. Set it (`=1`) on GPU
 /// machines, so that a test written for a GPU cannot pass there by skipping (a binary
 /// linked without libtorch_cuda sees no device).
