@@ -8,6 +8,10 @@
 //! - lengths are the real ones: padding is work the model did not need, so it lowers MFU;
 //! - attention is full context (a chunk mask does not skip any product).
 //!
+//! Checked against PyTorch's own `FlopCounterMode`: equal on WeNet's own model code
+//! (`scripts/check_wenet_flops.py`, WeNet's golden dense and MoE models) and on the
+//! WeNet-style peer of `bench/reference` (`cli/tests/flops.rs`).
+//!
 //! Per utterance of `T` input frames and `U` target tokens, with `T'` frames after the
 //! subsampling, `d` the model width, `h` the heads:
 //! - subsampling: each convolution `2 * T_out * F_out * c_in * c_out * k^2`, then the linear
