@@ -11,24 +11,23 @@
 # docs/experiments/ume.json), the report (plots, summary) to runs/ume/report/. Each
 # finished stage is kept: rerunning continues where it stopped.
 #
-# Budget on 2 cores, at most 2.5 h in all: data 3 min; parent PARENT_MINUTES=35; (a) and
-# each (b) EXTRA_STEPS=600 steps, each capped at EXTRA_MINUTES=18 (a cap that cuts a run
-# short breaks "equal extra steps": the table's train min shows it); (c) capped at
-# SCRATCH_MINUTES=35; evaluation about 3 min per model. With the default METHODS
-# ("copy granular") that is 3 + 35 + 3 x 18 + 35 + 5 x 3 = 142 min at most.
-# METHODS="copy noise drop granular" runs the full comparison (+36 min).
+# Budgets are steps, not minutes, so that the models (and the table's CER) are the same on
+# a loaded or a faster machine; only the minutes differ. On 2 idle cores: data 1 min;
+# parent PARENT_STEPS=3000 (~30 min); (a) and each (b) EXTRA_STEPS=600 (~6 and ~9 min);
+# (c) parent's steps + EXTRA_STEPS (~45 min); evaluation ~2 min per model: ~115 min with
+# the default METHODS ("copy granular"). METHODS="copy noise drop granular" runs the full
+# comparison (+20 min). UPCYCLE names another build of the binary (default: this
+# checkout's release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-U=./target/release/upcycle
+U=${UPCYCLE:-./target/release/upcycle}
 DATA=${DATA:-data/multilingual}
 RUN=${RUN:-runs/multilingual}
 UME=${UME:-runs/ume}
 METHODS=${METHODS:-copy granular}
-PARENT_MINUTES=${PARENT_MINUTES:-35}
+PARENT_STEPS=${PARENT_STEPS:-3000}
 EXTRA_STEPS=${EXTRA_STEPS:-600}
-EXTRA_MINUTES=${EXTRA_MINUTES:-18}
-SCRATCH_MINUTES=${SCRATCH_MINUTES:-35}
 SCRATCH=${SCRATCH:-1}
 $U data prepare --corpus multilingual --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
@@ -58,10 +57,10 @@ upcycle_config() { # METHOD
   if [ -e "$own" ]; then echo "$own"; else echo configs/multilingual-upcycle.yaml; fi
 }
 
-train_and_eval "$RUN" --config configs/multilingual.yaml --max-minutes "$PARENT_MINUTES"
+train_and_eval "$RUN" --config configs/multilingual.yaml --max-steps "$PARENT_STEPS"
 mkdir -p "$UME"
 train_and_eval "$UME/a-dense" --config configs/multilingual-continue.yaml --init "$RUN/checkpoints" \
-  --max-steps "$EXTRA_STEPS" --max-minutes "$EXTRA_MINUTES"
+  --max-steps "$EXTRA_STEPS"
 rows=("parent=$RUN" "a-dense=$UME/a-dense")
 methods=(--method parent=parent --method a-dense=dense)
 after=(--after a-dense=parent)
@@ -71,7 +70,7 @@ for m in $METHODS; do
     # shellcheck disable=SC2086 # the arguments are words
     $U convert upcycle --from "$RUN/checkpoints" $args --out "$UME/upcycled-$m"
   train_and_eval "$UME/b-$m" --config "$(upcycle_config "$m")" --init "$UME/upcycled-$m" \
-    --max-steps "$EXTRA_STEPS" --max-minutes "$EXTRA_MINUTES"
+    --max-steps "$EXTRA_STEPS"
   rows+=("b-$m=$UME/b-$m")
   methods+=(--method "b-$m=$m")
   after+=(--after "b-$m=parent")
@@ -80,11 +79,11 @@ if [ "$SCRATCH" = 1 ]; then
   parent_steps=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" \
     "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")/state.json")
   train_and_eval "$UME/c-scratch" --config configs/multilingual-moe-scratch.yaml \
-    --max-steps $((parent_steps + EXTRA_STEPS)) --max-minutes "$SCRATCH_MINUTES"
+    --max-steps $((parent_steps + EXTRA_STEPS))
   rows+=("c-scratch=$UME/c-scratch")
   methods+=(--method c-scratch=scratch)
 fi
-command="METHODS='$METHODS' PARENT_MINUTES=$PARENT_MINUTES EXTRA_STEPS=$EXTRA_STEPS ./run main"
+command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS ./run main"
 $U inspect runs "${rows[@]}" "${methods[@]}" --json "$UME/ume.json" --command "$command" |
   tee "$UME/table.md"
 for m in $METHODS; do
