@@ -43,7 +43,16 @@ pub struct DatasetConf {
     /// Only `fbank` (WeNet also has `mfcc` and `log_mel_spectrogram`).
     #[serde(default = "fbank")]
     pub feats_type: String,
-    /// Shuffle utterances within a window in training.
+    /// WeNet's first shuffle stage: the list's lines are shuffled in training, each epoch,
+    /// before they are sharded over the workers. Without it a list written in some order
+    /// (by language, speaker, length) trains on one block of it after another: a
+    /// six-language list in language order did not learn at all.
+    #[serde(default = "yes")]
+    pub list_shuffle: bool,
+    /// Its buffer (WeNet's default: the whole list).
+    #[serde(default)]
+    pub list_shuffle_conf: ListShuffleConf,
+    /// Shuffle utterances within a window in training (WeNet's second stage).
     #[serde(default = "yes")]
     pub shuffle: bool,
     /// Shuffle window.
@@ -75,10 +84,6 @@ pub struct DatasetConf {
     // [`DatasetConf::ignored_keys`].
     #[serde(default, skip_serializing)]
     pub(crate) cycle: Option<serde_yaml::Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) list_shuffle: Option<serde_yaml::Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) list_shuffle_conf: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing)]
     pub(crate) singal_channel_conf: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing)]
@@ -119,11 +124,6 @@ impl DatasetConf {
     pub fn ignored_keys(&self) -> Vec<&'static str> {
         [
             ("dataset_conf.cycle", self.cycle.is_some()),
-            ("dataset_conf.list_shuffle", self.list_shuffle.is_some()),
-            (
-                "dataset_conf.list_shuffle_conf",
-                self.list_shuffle_conf.is_some(),
-            ),
             (
                 "dataset_conf.singal_channel_conf",
                 self.singal_channel_conf.is_some(),
@@ -172,6 +172,13 @@ impl DatasetConf {
                 "dataset_conf.fbank_conf.window_type: {w:?} is not supported (supported: povey, \
                  WeNet's default)"
             ));
+        }
+        if self.list_shuffle_conf.shuffle_size == Some(0) {
+            return Err(
+                "dataset_conf.list_shuffle_conf.shuffle_size: must be at least 1 \
+                        (leave it out to shuffle the whole list, or set list_shuffle: false)"
+                    .into(),
+            );
         }
         let f = &self.filter_conf;
         if f.min_length > f.max_length {
@@ -284,6 +291,16 @@ impl Default for ResampleConf {
             resample_rate: default_rate(),
         }
     }
+}
+
+/// WeNet's `list_shuffle_conf`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListShuffleConf {
+    /// Lines in the shuffle buffer (torchdata's `shuffle(buffer_size)`); absent: the whole
+    /// list, a uniform permutation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle_size: Option<usize>,
 }
 
 /// WeNet's `shuffle_conf`.

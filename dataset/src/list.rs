@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -49,12 +49,19 @@ pub enum ListError {
 }
 
 /// Streams the entries of a `data.list`, with their 0-based line index (blank lines are
-/// skipped but still counted, so indices are stable).
+/// skipped but still counted, so indices are stable). [`ListReader::last_offset`] says
+/// where the entry just read starts, and [`ListReader::entry_at`] reads it again from
+/// there: a loader reads its lines in a shuffled order without holding the list.
 pub struct ListReader {
     path: PathBuf,
     base: PathBuf,
-    lines: std::io::Lines<BufReader<File>>,
+    reader: BufReader<File>,
     index: usize,
+    /// Byte offset of the next line.
+    offset: u64,
+    /// Byte offset of the entry last returned.
+    last: u64,
+    line: String,
 }
 
 impl ListReader {
@@ -67,9 +74,43 @@ impl ListReader {
         Ok(Self {
             path: path.to_path_buf(),
             base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            lines: BufReader::new(file).lines(),
+            reader: BufReader::new(file),
             index: 0,
+            offset: 0,
+            last: 0,
+            line: String::new(),
         })
+    }
+
+    /// The entry whose line starts at byte `offset` (as the iterator gave it), numbered
+    /// `index` in errors.
+    pub fn entry_at(&mut self, offset: u64, index: usize) -> Result<ListEntry, ListError> {
+        self.reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(|source| self.io_error(source))?;
+        self.offset = offset;
+        self.index = index;
+        match self.next() {
+            Some(Ok((_, entry))) => Ok(entry),
+            Some(Err(e)) => Err(e),
+            None => Err(ListError::Malformed {
+                path: self.path.clone(),
+                line: index + 1,
+                message: format!("no line at byte {offset} (the list changed while in use)"),
+            }),
+        }
+    }
+
+    /// Byte offset of the line of the entry the iterator returned last.
+    pub fn last_offset(&self) -> u64 {
+        self.last
+    }
+
+    fn io_error(&self, source: std::io::Error) -> ListError {
+        ListError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Resolves an entry's audio path against the list's folder.
@@ -102,22 +143,21 @@ impl Iterator for ListReader {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let line = match self.lines.next()? {
-                Ok(l) => l,
-                Err(source) => {
-                    return Some(Err(ListError::Io {
-                        path: self.path.clone(),
-                        source,
-                    }))
-                }
+            self.line.clear();
+            let read = match self.reader.read_line(&mut self.line) {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(source) => return Some(Err(self.io_error(source))),
             };
-            let index = self.index;
+            let (index, offset) = (self.index, self.offset);
             self.index += 1;
-            if line.trim().is_empty() {
+            self.offset += read as u64;
+            if self.line.trim().is_empty() {
                 continue;
             }
+            self.last = offset;
             return Some(
-                serde_json::from_str::<ListEntry>(&line)
+                serde_json::from_str::<ListEntry>(&self.line)
                     .map_err(|e| e.to_string())
                     .and_then(|e| check_audio_path(&e.wav).map(|()| (index, e)))
                     .map_err(|message| ListError::Malformed {

@@ -236,6 +236,31 @@ pub fn stream_seed(parts: &[u64]) -> u64 {
 
 const STREAM_SHUFFLE: u64 = 1;
 const STREAM_AUGMENT: u64 = 2;
+const STREAM_LIST: u64 = 3;
+
+/// The order in which an epoch reads the list's `n` entries: torchdata's
+/// `shuffle(buffer_size)` (WeNet's list shuffle) over entry indices: a full buffer yields
+/// a random one of its entries and takes the next in its place; at the end the buffer
+/// empties in random order. With a buffer of the whole list, a uniform permutation.
+fn buffer_shuffle(n: usize, buffer: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
+    use rand::Rng;
+    let buffer = buffer.clamp(1, n.max(1));
+    let mut held: Vec<u32> = Vec::with_capacity(buffer);
+    let mut order = Vec::with_capacity(n);
+    for i in 0..n as u32 {
+        if held.len() == buffer {
+            let j = rng.random_range(0..held.len());
+            order.push(std::mem::replace(&mut held[j], i));
+        } else {
+            held.push(i);
+        }
+    }
+    while !held.is_empty() {
+        let j = rng.random_range(0..held.len());
+        order.push(held.swap_remove(j));
+    }
+    order
+}
 
 /// Shuffle window -> sort window -> batches, as WeNet's pipeline stages, for one rank.
 struct Batcher {
@@ -483,11 +508,13 @@ pub struct DataLoader {
     survey: Arc<Mutex<Option<Arc<Survey>>>>,
 }
 
-/// What planning needs of a list, read from the audio headers once: the feature frames of
-/// each line (0 where the line is bad or filtered), and what happened to the lines.
+/// What planning needs of a list, read from the audio headers once: per entry (non-blank
+/// line) the feature frames (0 where it is bad or filtered) and where its line starts, and
+/// what happened to the lines. 12 bytes an entry.
 #[derive(Debug)]
 struct Survey {
     frames: Vec<u32>,
+    offsets: Vec<u64>,
     report: InputReport,
 }
 
@@ -537,11 +564,13 @@ impl DataLoader {
             return Ok(s.clone());
         }
         let mut frames = Vec::new();
+        let mut offsets = Vec::new();
         let mut report = InputReport::default();
         let mut reader = ListReader::open(&self.list)?;
         while let Some(item) = reader.next() {
             let (line, entry) = item?;
             report.lines += 1;
+            offsets.push(reader.last_offset());
             let key = entry.key.clone();
             frames.push(
                 match inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
@@ -563,9 +592,25 @@ impl DataLoader {
         if report.bad_total() > 0 && self.shard.rank == 0 {
             tracing::warn!(list = %self.list.display(), "skipping bad input: {}", report.summary());
         }
-        let survey = Arc::new(Survey { frames, report });
+        let survey = Arc::new(Survey {
+            frames,
+            offsets,
+            report,
+        });
         *cached = Some(survey.clone());
         Ok(survey)
+    }
+
+    /// The entries of `epoch` in the order they are read (shuffled by `list_shuffle` in
+    /// training, the same on every rank); position `p` belongs to rank `p % world`.
+    fn entry_order(&self, survey: &Survey, epoch: u64) -> Vec<u32> {
+        let n = survey.frames.len();
+        if self.mode != Mode::Train || !self.conf.list_shuffle {
+            return (0..n as u32).collect();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(&[self.seed, STREAM_LIST, epoch]));
+        let buffer = self.conf.list_shuffle_conf.shuffle_size.unwrap_or(n);
+        buffer_shuffle(n, buffer, &mut rng)
     }
 
     /// Simulates every rank's batching of `epoch` from the list's survey (made by the
@@ -578,12 +623,13 @@ impl DataLoader {
             .map(|r| Batcher::new(&self.conf, self.mode, self.seed, epoch, r))
             .collect();
         let mut counts = vec![0usize; world];
-        for (line, &frames) in survey.frames.iter().enumerate() {
+        for (position, &entry) in self.entry_order(&survey, epoch).iter().enumerate() {
+            let frames = survey.frames[entry as usize];
             if frames == 0 {
                 continue;
             }
             // Batching looks at lengths only; empty names and tokens do not allocate.
-            let r = line % world;
+            let r = position % world;
             batchers[r].push(Utterance {
                 key: String::new(),
                 wav: PathBuf::new(),
@@ -675,12 +721,15 @@ impl DataLoader {
                 *index += 1;
                 ok
             };
+        let survey = self.survey()?;
         let mut reader = ListReader::open(&self.list)?;
-        while let Some(item) = reader.next() {
-            let (line, entry) = item?;
-            if line % self.shard.world != source {
+        let order = self.entry_order(&survey, epoch);
+        for &e in order.iter().skip(source).step_by(self.shard.world) {
+            let e = e as usize;
+            if survey.frames[e] == 0 {
                 continue;
             }
+            let entry = reader.entry_at(survey.offsets[e], e)?;
             if let Verdict::Use(u) = inspect(&reader, entry, &self.units, &self.conf, &self.fbank) {
                 batcher.push(u);
                 while let Some(b) = batcher.pop() {
@@ -1070,6 +1119,78 @@ mod tests {
                     "world {world}: a key was read by two ranks"
                 );
                 assert_eq!(seen.len(), 23, "world {world}");
+            }
+        }
+    }
+
+    /// The keys of `epoch` in the order a single worker trains them (no sort or shuffle
+    /// window, one utterance a batch, so the list's order shows).
+    fn read_order(list: &Path, units: &Arc<Units>, list_shuffle: bool, epoch: u64) -> Vec<String> {
+        let mut c = conf(BatchConf {
+            batch_type: BatchType::Static,
+            batch_size: 1,
+            max_frames_in_batch: 0,
+            ..BatchConf::default()
+        });
+        (c.list_shuffle, c.shuffle, c.sort) = (list_shuffle, false, false);
+        let l = DataLoader::new(
+            list,
+            units.clone(),
+            c,
+            Mode::Train,
+            Shard { rank: 0, world: 1 },
+            5,
+        )
+        .unwrap();
+        let keys = l.epoch(epoch).unwrap().flat_map(|b| b.unwrap().keys);
+        keys.collect()
+    }
+
+    #[test]
+    fn the_list_is_shuffled_each_epoch_before_sharding() {
+        // A list in two blocks (as a corpus written language by language): a shuffle
+        // window of 7 alone trains the first block, then the second.
+        let dir = tempfile::tempdir().unwrap();
+        let (list, units) = make_list(dir.path(), 40);
+        let in_file: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
+        assert_eq!(read_order(&list, &units, false, 0), in_file);
+        let (e0, e1) = (
+            read_order(&list, &units, true, 0),
+            read_order(&list, &units, true, 1),
+        );
+        for order in [&e0, &e1] {
+            let mut sorted = order.clone();
+            sorted.sort_by_key(|k| k[1..].parse::<usize>().unwrap());
+            assert_eq!(sorted, in_file, "each entry once per epoch");
+            let second_block = |keys: &[String]| {
+                keys.iter()
+                    .filter(|k| k[1..].parse::<usize>().unwrap() >= 20)
+                    .count()
+            };
+            // The first quarter read mixes both blocks.
+            assert!((1..10).contains(&second_block(&order[..10])), "{order:?}");
+        }
+        assert_ne!(e0, e1, "a new order every epoch");
+        assert_eq!(e0, read_order(&list, &units, true, 0), "reproducible");
+    }
+
+    #[test]
+    fn a_bounded_list_shuffle_is_torchdatas_buffer() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for (n, buffer) in [(50, 1), (50, 4), (50, 50), (50, 1000), (0, 4)] {
+            let order = buffer_shuffle(n, buffer, &mut rng);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>());
+            // Position p can only hold an entry read by then: one of the first p + buffer.
+            for (p, &e) in order.iter().enumerate() {
+                assert!(
+                    (e as usize) < p + buffer,
+                    "n {n} buffer {buffer}: {order:?}"
+                );
+            }
+            if buffer == 1 {
+                assert_eq!(order, sorted);
             }
         }
     }
