@@ -25,10 +25,12 @@ std::vector<at::Tensor> gather(at::Tensor** ts, int64_t n) {
 // `torch.optim.AdamW(fused=True)` does, unless `found_inf` (a float32 scalar, or null) is 1:
 // then the kernel leaves everything as it was and the steps go back. Nothing is read on the
 // host. Returns 0, or 1 with the reason in `err` (NUL-terminated).
-extern "C" int upcycle_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
-                                   at::Tensor** exp_avg_sqs, at::Tensor** steps, int64_t n,
-                                   double lr, double beta1, double beta2, double weight_decay,
-                                   double eps, at::Tensor* found_inf, char* err, size_t err_len) {
+extern "C" int upcycle_fused_adamw_device_steps(at::Tensor** params, at::Tensor** grads,
+                                                at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                                                at::Tensor** steps, int64_t n, double lr,
+                                                double beta1, double beta2, double weight_decay,
+                                                double eps, at::Tensor* found_inf, char* err,
+                                                size_t err_len) {
   try {
     c10::AutoGradMode no_grad(false);
     auto p = gather(params, n);

@@ -246,7 +246,7 @@ impl AdamW {
 }
 
 extern "C" {
-    fn upcycle_fused_adamw(
+    fn upcycle_fused_adamw_device_steps(
         params: *const *mut torch_sys::C_tensor,
         grads: *const *mut torch_sys::C_tensor,
         exp_avgs: *const *mut torch_sys::C_tensor,
@@ -293,7 +293,7 @@ fn fused_adamw(
     // `inf` is null or a live tensor; the kernel updates params, moments and steps in
     // place and frees nothing.
     let status = unsafe {
-        upcycle_fused_adamw(
+        upcycle_fused_adamw_device_steps(
             p.as_ptr(),
             g.as_ptr(),
             m.as_ptr(),
