@@ -50,8 +50,14 @@ fn training_steps_read_nothing_back_outside_log_intervals() {
     train(&moe_config("moe.yaml", "auto"), &data, &out, 3, None);
     let reads = reads_per_step(&out);
     assert_eq!(reads.len(), 3);
-    assert!(reads.iter().all(|&r| r <= 2.0), "MoE over budget: {reads:?}");
-    assert_eq!(reads, [0.0; 3], "the grouped GEMM takes its counts on the device");
+    assert!(
+        reads.iter().all(|&r| r <= 2.0),
+        "MoE over budget: {reads:?}"
+    );
+    assert_eq!(
+        reads, [0.0; 3],
+        "the grouped GEMM takes its counts on the device"
+    );
 
     // The counter sees the reads there are: the per-expert loop needs its splits on the
     // host, one read per MoE layer and micro-batch.

@@ -305,7 +305,10 @@ fn clipping_and_skipping_a_nonfinite_step_equal_torch() {
         let skipped = nan_steps.contains(&step);
         assert_eq!(ours.is_finite(), !skipped, "step {step}: norm {ours}");
         if !skipped {
-            assert!((ours - want).abs() <= 1e-5 * want, "step {step}: norm {ours} vs {want}");
+            assert!(
+                (ours - want).abs() <= 1e-5 * want,
+                "step {step}: norm {ours} vs {want}"
+            );
             clipped += usize::from(want > max_norm);
         }
         let (counts, moments) = opt.state();
@@ -318,7 +321,10 @@ fn clipping_and_skipping_a_nonfinite_step_equal_torch() {
                 ("exp_avg_sq", &moments[&format!("exp_avg_sq.{name}")]),
             ] {
                 let diff = max_diff(got, at(what));
-                assert!(diff <= 1e-6, "step {step}: {what} of {name} differs by {diff}");
+                assert!(
+                    diff <= 1e-6,
+                    "step {step}: {what} of {name} differs by {diff}"
+                );
             }
             assert_eq!(
                 counts.per_tensor[name],
@@ -329,5 +335,8 @@ fn clipping_and_skipping_a_nonfinite_step_equal_torch() {
     }
     assert!(clipped >= 2, "the inputs clip: {clipped} steps clipped");
     let counts = opt.state().0;
-    assert_eq!(counts.per_tensor["0.weight"], steps - nan_steps.len() as u64);
+    assert_eq!(
+        counts.per_tensor["0.weight"],
+        steps - nan_steps.len() as u64
+    );
 }

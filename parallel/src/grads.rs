@@ -119,9 +119,7 @@ pub fn global_grad_norm(
     params: &[(Tensor, Placement)],
     groups: &ProcessGroups,
 ) -> Result<Tensor, CollectiveError> {
-    let device = params
-        .first()
-        .map_or(tch::Device::Cpu, |(p, _)| p.device());
+    let device = params.first().map_or(tch::Device::Cpu, |(p, _)| p.device());
     let square = |placement: Placement| -> Tensor {
         params
             .iter()

@@ -504,10 +504,7 @@ impl Learner {
             l.loss = &l.loss + &d * *weight;
             d
         });
-        Forward {
-            losses: l,
-            distill,
-        }
+        Forward { losses: l, distill }
     }
 
     /// Accumulates the gradients of `f`'s objective (divided by the batches an update
@@ -1000,13 +997,14 @@ impl Trainer {
             return Ok(());
         }
         // The steps' own reads (this method's are not theirs).
-        let reads_per_step =
-            (host::reads() - self.log.reads) as f64 / self.log.steps.max(1) as f64;
+        let reads_per_step = (host::reads() - self.log.reads) as f64 / self.log.steps.max(1) as f64;
         let Update { lr, grad } = update;
         let device = self.dist.device;
         let sum = |t: &Option<Tensor>| {
-            t.as_ref()
-                .map_or_else(|| Tensor::zeros([], (Kind::Double, device)), Tensor::shallow_clone)
+            t.as_ref().map_or_else(
+                || Tensor::zeros([], (Kind::Double, device)),
+                Tensor::shallow_clone,
+            )
         };
         let nonfinite = &self.log.nonfinite;
         let window = [
@@ -1025,13 +1023,9 @@ impl Trainer {
         self.count_nonfinite(skipped, longest, run)?;
         let log = &mut self.log;
         let secs = log.window.elapsed().as_secs_f64();
-        let totals = self.dist.sum(&[
-            log.frames as f64,
-            loss,
-            ctc,
-            att,
-            log.batches as f64,
-        ])?;
+        let totals = self
+            .dist
+            .sum(&[log.frames as f64, loss, ctc, att, log.batches as f64])?;
         let [frames, total_loss, total_ctc, total_att, batches] = totals[..] else {
             unreachable!("five sums")
         };
