@@ -177,10 +177,19 @@ impl AdamW {
         for (k, s) in &self.state {
             v.push((format!("exp_avg_sq.{k}"), s.exp_avg_sq.shallow_clone()));
         }
+        // One read for all the counts (a process's parameters share a device).
+        let counts: Vec<&Tensor> = self.state.values().map(|s| &s.step).collect();
+        let counts = if counts.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f64>::try_from(Tensor::stack(&counts, 0).to_kind(Kind::Double))
+                .expect("float step counts")
+        };
         let per_tensor = self
             .state
-            .iter()
-            .map(|(k, s)| (k.clone(), s.step.double_value(&[]) as u64))
+            .keys()
+            .zip(counts)
+            .map(|(k, c)| (k.clone(), c as u64))
             .collect();
         (
             OptimSteps {
