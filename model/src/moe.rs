@@ -162,29 +162,30 @@ impl ExpertBank {
     pub fn forward(
         &self,
         x: &Tensor,
-        counts_t: &Tensor,
+        counts: &Tensor,
         activation: Activation,
         dropout: f64,
         train: bool,
         compute: ExpertCompute,
     ) -> Tensor {
         let device = x.device();
-        let on_host = || crate::host::to_vec_i64(counts_t).expect("int64 counts");
         let rows = x.size()[0];
         let row_expert = Tensor::arange(self.len(), (Kind::Int64, device))
-            .repeat_interleave_self_tensor(&counts_t, 0, rows);
+            .repeat_interleave_self_tensor(counts, 0, rows);
         // Under autocast the tokens arrive in bf16; grouped_mm has no autocast rule, so the
         // fp32 weights are cast to the tokens' type here (a no-op in fp32).
         let kind = x.kind();
         let bias = |b: &Tensor| b.to_kind(kind).index_select(0, &row_expert);
-        let counts = match compute {
+        let host_counts = match compute {
             ExpertCompute::GroupedMm => Vec::new(),
-            ExpertCompute::Bmm | ExpertCompute::Loop => on_host(),
+            ExpertCompute::Bmm | ExpertCompute::Loop => {
+                crate::host::to_vec_i64(counts).expect("int64 counts")
+            }
         };
         let matmul = |x: &Tensor, w: &Tensor| match compute {
-            ExpertCompute::GroupedMm => grouped_mm(x, &w.to_kind(kind), counts_t),
-            ExpertCompute::Bmm => padded_bmm(x, &w.to_kind(kind), &counts, &row_expert),
-            ExpertCompute::Loop => loop_mm(x, &w.to_kind(kind), &counts),
+            ExpertCompute::GroupedMm => grouped_mm(x, &w.to_kind(kind), counts),
+            ExpertCompute::Bmm => padded_bmm(x, &w.to_kind(kind), &host_counts, &row_expert),
+            ExpertCompute::Loop => loop_mm(x, &w.to_kind(kind), &host_counts),
         };
         let h = activation
             .apply(&(matmul(x, &self.w_1) + bias(&self.b_1)))
