@@ -131,7 +131,7 @@ fn adamw_equals_torch_when_frozen_parameters_are_released() {
             }
         }
         surrogate.backward();
-        opt.step(lrs[step as usize]).unwrap();
+        opt.step(lrs[step as usize], None).unwrap();
         opt.zero_grad();
         let counts = opt.state().0.per_tensor;
         for (name, p) in &params {
@@ -208,4 +208,135 @@ fn continuation_schedules_equal_torch_schedulers() {
             );
         }
     }
+}
+
+/// `torch.nn.utils.clip_grad_norm_` then `torch.optim.AdamW(fused=True)` with the
+/// `found_inf` a `GradScaler` hands it (1 when the norm is not finite), on the model of
+/// [`TORCH_ADAMW`] with inputs large enough to clip and a NaN loss at the steps
+/// `plan["nan_steps"]`; saves each step's gradients before clipping (`grad.<s>.<name>`),
+/// the norm (`norm.<s>`), and after it every parameter, moment and step count.
+const TORCH_CLIP_SKIP: &str = r#"
+import json, sys
+import torch
+from safetensors.torch import save_file
+
+out = sys.argv[1]
+plan = json.load(open(out + "/plan.json"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+saved = {f"init.{n}": p.detach().clone() for n, p in model.named_parameters()}
+opt = torch.optim.AdamW(model.parameters(), lr=plan["lr"], betas=plan["betas"], eps=plan["eps"],
+                        weight_decay=plan["weight_decay"], fused=True)
+for step in range(plan["steps"]):
+    x, y = torch.randn(16, 6) * 10, torch.randn(16, 4)
+    loss = ((model(x) - y) ** 2).mean()
+    if step in plan["nan_steps"]:
+        loss = loss * float("nan")
+    loss.backward()
+    for n, p in model.named_parameters():
+        saved[f"grad.{step}.{n}"] = p.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan["max_norm"])
+    opt.found_inf = (~torch.isfinite(norm)).float()
+    opt.step()
+    opt.zero_grad()
+    saved[f"norm.{step}"] = norm.double().reshape(1)
+    for n, p in model.named_parameters():
+        state = opt.state[p]
+        saved[f"param.{step}.{n}"] = p.detach().clone()
+        saved[f"exp_avg.{step}.{n}"] = state["exp_avg"].clone()
+        saved[f"exp_avg_sq.{step}.{n}"] = state["exp_avg_sq"].clone()
+        saved[f"step.{step}.{n}"] = state["step"].clone().reshape(1)
+save_file(saved, out + "/clip_skip.safetensors")
+"#;
+
+/// Clipping by a coefficient on the device and a non-finite step skipped on the device
+/// (the fused kernel's `found_inf`) leave parameters, moments and per-parameter step
+/// counts as PyTorch's do, the first step and a later one skipped.
+#[test]
+fn clipping_and_skipping_a_nonfinite_step_equal_torch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = OptimConf {
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let (lr, max_norm, steps, nan_steps) = (0.01, 1.0, 7, [0u64, 3]);
+    let plan = serde_json::json!({
+        "lr": lr, "betas": conf.betas, "eps": conf.eps, "weight_decay": conf.weight_decay,
+        "steps": steps, "nan_steps": nan_steps, "max_norm": max_norm,
+    });
+    std::fs::write(tmp.path().join("plan.json"), plan.to_string()).unwrap();
+    python(TORCH_CLIP_SKIP, &[tmp.path()]);
+    let torch: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(tmp.path().join("clip_skip.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let params: BTreeMap<String, Tensor> = torch
+        .iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix("init.")?;
+            Some((name.to_string(), t.copy().set_requires_grad(true)))
+        })
+        .collect();
+    let mut opt = AdamW::new(
+        conf,
+        params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect(),
+    );
+    let max_diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    let mut clipped = 0;
+    for step in 0..steps {
+        let mut surrogate = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        for (name, p) in &params {
+            surrogate += (p * &torch[&format!("grad.{step}.{name}")]).sum(Kind::Float);
+        }
+        surrogate.backward();
+        let norm = opt.clip_grad_norm(max_norm).unwrap();
+        let found_inf = norm.isfinite().logical_not().to_kind(Kind::Float);
+        opt.step(lr, Some(&found_inf)).unwrap();
+        opt.zero_grad();
+
+        let (ours, want) = (
+            norm.double_value(&[]),
+            torch[&format!("norm.{step}")].double_value(&[0]),
+        );
+        let skipped = nan_steps.contains(&step);
+        assert_eq!(ours.is_finite(), !skipped, "step {step}: norm {ours}");
+        if !skipped {
+            assert!(
+                (ours - want).abs() <= 1e-5 * want,
+                "step {step}: norm {ours} vs {want}"
+            );
+            clipped += usize::from(want > max_norm);
+        }
+        let (counts, moments) = opt.state();
+        let moments: BTreeMap<String, Tensor> = moments.into_iter().collect();
+        for (name, p) in &params {
+            let at = |what: &str| &torch[&format!("{what}.{step}.{name}")];
+            for (what, got) in [
+                ("param", p),
+                ("exp_avg", &moments[&format!("exp_avg.{name}")]),
+                ("exp_avg_sq", &moments[&format!("exp_avg_sq.{name}")]),
+            ] {
+                let diff = max_diff(got, at(what));
+                assert!(
+                    diff <= 1e-6,
+                    "step {step}: {what} of {name} differs by {diff}"
+                );
+            }
+            assert_eq!(
+                counts.per_tensor[name],
+                at("step").double_value(&[0]) as u64,
+                "step {step}: {name}'s step count"
+            );
+        }
+    }
+    assert!(clipped >= 2, "the inputs clip: {clipped} steps clipped");
+    let counts = opt.state().0;
+    assert_eq!(
+        counts.per_tensor["0.weight"],
+        steps - nan_steps.len() as u64
+    );
 }

@@ -476,14 +476,17 @@ impl Batch {
         }
         let rows = |t: &Tensor| t.narrow(0, 0, n as i64);
         let feats_lengths = rows(&self.feats_lengths);
+        let target_lengths = rows(&self.target_lengths);
+        // Targets stay padded to their longest row, as the model's loss expects.
+        let longest = target_lengths.max().int64_value(&[]);
         Batch {
             index: self.index,
             keys: self.keys[..n].to_vec(),
             feats: rows(&self.feats),
             num_frames: feats_lengths.sum(tch::Kind::Int64).int64_value(&[]) as usize,
             feats_lengths,
-            target: rows(&self.target),
-            target_lengths: rows(&self.target_lengths),
+            target: rows(&self.target).narrow(1, 0, longest),
+            target_lengths,
             repeated: self.repeated,
         }
     }

@@ -108,10 +108,12 @@ impl BalanceStats {
             step.insert(layer.to_string(), sum.shallow_clone());
             sum
         };
-        let (tokens_now, tokens_step) = (now.double_value(&[e]), summed.double_value(&[e]));
-        if tokens_now == 0.0 {
+        if n == 0 {
+            // No tokens here: nothing to weigh, but the sums above were joined.
             return probs.sum(Kind::Float) * 0.0;
         }
+        // Token totals stay on the device (0-d float64): the step does not wait for them.
+        let (tokens_now, tokens_step) = (now.get(e), summed.get(e));
         let fraction = summed.narrow(0, 0, e).to_kind(Kind::Float) / (tokens_step * k as f64);
         let mass = probs.sum_dim_intlist(0, false, Kind::Float) / (tokens_now / workers as f64);
         (fraction * mass).sum(Kind::Float) * e as f64

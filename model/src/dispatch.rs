@@ -41,7 +41,10 @@ impl ExpertDispatch for EpDispatch {
         g * per..(g + 1) * per
     }
 
-    fn dispatch(&self, x: &Tensor, counts: &[i64]) -> Dispatched {
+    fn dispatch(&self, x: &Tensor, counts: &Tensor) -> Dispatched {
+        // The all-to-all's splits are needed on the host: one read of the counts, one of
+        // the peers' counts.
+        let counts = &crate::host::to_vec_i64(counts).expect("int64 counts")[..];
         let peers = self.ep.size();
         let per = counts.len() / peers;
         // Row counts per peer, and each peer's per-expert counts for the receiver.
@@ -56,7 +59,7 @@ impl ExpertDispatch for EpDispatch {
                 .ep
                 .all_to_all(&Tensor::from_slice(counts), &ones, &ones)
             {
-                Ok(got) => Vec::<i64>::try_from(&got).expect("int64 counts"),
+                Ok(got) => crate::host::to_vec_i64(&got).expect("int64 counts"),
                 Err(e) => {
                     failure::record("dispatch counts", &e);
                     vec![0; counts.len()]
@@ -84,7 +87,7 @@ impl ExpertDispatch for EpDispatch {
         let by_expert = Tensor::from_slice(&order).to_device(x.device());
         Dispatched {
             rows: rows.index_select(0, &by_expert),
-            counts: local_counts,
+            counts: Tensor::from_slice(&local_counts).to_device(x.device()),
             state: Some(Box::new(Plan {
                 send,
                 recv,

@@ -17,6 +17,7 @@
 //! | [`encoder`] | Conformer blocks and encoder |
 //! | [`decoder`] | left-to-right and right-to-left Transformer decoders |
 //! | [`ctc`] | CTC head and loss |
+//! | [`host`] | device-to-host reads of the training step, counted |
 //! | [`loss`] | target preparation and label smoothing |
 //! | [`asr`] | the whole model and its loss |
 //! | [`search`] | CTC greedy and prefix beam search, attention rescoring |
@@ -39,6 +40,7 @@ pub mod embedding;
 pub mod encoder;
 pub mod ffn;
 pub mod flops;
+pub mod host;
 pub mod init;
 pub mod loss;
 pub mod mask;

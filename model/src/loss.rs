@@ -7,7 +7,9 @@ use tch::{Kind, Tensor};
 pub const IGNORE_ID: i64 = -1;
 
 /// `(ys_in, ys_out)`: `<sos> y` padded with `eos`, and `y <eos>` padded with
-/// [`IGNORE_ID`], from `ys` `[B, L]` padded with [`IGNORE_ID`] and lengths `[B]`.
+/// [`IGNORE_ID`], `[B, L+1]`, from `ys` `[B, L]` padded with [`IGNORE_ID`] to its longest
+/// row (as batches are) and lengths `[B]`. The width comes from the shape, not from the
+/// lengths' maximum, so that the training step does not wait to read it.
 pub fn add_sos_eos(ys: &Tensor, ys_lens: &Tensor, sos: i64, eos: i64) -> (Tensor, Tensor) {
     let (b, l) = ys.size2().expect("2-d targets");
     let dev = ys.device();
@@ -39,8 +41,7 @@ pub fn add_sos_eos(ys: &Tensor, ys_lens: &Tensor, sos: i64, eos: i64) -> (Tensor
             &Tensor::full([b, l + 1], IGNORE_ID, (Kind::Int64, dev)),
         )
         .masked_fill(&col.eq_tensor(&lens), eos);
-    let trim = ys_lens.max().int64_value(&[]) + 1;
-    (ys_in.narrow(1, 0, trim), ys_out.narrow(1, 0, trim))
+    (ys_in, ys_out)
 }
 
 /// Each row's first `len` entries reversed, the rest `pad`.
@@ -71,7 +72,6 @@ pub fn label_smoothing_loss(
     let x = logits.view([-1, v]);
     let t = target.view([-1]);
     let ignore = t.eq(IGNORE_ID);
-    let tokens = t.numel() as i64 - ignore.sum(Kind::Int64).int64_value(&[]);
     let t = t.masked_fill(&ignore, 0);
     let confidence = 1.0 - smoothing;
     let low = smoothing / (v - 1) as f64;
@@ -88,8 +88,13 @@ pub fn label_smoothing_loss(
         (&true_dist * true_dist.clamp_min(1e-30).log()).masked_fill(&true_dist.eq(0.0), 0.0)
     };
     let kl = (plogp - &true_dist * logp).masked_fill(&ignore.unsqueeze(1), 0.0);
-    let denom = if normalize_length { tokens.max(1) } else { b } as f64;
-    kl.sum(Kind::Float) / denom
+    if normalize_length {
+        // Counted on the device: the step does not wait for it.
+        let tokens = ignore.logical_not().sum(Kind::Float).clamp_min(1.0);
+        kl.sum(Kind::Float) / tokens
+    } else {
+        kl.sum(Kind::Float) / b as f64
+    }
 }
 
 /// Knowledge distillation (Bai et al.): mean over real frames of the mean squared

@@ -65,8 +65,9 @@ pub trait ExpertDispatch: std::fmt::Debug + Send + Sync {
     fn local_experts(&self, n_expert: i64) -> std::ops::Range<i64>;
 
     /// Rows of `x` sorted by global expert (`counts[e]` rows for expert `e`, every
-    /// expert) to the rows the local experts compute, sorted by local expert.
-    fn dispatch(&self, x: &Tensor, counts: &[i64]) -> Dispatched;
+    /// expert; int64 on `x`'s device) to the rows the local experts compute, sorted by
+    /// local expert.
+    fn dispatch(&self, x: &Tensor, counts: &Tensor) -> Dispatched;
 
     /// The inverse of `dispatched`: local expert outputs `y` back to the order the rows
     /// were dispatched in.
@@ -78,8 +79,9 @@ pub trait ExpertDispatch: std::fmt::Debug + Send + Sync {
 pub struct Dispatched {
     /// Rows sorted by local expert.
     pub rows: Tensor,
-    /// Rows per local expert.
-    pub counts: Vec<i64>,
+    /// Rows per local expert (int64, on the rows' device: read on the host only by the
+    /// expert computations that need the splits there).
+    pub counts: Tensor,
     /// What the dispatcher needs to send the results back.
     pub state: Option<Box<dyn std::any::Any + Send>>,
 }
@@ -93,10 +95,10 @@ impl ExpertDispatch for LocalDispatch {
         0..n_expert
     }
 
-    fn dispatch(&self, x: &Tensor, counts: &[i64]) -> Dispatched {
+    fn dispatch(&self, x: &Tensor, counts: &Tensor) -> Dispatched {
         Dispatched {
             rows: x.shallow_clone(),
-            counts: counts.to_vec(),
+            counts: counts.shallow_clone(),
             state: None,
         }
     }
@@ -154,29 +156,36 @@ impl ExpertBank {
         self.len() == 0
     }
 
-    /// Applies expert `e` to its `counts[e]` rows of `x` (rows sorted by expert).
+    /// Applies expert `e` to its `counts[e]` rows of `x` (rows sorted by expert; `counts`
+    /// int64 on `x`'s device). The grouped GEMM takes the counts as they are; the bmm and
+    /// loop paths need them on the host and read them once.
     pub fn forward(
         &self,
         x: &Tensor,
-        counts: &[i64],
+        counts: &Tensor,
         activation: Activation,
         dropout: f64,
         train: bool,
         compute: ExpertCompute,
     ) -> Tensor {
         let device = x.device();
-        let counts_t = Tensor::from_slice(counts).to_device(device);
         let rows = x.size()[0];
         let row_expert = Tensor::arange(self.len(), (Kind::Int64, device))
-            .repeat_interleave_self_tensor(&counts_t, 0, rows);
+            .repeat_interleave_self_tensor(counts, 0, rows);
         // Under autocast the tokens arrive in bf16; grouped_mm has no autocast rule, so the
         // fp32 weights are cast to the tokens' type here (a no-op in fp32).
         let kind = x.kind();
         let bias = |b: &Tensor| b.to_kind(kind).index_select(0, &row_expert);
+        let host_counts = match compute {
+            ExpertCompute::GroupedMm => Vec::new(),
+            ExpertCompute::Bmm | ExpertCompute::Loop => {
+                crate::host::to_vec_i64(counts).expect("int64 counts")
+            }
+        };
         let matmul = |x: &Tensor, w: &Tensor| match compute {
-            ExpertCompute::GroupedMm => grouped_mm(x, &w.to_kind(kind), &counts_t),
-            ExpertCompute::Bmm => padded_bmm(x, &w.to_kind(kind), counts, &row_expert),
-            ExpertCompute::Loop => loop_mm(x, &w.to_kind(kind), counts),
+            ExpertCompute::GroupedMm => grouped_mm(x, &w.to_kind(kind), counts),
+            ExpertCompute::Bmm => padded_bmm(x, &w.to_kind(kind), &host_counts, &row_expert),
+            ExpertCompute::Loop => loop_mm(x, &w.to_kind(kind), &host_counts),
         };
         let h = activation
             .apply(&(matmul(x, &self.w_1) + bias(&self.b_1)))
@@ -292,8 +301,8 @@ struct Route {
     token: Tensor,
     /// Routing weight of each kept copy.
     weight: Tensor,
-    /// Kept copies per expert.
-    counts: Vec<i64>,
+    /// Kept copies per expert (int64, on the device).
+    counts: Tensor,
 }
 
 /// The `k` experts of each token `[N, k]` and their weights `[N, k]`, from the router's
@@ -532,7 +541,7 @@ impl MoeFeedForward {
         Route {
             token: order.divide_scalar_mode(k, "trunc"),
             weight: copy_weight.index_select(0, &order),
-            counts: Vec::<i64>::try_from(&kept).expect("int64 counts"),
+            counts: kept,
         }
     }
 

@@ -112,28 +112,27 @@ fn grad_or_zeros(p: &Tensor) -> Tensor {
 
 /// The global L2 norm of the trainable gradients after [`GradSync::sync`]: dense ones
 /// are equal on every rank and counted once; each expert lives on one rank of every
-/// expert-parallel group, so their squares are summed over `ep`.
+/// expert-parallel group, so their squares are summed over `ep`. A float64 scalar on the
+/// gradients' device: nothing is read on the host (the squares are added one by one, in
+/// parameter order, as a host sum would).
 pub fn global_grad_norm(
     params: &[(Tensor, Placement)],
     groups: &ProcessGroups,
-) -> Result<f64, CollectiveError> {
-    let square = |placement: Placement| -> f64 {
+) -> Result<Tensor, CollectiveError> {
+    let device = params.first().map_or(tch::Device::Cpu, |(p, _)| p.device());
+    let square = |placement: Placement| -> Tensor {
         params
             .iter()
             .filter(|(p, at)| *at == placement && p.requires_grad())
             .map(|(p, _)| p.grad())
             .filter(|g| g.defined())
-            .map(|g| {
-                g.to_kind(Kind::Double)
-                    .square()
-                    .sum(Kind::Double)
-                    .double_value(&[])
+            .fold(Tensor::zeros([], (Kind::Double, device)), |sum, g| {
+                sum + g.to_kind(Kind::Double).square().sum(Kind::Double)
             })
-            .sum()
     };
-    let mut experts = Tensor::from_slice(&[square(Placement::Expert)]);
+    let mut experts = square(Placement::Expert).view([1]);
     if groups.ep.size() > 1 {
         groups.ep.all_reduce(&mut experts, ReduceOp::Sum)?;
     }
-    Ok((square(Placement::Replicated) + experts.double_value(&[0])).sqrt())
+    Ok((square(Placement::Replicated) + experts.squeeze()).sqrt())
 }

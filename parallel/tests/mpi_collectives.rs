@@ -102,7 +102,9 @@ fn worker() {
     );
     assert_eq!(got(3), r, "frozen gradients are not communicated");
     // The global norm counts dense gradients once and every expert once.
-    let norm = global_grad_norm(&placed, &groups).unwrap();
+    let norm = global_grad_norm(&placed, &groups)
+        .unwrap()
+        .double_value(&[]);
     let experts_sq: f64 = (0..2)
         .map(|pos| {
             let s: f64 = (0..size)

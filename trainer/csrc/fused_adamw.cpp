@@ -6,10 +6,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
-#include <algorithm>
 #include <cstring>
 #include <exception>
-#include <utility>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -21,36 +20,30 @@ std::vector<at::Tensor> gather(at::Tensor** ts, int64_t n) {
 }
 }  // namespace
 
-// Updates params[i], exp_avgs[i], exp_avg_sqs[i] in place, each at its own optimizer step
-// steps[i] (counting from 1). Returns 0, or 1 with the reason in `err` (NUL-terminated).
-extern "C" int upcycle_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
-                                   at::Tensor** exp_avg_sqs, int64_t n, const double* steps,
-                                   double lr, double beta1, double beta2, double weight_decay,
-                                   double eps, char* err, size_t err_len) {
+// Updates params[i], exp_avgs[i], exp_avg_sqs[i] in place, each at its own optimizer step:
+// steps[i] (float32 scalars on the parameters' device) advance by one, as
+// `torch.optim.AdamW(fused=True)` does, unless `found_inf` (a float32 scalar, or null) is 1:
+// then the kernel leaves everything as it was and the steps go back. Nothing is read on the
+// host. Returns 0, or 1 with the reason in `err` (NUL-terminated).
+extern "C" int upcycle_fused_adamw_device_steps(at::Tensor** params, at::Tensor** grads,
+                                                at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                                                at::Tensor** steps, int64_t n, double lr,
+                                                double beta1, double beta2, double weight_decay,
+                                                double eps, at::Tensor* found_inf, char* err,
+                                                size_t err_len) {
   try {
     c10::AutoGradMode no_grad(false);
     auto p = gather(params, n);
     auto g = gather(grads, n);
     auto m = gather(exp_avgs, n);
     auto v = gather(exp_avg_sqs, n);
-    // The kernel reads (does not advance) the steps. Parameters at the same step on the
-    // same device share one tensor: few distinct values, so few tiny allocations.
-    std::vector<at::Tensor> step_tensors;
-    step_tensors.reserve(n);
-    std::vector<std::pair<double, at::Tensor>> made;
-    for (int64_t i = 0; i < n; ++i) {
-      auto same = [&](const std::pair<double, at::Tensor>& s) {
-        return s.first == steps[i] && s.second.device() == p[i].device();
-      };
-      auto it = std::find_if(made.begin(), made.end(), same);
-      if (it == made.end()) {
-        made.emplace_back(steps[i], at::full({}, steps[i], p[i].options().dtype(at::kFloat)));
-        it = made.end() - 1;
-      }
-      step_tensors.push_back(it->second);
-    }
-    at::_fused_adamw_(p, g, m, v, {}, step_tensors, lr, beta1, beta2, weight_decay, eps,
-                      /*amsgrad=*/false, /*maximize=*/false);
+    auto s = gather(steps, n);
+    std::optional<at::Tensor> inf;
+    if (found_inf != nullptr) inf = *found_inf;
+    at::_foreach_add_(s, 1);
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/{}, inf);
+    if (inf) at::_foreach_add_(s, *inf, /*alpha=*/-1);
     return 0;
   } catch (const std::exception& e) {
     if (err_len > 0) {

@@ -92,7 +92,7 @@ pub fn train_step(
     use crate::config::TrainConfig;
     use crate::distributed::Distributed;
     use crate::train::{build_model, to_device, Learner};
-    use tch::{nn, Device};
+    use tch::{nn, Device, Tensor};
     use upcycle_dataset::cmvn::CmvnStats;
     use upcycle_model::mask::ChunkMode;
     use upcycle_model::moe::MoeContext;
@@ -126,14 +126,15 @@ pub fn train_step(
     let mut learner = Learner::new(&vs, model, &c, None);
     let world = Distributed::new(1, std::time::Duration::from_secs(600), device)?;
     let mut seconds = Vec::new();
-    let mut losses = Vec::new();
+    // Read after the timed steps, as training reads them at log intervals only.
+    let mut loss_tensors = Vec::new();
     for i in 0..warmup + steps {
         let start = Instant::now();
         let f = learner.forward(&batch_on_device, ChunkMode::Full);
         learner.backward(&f)?;
-        losses.push((f.loss, f.losses.ctc.double_value(&[])));
-        let grad_norm = learner.sync_and_clip(&world)?;
-        learner.apply(lr, grad_norm)?;
+        loss_tensors.push(Tensor::stack(&[&f.losses.loss, &f.losses.ctc], 0).detach());
+        let grad = learner.sync_and_clip(&world)?;
+        learner.apply(lr, &grad)?;
         learner.end_step(&world)?;
         if let Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
@@ -142,6 +143,10 @@ pub fn train_step(
             seconds.push(start.elapsed().as_secs_f64());
         }
     }
+    let losses = upcycle_model::host::to_vec_f64(&Tensor::stack(&loss_tensors, 0))?
+        .chunks(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
     let median = median(&seconds);
     Ok(TrainStepTiming {
         params,

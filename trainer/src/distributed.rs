@@ -288,9 +288,9 @@ impl Distributed {
         Ok(())
     }
 
-    /// The gradient norm over the whole model (every expert once), or `None` in a single
-    /// process (the optimizer computes it).
-    pub fn grad_norm(&self, params: &[(String, Tensor)]) -> Result<Option<f64>> {
+    /// The gradient norm over the whole model (every expert once; a float64 scalar on the
+    /// device), or `None` in a single process (the optimizer computes it).
+    pub fn grad_norm(&self, params: &[(String, Tensor)]) -> Result<Option<Tensor>> {
         match &self.groups {
             Some(g) => Ok(Some(global_grad_norm(&placed(params), g)?)),
             None => Ok(None),
@@ -305,6 +305,26 @@ impl Distributed {
         let mut t = Tensor::from_slice(&[i64::from(flag)]);
         g.world.all_reduce(&mut t, ReduceOp::Max)?;
         Ok(t.int64_value(&[0]) > 0)
+    }
+
+    /// Elementwise maximum of `t` over the workers, on the device (nothing is read on the
+    /// host): a flag raised on any worker is raised on all.
+    pub fn max_on_device(&self, t: &Tensor) -> Result<Tensor> {
+        let mut t = t.copy();
+        if let Some(g) = &self.groups {
+            g.world.all_reduce(&mut t, ReduceOp::Max)?;
+        }
+        Ok(t)
+    }
+
+    /// Elementwise sums of `t` over the workers, on the device (nothing is read on the
+    /// host).
+    pub fn sum_on_device(&self, t: &Tensor) -> Result<Tensor> {
+        let mut t = t.copy();
+        if let Some(g) = &self.groups {
+            g.world.all_reduce(&mut t, ReduceOp::Sum)?;
+        }
+        Ok(t)
     }
 
     /// Elementwise sums of `values` over the workers (losses and frames of a log window).

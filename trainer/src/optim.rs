@@ -25,8 +25,10 @@ pub struct AdamW {
 #[derive(Debug)]
 struct ParamState {
     /// Its own update count, the step of its bias correction: a parameter released by
-    /// the freezing schedule starts at 1, whatever the global step.
-    step: u64,
+    /// the freezing schedule starts at 1, whatever the global step. A float32 scalar on
+    /// the parameter's device (as PyTorch's fused AdamW keeps it), so that a step skipped
+    /// on the device ([`AdamW::step`]'s `found_inf`) leaves it as it was without a read.
+    step: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -80,39 +82,45 @@ impl AdamW {
             .collect()
     }
 
-    /// The global L2 norm of all gradients, then scales them so that it is at most
-    /// `max_norm` (as `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+    /// The global L2 norm of all gradients (a float64 scalar on the device, `None`
+    /// without gradients), then scales them so that it is at most `max_norm` (as
+    /// `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Option<Tensor> {
         let norms: Vec<Tensor> = self
             .grads()
             .iter()
             .map(|g| g.norm().to_kind(Kind::Double))
             .collect();
         if norms.is_empty() {
-            return 0.0;
+            return None;
         }
-        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-        self.clip_to(total, max_norm);
-        total
+        let total = Tensor::stack(&norms, 0).norm();
+        self.clip_to(&total, max_norm);
+        Some(total)
     }
 
-    /// Scales the gradients whose global norm is `total` (computed elsewhere, e.g.
-    /// across ranks) so that it is at most `max_norm`.
-    pub fn clip_to(&mut self, total: f64, max_norm: f64) {
-        let coef = max_norm / (total + 1e-6);
-        if coef < 1.0 {
-            tch::no_grad(|| {
-                for mut g in self.grads() {
-                    let _ = g.g_mul_scalar_(coef);
-                }
-            });
-        }
+    /// Scales the gradients whose global norm is `total` (a scalar tensor, computed
+    /// elsewhere, e.g. across ranks) so that it is at most `max_norm`: by
+    /// `min(1, max_norm / (total + 1e-6))` on the device, as `clip_grad_norm_` does, so
+    /// that nothing waits for the norm. A non-finite norm makes the gradients non-finite
+    /// (the update is then skipped, [`AdamW::step`]).
+    pub fn clip_to(&mut self, total: &Tensor, max_norm: f64) {
+        let coef = (Tensor::full([], max_norm, (Kind::Double, total.device())) / (total + 1e-6))
+            .clamp_max(1.0);
+        tch::no_grad(|| {
+            for mut g in self.grads() {
+                let _ = g.g_mul_(&coef);
+            }
+        });
     }
 
     /// One update at learning rate `lr`, by libtorch's fused AdamW kernel (the update of
     /// `torch.optim.AdamW`, one pass over each tensor). Frozen parameters and those without
     /// a gradient are skipped: they get no optimizer state, and their step count stays.
-    pub fn step(&mut self, lr: f64) -> anyhow::Result<()> {
+    /// Where `found_inf` (a float32 scalar on the device) is 1, nothing changes but the
+    /// moments' creation and [`AdamW::steps`], as in `torch.optim.AdamW(fused=True)` under a
+    /// `GradScaler`: the step is skipped without the host reading anything.
+    pub fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) -> anyhow::Result<()> {
         self.step += 1;
         let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs, mut steps) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -126,7 +134,7 @@ impl AdamW {
                 .state
                 .entry(name.clone())
                 .or_insert_with(|| ParamState {
-                    step: 0,
+                    step: Tensor::zeros([], (Kind::Float, p.device())),
                     exp_avg: p.zeros_like(),
                     exp_avg_sq: p.zeros_like(),
                 });
@@ -138,12 +146,11 @@ impl AdamW {
             {
                 anyhow::bail!("AdamW: parameter {name} or its moments are not contiguous");
             }
-            s.step += 1;
             params.push(p.shallow_clone());
             grads.push(if g.is_contiguous() { g } else { g.contiguous() });
             exp_avgs.push(s.exp_avg.shallow_clone());
             exp_avg_sqs.push(s.exp_avg_sq.shallow_clone());
-            steps.push(s.step as f64);
+            steps.push(s.step.shallow_clone());
         }
         let (beta1, beta2) = self.conf.betas;
         fused_adamw(
@@ -156,11 +163,12 @@ impl AdamW {
             (beta1, beta2),
             self.conf.weight_decay,
             self.conf.eps,
+            found_inf,
         )
     }
 
-    /// The state to save: step counts, and moments by parameter name (`exp_avg.<name>`,
-    /// `exp_avg_sq.<name>`).
+    /// The state to save: step counts (read from the device: not a call of the training
+    /// step), and moments by parameter name (`exp_avg.<name>`, `exp_avg_sq.<name>`).
     pub fn state(&self) -> (OptimSteps, Vec<(String, Tensor)>) {
         let mut v = Vec::new();
         for (k, s) in &self.state {
@@ -169,10 +177,19 @@ impl AdamW {
         for (k, s) in &self.state {
             v.push((format!("exp_avg_sq.{k}"), s.exp_avg_sq.shallow_clone()));
         }
+        // One read for all the counts (a process's parameters share a device).
+        let counts: Vec<&Tensor> = self.state.values().map(|s| &s.step).collect();
+        let counts = if counts.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f64>::try_from(Tensor::stack(&counts, 0).to_kind(Kind::Double))
+                .expect("float step counts")
+        };
         let per_tensor = self
             .state
-            .iter()
-            .map(|(k, s)| (k.clone(), s.step))
+            .keys()
+            .zip(counts)
+            .map(|(k, c)| (k.clone(), c as u64))
             .collect();
         (
             OptimSteps {
@@ -225,7 +242,7 @@ impl AdamW {
             state.insert(
                 name,
                 ParamState {
-                    step,
+                    step: Tensor::full([], step as f64, (Kind::Float, exp_avg.device())),
                     exp_avg,
                     exp_avg_sq,
                 },
@@ -238,36 +255,38 @@ impl AdamW {
 }
 
 extern "C" {
-    fn upcycle_fused_adamw(
+    fn upcycle_fused_adamw_device_steps(
         params: *const *mut torch_sys::C_tensor,
         grads: *const *mut torch_sys::C_tensor,
         exp_avgs: *const *mut torch_sys::C_tensor,
         exp_avg_sqs: *const *mut torch_sys::C_tensor,
+        steps: *const *mut torch_sys::C_tensor,
         n: i64,
-        steps: *const f64,
         lr: f64,
         beta1: f64,
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        found_inf: *mut torch_sys::C_tensor,
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> std::ffi::c_int;
 }
 
 /// `at::_fused_adamw_` over equally long lists (trainer/csrc/fused_adamw.cpp), each
-/// parameter at its own step.
+/// parameter at its own step tensor (advanced by one unless `found_inf` is 1).
 #[allow(clippy::too_many_arguments)]
 fn fused_adamw(
     params: &[Tensor],
     grads: &[Tensor],
     exp_avgs: &[Tensor],
     exp_avg_sqs: &[Tensor],
-    steps: &[f64],
+    steps: &[Tensor],
     lr: f64,
     (beta1, beta2): (f64, f64),
     weight_decay: f64,
     eps: f64,
+    found_inf: Option<&Tensor>,
 ) -> anyhow::Result<()> {
     let n = params.len();
     anyhow::ensure!(
@@ -276,23 +295,26 @@ fn fused_adamw(
     );
     let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut _).collect::<Vec<_>>();
     let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+    let s = ptrs(steps);
+    let inf = found_inf.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut _);
     let mut err = [0 as std::ffi::c_char; 512];
-    // SAFETY: the four lists hold `n` live tensors each, borrowed for the call, and
-    // `steps` `n` numbers; the kernel updates params and moments in place and frees
-    // nothing.
+    // SAFETY: the five lists hold `n` live tensors each, borrowed for the call, and
+    // `inf` is null or a live tensor; the kernel updates params, moments and steps in
+    // place and frees nothing.
     let status = unsafe {
-        upcycle_fused_adamw(
+        upcycle_fused_adamw_device_steps(
             p.as_ptr(),
             g.as_ptr(),
             m.as_ptr(),
             v.as_ptr(),
+            s.as_ptr(),
             n as i64,
-            steps.as_ptr(),
             lr,
             beta1,
             beta2,
             weight_decay,
             eps,
+            inf,
             err.as_mut_ptr(),
             err.len(),
         )
@@ -459,7 +481,7 @@ mod tests {
         for _ in 0..2 {
             opt.zero_grad();
             (&p * 2.0).sum(Kind::Float).backward();
-            opt.step(0.01).unwrap();
+            opt.step(0.01, None).unwrap();
         }
         // step 1: p = 1*(1-0.001) - 0.01*2/(2+1e-8) ~ 0.989; step 2: *(1-0.001) - 0.01.
         let want = (1.0 * 0.999 - 0.01) * 0.999 - 0.01;
@@ -504,7 +526,7 @@ mod tests {
         assert_eq!(opt.state().0.per_tensor["p"], 7);
         opt.zero_grad();
         (&p * 2.0).sum(Kind::Float).backward();
-        opt.step(0.01).unwrap();
+        opt.step(0.01, None).unwrap();
         assert_eq!(opt.state().0.per_tensor["p"], 8);
     }
 
@@ -554,7 +576,7 @@ mod tests {
                 let denom = v.sqrt() / bc2.sqrt() + eps;
                 *p = &*p - &*m / denom * (lr / bc1);
             }
-            opt.step(lr).unwrap();
+            opt.step(lr, None).unwrap();
             let _ = frozen.set_requires_grad(true);
         }
         for (got, want) in [(&w, &rw), (&b, &rb)] {
@@ -572,7 +594,7 @@ mod tests {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
         let mut opt = AdamW::new(OptimConf::default(), vec![("p".into(), p.shallow_clone())]);
         (&p * &p).sum(Kind::Float).backward(); // grad (6, 8), norm 10
-        let n = opt.clip_grad_norm(5.0);
+        let n = opt.clip_grad_norm(5.0).unwrap().double_value(&[]);
         assert!((n - 10.0).abs() < 1e-6);
         let g = Vec::<f32>::try_from(p.grad()).unwrap();
         assert!(

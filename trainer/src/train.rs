@@ -19,6 +19,7 @@ use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::{AsrModel, Losses, Vocab};
 use upcycle_model::balance::{expert_bias_name, is_expert_bias, update_expert_bias};
+use upcycle_model::host;
 use upcycle_model::loss::distillation_loss;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::moe::{MoeContext, Routing};
@@ -144,7 +145,7 @@ impl RoutingWindow {
     /// `loss_distill`, and `moe`: per layer the share of token copies each expert
     /// computed, copies dropped and mean router entropy) and starts a new window.
     fn take_into(&mut self, line: &mut serde_json::Value, batches: u64) {
-        let mean = |t: &Option<Tensor>| t.as_ref().map(|t| t.double_value(&[]) / batches as f64);
+        let mean = |t: &Option<Tensor>| t.as_ref().map(|t| host::scalar_f64(t) / batches as f64);
         for (key, part) in [
             ("loss_balance", &self.balance),
             ("loss_z", &self.z_loss),
@@ -159,11 +160,11 @@ impl RoutingWindow {
                 .layers
                 .iter()
                 .map(|(name, load, dropped, entropy)| {
-                    let load = Vec::<i64>::try_from(load).unwrap_or_default();
+                    let load = host::to_vec_i64(load).unwrap_or_default();
                     let total = load.iter().sum::<i64>().max(1) as f64;
                     let share: Vec<f64> = load.iter().map(|&c| c as f64 / total).collect();
-                    let v = json!({"load": share, "dropped": dropped.int64_value(&[]),
-                                   "entropy": entropy.double_value(&[]) / batches as f64});
+                    let v = json!({"load": share, "dropped": host::scalar_i64(dropped),
+                                   "entropy": host::scalar_f64(entropy) / batches as f64});
                     (name.clone(), v)
                 })
                 .collect();
@@ -370,11 +371,10 @@ pub fn build_model(
     Ok(model)
 }
 
-/// One batch's forward pass (with the losses).
+/// One batch's forward pass (with the losses, on the device: the step reads none).
 pub struct Forward {
-    /// The training objective on the host (distillation included).
-    pub loss: f64,
-    /// The model's losses and routing statistics; `losses.loss` is the objective.
+    /// The model's losses and routing statistics; `losses.loss` is the objective
+    /// (distillation included).
     pub losses: Losses,
     /// The distillation term before its weight, when there is a teacher.
     pub distill: Option<Tensor>,
@@ -401,6 +401,18 @@ pub struct Learner {
     bias_update_rate: f64,
     /// Per MoE layer, token copies each expert computed in this step's batches so far.
     step_load: Vec<(String, Tensor)>,
+    /// Whether a loss of this step's batches so far was not finite (bool, on the device).
+    nonfinite_loss: Option<Tensor>,
+}
+
+/// The gradient norm of an update and whether it is skipped, on the device: the step
+/// reads neither (the norm is read at log intervals).
+pub struct GradNorm {
+    /// The global norm before clipping (float64 scalar).
+    pub norm: Tensor,
+    /// 1.0 when the norm or a loss of the step on any worker is not finite: the update
+    /// is then skipped (float32 scalar, what the fused AdamW takes).
+    pub found_inf: Tensor,
 }
 
 impl Learner {
@@ -442,6 +454,7 @@ impl Learner {
             expert_biases,
             bias_update_rate: config.moe_conf.bias_update_rate,
             step_load: Vec::new(),
+            nonfinite_loss: None,
         }
     }
 
@@ -491,11 +504,7 @@ impl Learner {
             l.loss = &l.loss + &d * *weight;
             d
         });
-        Forward {
-            loss: l.loss.double_value(&[]),
-            losses: l,
-            distill,
-        }
+        Forward { losses: l, distill }
     }
 
     /// Accumulates the gradients of `f`'s objective (divided by the batches an update
@@ -505,6 +514,11 @@ impl Learner {
     pub fn backward(&mut self, f: &Forward) -> Result<()> {
         (&f.losses.loss / self.accum_grad as f64).backward();
         upcycle_parallel::failure::check()?;
+        let bad = f.losses.loss.isfinite().logical_not();
+        self.nonfinite_loss = Some(match self.nonfinite_loss.take() {
+            Some(before) => before.logical_or(&bad),
+            None => bad,
+        });
         if self.expert_biases.is_empty() {
             return Ok(());
         }
@@ -522,53 +536,91 @@ impl Learner {
     }
 
     /// After an update: each expert bias moves towards an even load of the step's global
-    /// batch (token copies summed over the workers of `dist`), and the global balance
-    /// statistics start a new step.
+    /// batch (token copies summed over the workers of `dist`, on the device), and the
+    /// global balance statistics start a new step.
     pub fn end_step(&mut self, dist: &Distributed) -> Result<()> {
         self.model.moe().balance.new_step();
         let load = std::mem::take(&mut self.step_load);
         if load.is_empty() {
             return Ok(());
         }
-        let counts: Vec<Vec<f64>> = load
-            .iter()
-            .map(|(_, t)| Vec::<f64>::try_from(&t.to_kind(Kind::Double)))
-            .collect::<Result<_, _>>()?;
-        let mut summed = dist.sum(&counts.concat())?.into_iter();
-        for ((layer, _), local) in load.iter().zip(&counts) {
-            let global: Vec<f64> = summed.by_ref().take(local.len()).collect();
+        let local: Vec<Tensor> = load.iter().map(|(_, t)| t.to_kind(Kind::Double)).collect();
+        let sizes: Vec<i64> = local.iter().map(|t| t.size()[0]).collect();
+        let summed = dist.sum_on_device(&Tensor::cat(&local, 0))?;
+        for ((layer, _), global) in load.iter().zip(summed.split_with_sizes(&sizes, 0)) {
             let name = expert_bias_name(layer);
             let bias = self
                 .expert_biases
                 .get_mut(&name)
                 .with_context(|| format!("MoE layer {layer} has no expert bias {name}"))?;
-            update_expert_bias(bias, &Tensor::from_slice(&global), self.bias_update_rate);
+            update_expert_bias(bias, &global, self.bias_update_rate);
         }
         Ok(())
     }
 
     /// Synchronises the gradients over the workers of `dist` and clips them to the
-    /// configured global norm; returns the norm before clipping.
-    pub fn sync_and_clip(&mut self, dist: &Distributed) -> Result<f64> {
+    /// configured global norm (by a coefficient on the device); returns the norm before
+    /// clipping and whether the update is to be skipped.
+    pub fn sync_and_clip(&mut self, dist: &Distributed) -> Result<GradNorm> {
         dist.sync_gradients(&self.params)?;
-        Ok(match dist.grad_norm(&self.params)? {
+        let norm = match dist.grad_norm(&self.params)? {
             Some(norm) => {
-                self.opt.clip_to(norm, self.grad_clip);
-                norm
+                self.opt.clip_to(&norm, self.grad_clip);
+                Some(norm)
             }
             None => self.opt.clip_grad_norm(self.grad_clip),
-        })
+        };
+        let norm = norm.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, self.device)));
+        let mut bad = norm.isfinite().logical_not();
+        if let Some(loss) = self.nonfinite_loss.take() {
+            bad = bad.logical_or(&loss);
+        }
+        // Every worker skips together: the flag is raised on all when on one.
+        let found_inf = dist.max_on_device(&bad.to_kind(Kind::Float))?;
+        Ok(GradNorm { norm, found_inf })
     }
 
-    /// Updates the parameters at learning rate `lr` unless `grad_norm` is not finite,
-    /// then clears the gradients; returns whether it updated.
-    pub fn apply(&mut self, lr: f64, grad_norm: f64) -> Result<bool> {
-        let finite = grad_norm.is_finite();
-        if finite {
-            self.opt.step(lr)?;
-        }
+    /// Updates the parameters at learning rate `lr`, unless `grad.found_inf` says to skip
+    /// (decided on the device), then clears the gradients.
+    pub fn apply(&mut self, lr: f64, grad: &GradNorm) -> Result<()> {
+        self.opt.step(lr, Some(&grad.found_inf))?;
         self.opt.zero_grad();
-        Ok(finite)
+        Ok(())
+    }
+}
+
+/// Updates skipped for a non-finite loss or gradient norm, counted on the device and
+/// read at log intervals (float32 scalars).
+struct NonfiniteSteps {
+    /// Skipped in a row, up to the last update.
+    run: Tensor,
+    /// The longest run since the last metrics line.
+    longest: Tensor,
+    /// Skipped since the last metrics line.
+    skipped: Tensor,
+}
+
+impl NonfiniteSteps {
+    fn new(device: Device) -> Self {
+        let zero = || Tensor::zeros([], (Kind::Float, device));
+        Self {
+            run: zero(),
+            longest: zero(),
+            skipped: zero(),
+        }
+    }
+
+    /// Counts an update, skipped where `found_inf` is 1.
+    fn add(&mut self, found_inf: &Tensor) {
+        self.run = (&self.run + 1.0) * found_inf;
+        self.longest = self.longest.maximum(&self.run);
+        self.skipped = &self.skipped + found_inf;
+    }
+
+    /// A new window: the run goes on.
+    fn restart(&mut self) {
+        self.longest = self.run.copy();
+        self.skipped = self.skipped.zeros_like();
     }
 }
 
@@ -579,11 +631,17 @@ struct Log {
     bar: indicatif::ProgressBar,
     /// Start of the window (also moved past each evaluation and save).
     window: Instant,
+    /// [`host::reads`] at the start of the window.
+    reads: u64,
     frames: usize,
-    loss: f64,
-    ctc: f64,
-    att: f64,
+    /// Sums of the window's losses, on the device (float64; `None` before a batch).
+    loss: Option<Tensor>,
+    ctc: Option<Tensor>,
+    att: Option<Tensor>,
     batches: u64,
+    /// Updates in the window.
+    steps: u64,
+    nonfinite: NonfiniteSteps,
     routing: RoutingWindow,
     times: StepTimes,
 }
@@ -616,11 +674,14 @@ impl Log {
             metrics,
             bar,
             window: Instant::now(),
+            reads: host::reads(),
             frames: 0,
-            loss: 0.0,
-            ctc: 0.0,
-            att: 0.0,
+            loss: None,
+            ctc: None,
+            att: None,
             batches: 0,
+            steps: 0,
+            nonfinite: NonfiniteSteps::new(dist.device),
             routing: RoutingWindow::default(),
             times: StepTimes::default(),
         })
@@ -631,21 +692,35 @@ impl Log {
         self.metrics.as_mut().map_or(Ok(()), |m| m.log(&line))
     }
 
-    /// Counts a trained batch of `frames` frames into the window.
+    /// Counts a trained batch of `frames` frames into the window (on the device).
     fn add(&mut self, frames: usize, f: &Forward) {
         self.frames += frames;
-        self.loss += f.loss;
-        self.ctc += f.losses.ctc.double_value(&[]);
-        self.att += f.losses.att.double_value(&[]);
+        let l = &f.losses;
+        for (sum, part) in [
+            (&mut self.loss, &l.loss),
+            (&mut self.ctc, &l.ctc),
+            (&mut self.att, &l.att),
+        ] {
+            accumulate(sum, Some(&part.to_kind(Kind::Double)));
+        }
         self.batches += 1;
         self.routing.add(&f.losses, f.distill.as_ref());
+    }
+
+    /// Starts a new window (after a metrics line, an evaluation or a save).
+    fn restart(&mut self) {
+        (self.frames, self.batches, self.steps) = (0, 0, 0);
+        (self.loss, self.ctc, self.att) = (None, None, None);
+        self.nonfinite.restart();
+        self.window = Instant::now();
+        self.reads = host::reads();
     }
 }
 
 /// What an optimizer step used.
 struct Update {
     lr: f64,
-    grad_norm: f64,
+    grad: GradNorm,
 }
 
 /// The dataset's files as a run reads them.
@@ -680,7 +755,7 @@ pub struct Trainer {
     started: Instant,
     /// Batches trained since the start (or resume), for gradient accumulation.
     micro: u64,
-    /// Batches in a row whose loss was not finite.
+    /// Updates skipped in a row for a non-finite loss or gradient norm (as last read).
     nonfinite_run: u32,
     last_ckpt: PathBuf,
     last_dev_cer: Option<f64>,
@@ -829,7 +904,9 @@ impl Trainer {
     }
 
     /// Trains on one batch: forward and backward, and every `accum_grad` batches the
-    /// update. A batch whose loss is not finite on any worker is skipped by all.
+    /// update. An update whose loss or gradient norm is not finite on any worker is
+    /// skipped by all, on the device (counted at log intervals, [`Trainer::log_step`]):
+    /// nothing here reads the device.
     fn step(&mut self, b: &Batch) -> Result<Option<Update>> {
         let mut lap = Instant::now();
         self.state.batches_in_epoch = b.index as u64 + 1;
@@ -853,11 +930,6 @@ impl Trainer {
         // A failed exchange: the loss is not to be trusted nor the peers waited for.
         upcycle_parallel::failure::check()?;
         self.log.times.forward += lap_secs(&mut lap);
-        if self.dist.any(!f.loss.is_finite())? {
-            self.skip_nonfinite(b, f.loss)?;
-            return Ok(None);
-        }
-        self.nonfinite_run = 0;
         self.learner.backward(&f)?;
         self.log.times.backward += lap_secs(&mut lap);
         self.micro += 1;
@@ -865,21 +937,17 @@ impl Trainer {
         if self.micro % self.config.accum_grad != 0 {
             return Ok(None);
         }
-        let grad_norm = self.learner.sync_and_clip(&self.dist)?;
+        let grad = self.learner.sync_and_clip(&self.dist)?;
         self.log.times.sync += lap_secs(&mut lap);
         let lr = self.schedule.lr(self.state.step);
-        if !self.learner.apply(lr, grad_norm)? {
-            self.state.skipped += 1;
-            tracing::warn!(
-                step = self.state.step,
-                "non-finite gradient norm; update skipped"
-            );
-        }
+        self.learner.apply(lr, &grad)?;
+        self.log.nonfinite.add(&grad.found_inf);
         self.learner.end_step(&self.dist)?;
         self.log.times.optimizer += lap_secs(&mut lap);
         self.state.step += 1;
+        self.log.steps += 1;
         self.log.bar.inc(1);
-        Ok(Some(Update { lr, grad_norm }))
+        Ok(Some(Update { lr, grad }))
     }
 
     /// Sets which parameters train when the step enters another freezing phase.
@@ -892,18 +960,28 @@ impl Trainer {
         }
     }
 
-    /// Counts a batch skipped for a non-finite loss; stops the run after
-    /// `max_nonfinite_steps` of them in a row.
-    fn skip_nonfinite(&mut self, b: &Batch, loss: f64) -> Result<()> {
-        self.nonfinite_run += 1;
-        self.state.skipped += 1;
-        tracing::warn!(step = self.state.step, keys = ?b.keys, "non-finite loss {loss}; batch skipped");
-        if self.nonfinite_run >= self.uc.max_nonfinite_steps {
+    /// Counts the window's updates skipped for a non-finite loss or gradient norm
+    /// (`skipped`, `longest` in a row, the `run` going on, read at the log interval);
+    /// stops the run when `max_nonfinite_steps` of them came in a row.
+    fn count_nonfinite(&mut self, skipped: f64, longest: f64, run: f64) -> Result<()> {
+        let (skipped, longest) = (skipped as u64, longest as u32);
+        self.nonfinite_run = run as u32;
+        if skipped == 0 {
+            return Ok(());
+        }
+        self.state.skipped += skipped;
+        tracing::warn!(
+            step = self.state.step,
+            skipped,
+            in_a_row_now = self.nonfinite_run,
+            "non-finite loss or gradient norm: {skipped} updates skipped since the last metrics line"
+        );
+        if longest >= self.uc.max_nonfinite_steps {
             self.log.bar.abandon();
             bail!(
-                "{} batches in a row had a non-finite loss (upcycle_conf.max_nonfinite_steps); \
-                 stopping. Lower optim_conf.lr or raise scheduler_conf.warmup_steps; the last checkpoint is {}",
-                self.nonfinite_run,
+                "{longest} updates in a row had a non-finite loss or gradient norm \
+                 (upcycle_conf.max_nonfinite_steps); stopping. Lower optim_conf.lr or raise \
+                 scheduler_conf.warmup_steps; the last checkpoint is {}",
                 self.last_ckpt.display()
             );
         }
@@ -911,38 +989,61 @@ impl Trainer {
     }
 
     /// Every `log_interval` steps and at the last: a metrics line of the window's means
-    /// over every worker's batches (frames/s of the whole job), then a new window.
+    /// over every worker's batches (frames/s of the whole job), then a new window. The
+    /// window's device values (losses, the norm, skipped updates) are read here, at once.
     fn log_step(&mut self, update: &Update) -> Result<()> {
         let step = self.state.step;
         if step % self.config.log_interval.max(1) != 0 && step != self.total_steps {
             return Ok(());
         }
+        // The steps' own reads (this method's are not theirs).
+        let reads_per_step = (host::reads() - self.log.reads) as f64 / self.log.steps.max(1) as f64;
+        let Update { lr, grad } = update;
+        let device = self.dist.device;
+        let sum = |t: &Option<Tensor>| {
+            t.as_ref().map_or_else(
+                || Tensor::zeros([], (Kind::Double, device)),
+                Tensor::shallow_clone,
+            )
+        };
+        let nonfinite = &self.log.nonfinite;
+        let window = [
+            sum(&self.log.loss),
+            sum(&self.log.ctc),
+            sum(&self.log.att),
+            grad.norm.shallow_clone(),
+            nonfinite.skipped.to_kind(Kind::Double),
+            nonfinite.longest.to_kind(Kind::Double),
+            nonfinite.run.to_kind(Kind::Double),
+        ];
+        let read = host::to_vec_f64(&Tensor::stack(&window, 0))?;
+        let [loss, ctc, att, grad_norm, skipped, longest, run] = read[..] else {
+            unreachable!("seven values")
+        };
+        self.count_nonfinite(skipped, longest, run)?;
         let log = &mut self.log;
         let secs = log.window.elapsed().as_secs_f64();
-        let totals = self.dist.sum(&[
-            log.frames as f64,
-            log.loss,
-            log.ctc,
-            log.att,
-            log.batches as f64,
-        ])?;
+        let totals = self
+            .dist
+            .sum(&[log.frames as f64, loss, ctc, att, log.batches as f64])?;
         let [frames, total_loss, total_ctc, total_att, batches] = totals[..] else {
             unreachable!("five sums")
         };
         let fps = frames / secs.max(1e-9);
         let n = batches.max(1.0);
-        let Update { lr, grad_norm } = *update;
+        let lr = *lr;
         let mut line = json!({
             "step": step, "epoch": self.state.epoch, "loss": total_loss / n, "loss_ctc": total_ctc / n,
             "loss_att": total_att / n, "lr": lr, "grad_norm": grad_norm, "frames_per_s": fps,
             "peak_rss_mib": peak_rss_mib(), "skipped": self.state.skipped,
             "elapsed_s": self.started.elapsed().as_secs_f64(), "freeze_phase": self.phase.flatten(),
+            "host_reads_per_step": reads_per_step,
         });
         log.routing.take_into(&mut line, log.batches.max(1));
         for (name, bias) in self.learner.expert_biases() {
             let layer = name.trim_end_matches(&expert_bias_name(""));
             if let Some(entry) = line["moe"].get_mut(layer) {
-                entry["expert_bias"] = Vec::<f64>::try_from(bias.to_kind(Kind::Double))?.into();
+                entry["expert_bias"] = host::to_vec_f64(bias)?.into();
             }
         }
         log.times.take_into(&mut line);
@@ -954,8 +1055,7 @@ impl Trainer {
             "loss {:.2} lr {lr:.2e} {fps:.0} frames/s",
             total_loss / n
         ));
-        (log.frames, log.loss, log.ctc, log.att, log.batches) = (0, 0.0, 0.0, 0.0, 0);
-        log.window = Instant::now();
+        log.restart();
         Ok(())
     }
 
@@ -1016,7 +1116,7 @@ impl Trainer {
         if let Some(dir) = saved {
             self.last_ckpt = dir;
         }
-        self.log.window = Instant::now();
+        (self.log.window, self.log.reads) = (Instant::now(), host::reads());
         Ok(())
     }
 
