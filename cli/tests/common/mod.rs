@@ -178,7 +178,7 @@ pub(crate) fn deterministic_moe_config(dir: &Path, batch: usize, eval_interval: 
         .replace("decoder_conf:\n", &format!("decoder_conf:\n{moe}"))
         + &format!(
             "dataset_conf:\n  batch_conf: {{batch_type: static, batch_size: {batch}}}\n  filter_conf: {{min_length: 0}}\n  \
-             shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
+             list_shuffle: false\n  shuffle: false\n  sort: false\n  spec_aug: false\n  speed_perturb: false\n  \
              fbank_conf: {{num_mel_bins: 80, frame_shift: 10, frame_length: 25, dither: 0.0}}\n\
              moe_conf: {{balance_loss_weight: 0.0, z_loss_weight: 0.0, router_init_std: 1.0}}\n\
              optim: adamw\noptim_conf: {{lr: 0.002, eps: 1.0e-3}}\nscheduler_conf: {{warmup_steps: 3}}\nlog_interval: 1\n\
