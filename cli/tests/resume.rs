@@ -351,7 +351,10 @@ fn convert_reshard_consolidate_shard_and_inspect() {
     // exactly; of ep 1 (one slice per bank, partly wanted, read whole to check it): all.
     for rank in 0..2 {
         let (read, dense, experts) = read_as_worker(&resharded, 2, rank);
-        assert!(experts > 0 && dense > 0, "{experts} expert bytes, {dense} dense");
+        assert!(
+            experts > 0 && dense > 0,
+            "{experts} expert bytes, {dense} dense"
+        );
         assert_eq!(read, dense + experts / 2, "rank {rank} of ep 2 from ep 4");
         let (read, dense, experts) = read_as_worker(&source, 2, rank);
         assert_eq!(read, dense + experts, "rank {rank} of ep 2 from ep 1");

@@ -138,7 +138,9 @@ impl ExpertBank {
     ) -> Self {
         let rows = local.end - local.start;
         let var = |name: &str, expert: &[i64], fan_in: i64| {
-            let shape: Vec<i64> = std::iter::once(rows).chain(expert.iter().copied()).collect();
+            let shape: Vec<i64> = std::iter::once(rows)
+                .chain(expert.iter().copied())
+                .collect();
             let v = path.var(name, &shape, Init::Const(0.0));
             let bound = 1.0 / (fan_in as f64).sqrt();
             tch::no_grad(|| {

@@ -125,7 +125,9 @@ fn check_local_build(world: &dyn Collective, mine: &std::ops::Range<i64>) {
         let vs = nn::VarStore::new(Device::Cpu);
         let bank = vs.root() / "experts";
         ExpertBank::part(&bank, local, E, D, F);
-        let _ = vs.root().var("after", &[3, D], nn::Init::Uniform { lo: -1.0, up: 1.0 });
+        let _ = vs
+            .root()
+            .var("after", &[3, D], nn::Init::Uniform { lo: -1.0, up: 1.0 });
         // In name order: every rank gathers the same tensor at the same time.
         vs.variables().into_iter().collect::<BTreeMap<_, _>>()
     };

@@ -865,9 +865,10 @@ impl SliceFile {
     /// The bytes, element type and shape of tensor `key`, read from its byte range only.
     fn read(&self, key: &str) -> Result<(Vec<u8>, Kind, Vec<i64>)> {
         use std::os::unix::fs::FileExt;
-        let info = self.tensors.get(key).with_context(|| {
-            format!("{} does not hold {key}", self.path.display())
-        })?;
+        let info = self
+            .tensors
+            .get(key)
+            .with_context(|| format!("{} does not hold {key}", self.path.display()))?;
         let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         let kind = safetensors_dtype(info.dtype)?;
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
@@ -877,7 +878,10 @@ impl SliceFile {
             .try_fold(info.dtype.size() as u64, |n, &d| n.checked_mul(d as u64));
         if end < start
             || claimed != Some(end - start)
-            || self.data_start.checked_add(end).is_none_or(|e| e > self.len)
+            || self
+                .data_start
+                .checked_add(end)
+                .is_none_or(|e| e > self.len)
         {
             bail!(
                 "{}: tensor {key} claims bytes {start}..{end} for shape {shape:?}, the file \
@@ -1014,9 +1018,9 @@ fn read_slice(
     slice: &Slice,
     file: &SliceFile,
 ) -> Result<Tensor> {
-    let (data, kind, shape) = file.read(&slice.key).map_err(|e| {
-        anyhow::anyhow!("{}: tensor {tagged}: {e:#}", dir.display())
-    })?;
+    let (data, kind, shape) = file
+        .read(&slice.key)
+        .map_err(|e| anyhow::anyhow!("{}: tensor {tagged}: {e:#}", dir.display()))?;
     let mut want = entry.shape.clone();
     if let Some(first) = want.first_mut() {
         *first = slice.end - slice.start;
@@ -1055,8 +1059,8 @@ fn read_single_file(
         .with_context(|| format!("reading {}", file.display()))?
         .len();
     let mut out = BTreeMap::new();
-    for (name, t) in Tensor::read_safetensors(&file)
-        .with_context(|| format!("reading {}", file.display()))?
+    for (name, t) in
+        Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?
     {
         let total = t.size().first().copied().unwrap_or(1);
         let want = rows(&name, total)?;
@@ -1066,7 +1070,13 @@ fn read_single_file(
         };
         out.insert(name, t);
     }
-    Ok((out, BytesRead { read: len, total: len }))
+    Ok((
+        out,
+        BytesRead {
+            read: len,
+            total: len,
+        },
+    ))
 }
 
 /// A safetensors file begins with the length of its header: a claim beyond the file's end
