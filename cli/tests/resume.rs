@@ -36,6 +36,60 @@ fn assert_same_tensors(a: &Path, b: &Path) {
     }
 }
 
+/// Worker `rank` of expert parallelism `ep` reading its rows of checkpoint `dir`: each
+/// tensor equals the rows of the whole one, and the bytes read are those of the dense
+/// tensors plus the expert slices (whole) that hold its experts, counted here from the
+/// manifest's shapes. Returns (bytes read, bytes of the dense tensors, of the experts).
+fn read_as_worker(dir: &Path, ep: i64, rank: i64) -> (u64, u64, u64) {
+    let manifest = checkpoint::read_manifest(dir).unwrap();
+    let is_expert = |name: &str| name.contains(".experts.");
+    let mine = |name: &str, rows: i64| match is_expert(name) {
+        true => rank * rows / ep..(rank + 1) * rows / ep,
+        false => 0..rows,
+    };
+    let (mut read, mut dense, mut experts) = (0, 0, 0);
+    for group in ["model", "optim"] {
+        let whole = checkpoint::read_group(dir, group).unwrap();
+        let (got, bytes) =
+            checkpoint::read_group_rows(dir, group, &|n, rows| Ok(mine(n, rows))).unwrap();
+        assert_eq!(got.len(), whole.len(), "{group}");
+        for (name, t) in &whole {
+            let want = mine(name, t.size().first().copied().unwrap_or(1));
+            let want = match t.dim() {
+                0 => t.shallow_clone(),
+                _ => t.narrow(0, want.start, want.end - want.start),
+            };
+            assert!(got[name].equal(&want), "{group}/{name}: not rows {want:?}");
+        }
+        let mut expect = 0;
+        for (tagged, entry) in manifest.tensors.iter() {
+            let Some(name) = tagged.strip_prefix(&format!("{group}/")) else {
+                continue;
+            };
+            let elt = match entry.dtype.as_str() {
+                "float32" | "int32" => 4,
+                "float64" | "int64" => 8,
+                _ => 2,
+            };
+            let row: i64 = entry.shape.iter().skip(1).product::<i64>() * elt;
+            let want = mine(name, entry.shape.first().copied().unwrap_or(1));
+            for s in &entry.slices {
+                let bytes = ((s.end - s.start) * row) as u64;
+                match is_expert(name) {
+                    true => experts += bytes,
+                    false => dense += bytes,
+                }
+                if s.start < want.end && s.end > want.start {
+                    expect += bytes;
+                }
+            }
+        }
+        assert_eq!(bytes.read, expect, "{group}: bytes read");
+        read += bytes.read;
+    }
+    (read, dense, experts)
+}
+
 #[test]
 fn a_resumed_run_equals_the_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -293,6 +347,20 @@ fn convert_reshard_consolidate_shard_and_inspect() {
     assert_eq!((m.layout.world, m.layout.ep), (4, 4));
     assert!((0..4).all(|r| resharded.join(format!("rank-{r}.safetensors")).is_file()));
     assert_same_tensors(&source, &resharded);
+    // Slices of ep 4 read by a worker of ep 2: the dense tensors and half the experts,
+    // exactly; of ep 1 (one slice per bank, partly wanted, read whole to check it): all.
+    for rank in 0..2 {
+        let (read, dense, experts) = read_as_worker(&resharded, 2, rank);
+        assert!(
+            experts > 0 && dense > 0,
+            "{experts} expert bytes, {dense} dense"
+        );
+        assert_eq!(read, dense + experts / 2, "rank {rank} of ep 2 from ep 4");
+        let (read, dense, experts) = read_as_worker(&source, 2, rank);
+        assert_eq!(read, dense + experts, "rank {rank} of ep 2 from ep 1");
+    }
+    let (read, dense, experts) = read_as_worker(&resharded, 4, 3);
+    assert_eq!(read, dense + experts / 4, "rank 3 of ep 4 from ep 4");
 
     let single = tmp.path().join("single");
     ok(&upcycle(&[

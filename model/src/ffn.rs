@@ -137,11 +137,12 @@ impl FfnFactory {
     /// the first time it is named, shared afterwards).
     pub fn moe(&mut self, path: &nn::Path<'_>, bank: &nn::Path<'_>) -> FeedForward {
         let key = bank.components().collect::<Vec<_>>().join(".");
-        let local = self.moe.dispatch.local_experts(self.moe.n_expert).count() as i64;
+        let local = self.moe.dispatch.local_experts(self.moe.n_expert);
+        let (n, d, hidden) = (self.moe.n_expert, self.d, self.expert_hidden);
         let experts = self
             .banks
             .entry(key)
-            .or_insert_with(|| ExpertBank::new(bank, local, self.d, self.expert_hidden))
+            .or_insert_with(|| ExpertBank::part(bank, local, n, d, hidden))
             .share();
         FeedForward::Moe(Box::new(MoeFeedForward::new(path, experts, &self.moe)))
     }

@@ -121,18 +121,46 @@ impl ExpertBank {
     /// `n_expert` experts of shape `d -> hidden -> d` under `path`, each initialised as
     /// a pair of `torch.nn.Linear` layers.
     pub fn new(path: &nn::Path<'_>, n_expert: i64, d: i64, hidden: i64) -> Self {
-        let uniform = |fan_in: i64| {
+        Self::part(path, 0..n_expert, n_expert, d, hidden)
+    }
+
+    /// Experts `local` (global ids) of a bank of `n_expert`: the tensors hold only these
+    /// rows, and they equal the same rows of [`ExpertBank::new`]'s bank from the same
+    /// generator state. Every expert is drawn, one at a time (the CPU generator draws
+    /// element by element, so expert-wise draws are the whole bank's stream), and only the
+    /// local ones are kept: the generator ends where the whole bank leaves it, so what is
+    /// built after the bank is the same whatever the split, and no worker ever holds more
+    /// than one foreign expert.
+    pub fn part(
+        path: &nn::Path<'_>,
+        local: std::ops::Range<i64>,
+        n_expert: i64,
+        d: i64,
+        hidden: i64,
+    ) -> Self {
+        let rows = local.end - local.start;
+        let var = |name: &str, expert: &[i64], fan_in: i64| {
+            let shape: Vec<i64> = std::iter::once(rows)
+                .chain(expert.iter().copied())
+                .collect();
+            let v = path.var(name, &shape, Init::Const(0.0));
             let bound = 1.0 / (fan_in as f64).sqrt();
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            }
+            tch::no_grad(|| {
+                for e in 0..n_expert {
+                    let draw =
+                        Tensor::zeros(expert, (v.kind(), v.device())).uniform_(-bound, bound);
+                    if local.contains(&e) {
+                        v.get(e - local.start).copy_(&draw);
+                    }
+                }
+            });
+            v
         };
         Self {
-            w_1: path.var("w_1", &[n_expert, d, hidden], uniform(d)),
-            b_1: path.var("b_1", &[n_expert, hidden], uniform(d)),
-            w_2: path.var("w_2", &[n_expert, hidden, d], uniform(hidden)),
-            b_2: path.var("b_2", &[n_expert, d], uniform(hidden)),
+            w_1: var("w_1", &[d, hidden], d),
+            b_1: var("b_1", &[hidden], d),
+            w_2: var("w_2", &[hidden, d], hidden),
+            b_2: var("b_2", &[d], hidden),
         }
     }
 
@@ -643,6 +671,26 @@ mod tests {
         assert_eq!(expert.int64_value(&[0, 0]), 2);
         let want = probs.double_value(&[0, 2]) * 4.0;
         assert!((weight.double_value(&[0, 0]) - want).abs() < 1e-6);
+    }
+
+    /// Drawn expert by expert, the bank is the one `torch.nn.init.uniform_` of each whole
+    /// tensor gives (the CPU generator's stream), so models built before experts were
+    /// drawn one at a time keep their initial weights.
+    #[test]
+    fn experts_drawn_one_at_a_time_are_the_whole_draw() {
+        let (e, d, f) = (3, 5, 7);
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let bank = ExpertBank::new(&(vs.root() / "experts"), e, d, f);
+        tch::manual_seed(11);
+        let whole = |shape: &[i64], fan_in: i64| {
+            let b = 1.0 / (fan_in as f64).sqrt();
+            Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)).uniform_(-b, b)
+        };
+        assert!(bank.w_1.equal(&whole(&[e, d, f], d)));
+        assert!(bank.b_1.equal(&whole(&[e, f], d)));
+        assert!(bank.w_2.equal(&whole(&[e, f, d], f)));
+        assert!(bank.b_2.equal(&whole(&[e, d], f)));
     }
 
     /// Same input, same gradients, bit for bit (resume and parity rely on it).

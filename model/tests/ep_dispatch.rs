@@ -111,8 +111,41 @@ fn worker() {
         &full_vars["ffn.router.weight"].grad(),
     );
     println!("rank {rank}/{size}: expert-parallel layer matches");
+    check_local_build(world.as_ref(), &mine);
     drop((ep, ep_vs, world));
     finalize_mpi();
+}
+
+/// A bank built from the seed as this rank's experts only, and a tensor drawn after it:
+/// the ranks' rows gathered are bit for bit the bank one process builds from that seed,
+/// and the generator ends where the whole bank leaves it (what follows is the same).
+fn check_local_build(world: &dyn Collective, mine: &std::ops::Range<i64>) {
+    let build = |local: std::ops::Range<i64>| {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let bank = vs.root() / "experts";
+        ExpertBank::part(&bank, local, E, D, F);
+        let _ = vs
+            .root()
+            .var("after", &[3, D], nn::Init::Uniform { lo: -1.0, up: 1.0 });
+        // In name order: every rank gathers the same tensor at the same time.
+        vs.variables().into_iter().collect::<BTreeMap<_, _>>()
+    };
+    let whole = build(0..E);
+    let part = build(mine.clone());
+    for (name, got) in part {
+        let got = if name.starts_with("experts.") {
+            assert_eq!(got.size()[0], mine.end - mine.start, "{name}: local rows");
+            world.all_gather(&got).unwrap()
+        } else {
+            got
+        };
+        assert!(
+            got.equal(&whole[&name]),
+            "{name}: the ranks' local build differs from one process's"
+        );
+    }
+    println!("rank {}: local build equals one process's", world.rank());
 }
 
 #[test]
@@ -133,5 +166,6 @@ fn expert_parallel_layer_equals_one_process() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(stdout.matches("layer matches").count(), np, "{stdout}");
+        assert_eq!(stdout.matches("local build equals").count(), np, "{stdout}");
     }
 }

@@ -14,12 +14,15 @@
 //!
 //! Written under `.step-<N>.tmp`, every file flushed, then renamed; `latest` (and `best`)
 //! move last, so a crash at any moment leaves the previous checkpoint whole. Reading
-//! checks every checksum and shape and assembles whole tensors, whatever the layout that
-//! wrote them: a run resumes on another number of workers (resharding by global expert
-//! id happens when each worker takes its rows). Only safetensors and JSON are read: no
-//! code runs from a checkpoint.
+//! checks every checksum and shape, whatever the layout that wrote them: a run resumes on
+//! another number of workers (resharding by global expert id). A worker reads only its
+//! rows ([`read_group_rows`]): of each tensor, the slices that hold some of them, each
+//! as its byte range of its file, so a worker of `--ep N` reads the dense tensors and
+//! ~1/N of the experts. Only safetensors and JSON are read: no code runs from a
+//! checkpoint.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -801,149 +804,294 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
         .with_context(|| format!("{}: not a valid trainer state", path.display()))
 }
 
+/// Tensor bytes one read of a checkpoint group took from its files, and the bytes of the
+/// whole group (what a reader of every row would take); safetensors headers not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BytesRead {
+    /// Bytes of tensor data read (whole slices: each is checked against its checksum).
+    pub read: u64,
+    /// Bytes of tensor data in the group.
+    pub total: u64,
+}
+
+/// One safetensors file of a checkpoint, opened for reads of byte ranges: its header
+/// parsed, its tensors' bytes read only when asked for.
+struct SliceFile {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+    /// Where the tensor data begins (after the length and the header).
+    data_start: u64,
+    tensors: std::collections::HashMap<String, safetensors::tensor::TensorInfo>,
+}
+
+impl SliceFile {
+    fn open(path: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let mut claim = [0u8; 8];
+        let got = file.read_at(&mut claim, 0)?;
+        check_header_claim(&path, &claim[..got], len)?;
+        let n = u64::from_le_bytes(claim);
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8)
+            .with_context(|| format!("reading the header of {}", path.display()))?;
+        let metadata: safetensors::tensor::Metadata = std::str::from_utf8(&header)
+            .ok()
+            .and_then(|h| serde_json::from_str(h).ok())
+            .with_context(|| {
+                format!(
+                    "{}: not a safetensors file (its header does not parse); use another \
+                     checkpoint",
+                    path.display()
+                )
+            })?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, info)| (k, info.clone()))
+            .collect();
+        Ok(Self {
+            path,
+            file,
+            len,
+            data_start: 8 + n,
+            tensors,
+        })
+    }
+
+    /// The bytes, element type and shape of tensor `key`, read from its byte range only.
+    fn read(&self, key: &str) -> Result<(Vec<u8>, Kind, Vec<i64>)> {
+        use std::os::unix::fs::FileExt;
+        let info = self
+            .tensors
+            .get(key)
+            .with_context(|| format!("{} does not hold {key}", self.path.display()))?;
+        let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        let kind = safetensors_dtype(info.dtype)?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let claimed = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.size() as u64, |n, &d| n.checked_mul(d as u64));
+        if end < start
+            || claimed != Some(end - start)
+            || self
+                .data_start
+                .checked_add(end)
+                .is_none_or(|e| e > self.len)
+        {
+            bail!(
+                "{}: tensor {key} claims bytes {start}..{end} for shape {shape:?}, the file \
+                 holds {}: it is truncated or damaged; use another checkpoint",
+                self.path.display(),
+                self.len
+            );
+        }
+        let mut bytes = vec![0u8; (end - start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, self.data_start + start)
+            .with_context(|| format!("reading {key} from {}", self.path.display()))?;
+        Ok((bytes, kind, shape))
+    }
+}
+
 /// The whole tensors of one group (`model` or `optim`) of a checkpoint, by name, put
 /// together from every worker's slices; each slice's checksum, shape and dtype are
 /// checked, and a missing file or tensor is named.
 pub fn read_group(dir: &Path, group: &str) -> Result<BTreeMap<String, Tensor>> {
+    let every_row = |_: &str, rows: i64| Ok(0..rows);
+    Ok(read_group_rows(dir, group, &every_row)?.0)
+}
+
+/// Rows `rows(name, first dimension)` of every tensor of one group of a checkpoint, by
+/// name, and the bytes that took. Only the slices that hold some of those rows are read,
+/// each as its byte range of its file (a slice partly wanted is read whole, to check its
+/// checksum); the manifest is checked whole (every tensor's slices cover its rows).
+pub fn read_group_rows(
+    dir: &Path,
+    group: &str,
+    rows: &dyn Fn(&str, i64) -> Result<Range<i64>>,
+) -> Result<(BTreeMap<String, Tensor>, BytesRead)> {
     if !dir.join("manifest.json").is_file() && group == "model" {
-        // The single-file layout of earlier versions.
-        let file = dir.join("model.safetensors");
-        return Ok(Tensor::read_safetensors(&file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .into_iter()
-            .collect());
+        return read_single_file(dir, rows);
     }
     let manifest = read_manifest(dir)?;
     let prefix = format!("{group}/");
-    // Every file the group touches, mapped once, its header parsed once.
-    let mut maps: BTreeMap<&str, memmap2::Mmap> = BTreeMap::new();
-    for (tagged, entry) in manifest.tensors.iter() {
-        if !tagged.starts_with(&prefix) {
-            continue;
-        }
-        for slice in &entry.slices {
-            if maps.contains_key(slice.file.as_str()) {
-                continue;
-            }
-            let path = confined_join(dir, &slice.file, &dir.join("manifest.json"))?;
-            if !path.is_file() {
-                bail!(
-                    "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
-                    dir.display(),
-                    slice.file
-                );
-            }
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            // SAFETY: checkpoint files are never modified after their save commits.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("mapping {}", path.display()))?;
-            check_header_claim(&path, &map)?;
-            maps.insert(slice.file.as_str(), map);
-        }
-    }
-    let files = maps
-        .iter()
-        .map(|(f, m)| {
-            safetensors::SafeTensors::deserialize(&m[..])
-                .map(|t| (*f, t))
-                .map_err(|e| {
-                    anyhow::anyhow!("{}/{f}: not a safetensors file ({e:?})", dir.display())
-                })
-        })
-        .collect::<Result<BTreeMap<&str, _>>>()?;
+    let mut files: BTreeMap<&str, SliceFile> = BTreeMap::new();
+    let mut bytes = BytesRead::default();
     let mut out = BTreeMap::new();
     for (tagged, entry) in manifest.tensors.iter() {
         let Some(name) = tagged.strip_prefix(&prefix) else {
             continue;
         };
-        let mut rows = Vec::new();
+        let total_rows = entry.shape.first().copied().unwrap_or(1);
+        let want = rows(name, total_rows)?;
+        if want.start < 0 || want.end > total_rows || (want.is_empty() && total_rows > 0) {
+            bail!(
+                "{}: tensor {tagged} has {total_rows} rows, rows {want:?} were asked for: \
+                 the model does not match this checkpoint",
+                dir.display()
+            );
+        }
+        let mut parts = Vec::new();
         let mut next = 0;
         for slice in &entry.slices {
-            let (claimed, holds) = (slice_bytes(entry, slice), maps[slice.file.as_str()].len());
-            if claimed.is_none_or(|b| b > holds as u64) {
+            let claimed = slice_bytes(entry, slice);
+            if slice.start != next || claimed.is_none() {
+                bail!(
+                    "{}: tensor {tagged}: the manifest says rows {}..{} in {}, expected rows from \
+                     {next} of shape {:?} {}: the manifest is damaged; use another checkpoint",
+                    dir.display(),
+                    slice.start,
+                    slice.end,
+                    slice.file,
+                    entry.shape,
+                    entry.dtype
+                );
+            }
+            next = slice.end;
+            let claimed = claimed.expect("checked");
+            bytes.total = bytes.total.saturating_add(claimed);
+            let (first, last) = (slice.start.max(want.start), slice.end.min(want.end));
+            // A tensor of no rows still has its (empty) slice read, for its shape.
+            if first >= last && total_rows > 0 {
+                continue;
+            }
+            if !files.contains_key(slice.file.as_str()) {
+                let path = confined_join(dir, &slice.file, &dir.join("manifest.json"))?;
+                if !path.is_file() {
+                    bail!(
+                        "{}: {} is missing (a checkpoint copied in part?); it holds {tagged}",
+                        dir.display(),
+                        slice.file
+                    );
+                }
+                files.insert(slice.file.as_str(), SliceFile::open(path)?);
+            }
+            let file = &files[slice.file.as_str()];
+            if claimed > file.len {
                 bail!(
                     "{}: tensor {tagged}: the manifest claims rows {}..{} of shape {:?} {} in {} \
-                     ({} bytes), which holds {holds} bytes: the manifest is damaged; use another \
-                     checkpoint",
+                     ({claimed} bytes), which holds {} bytes: the manifest is damaged; use \
+                     another checkpoint",
                     dir.display(),
                     slice.start,
                     slice.end,
                     entry.shape,
                     entry.dtype,
                     slice.file,
-                    claimed.map_or("more than 2^64".into(), |b| b.to_string()),
+                    file.len
                 );
             }
-            let view = files[slice.file.as_str()].tensor(&slice.key).map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: {} does not hold {}",
-                    dir.display(),
-                    slice.file,
-                    slice.key
-                )
-            })?;
-            let (data, shape) = (
-                view.data(),
-                view.shape().iter().map(|&d| d as i64).collect::<Vec<_>>(),
-            );
-            let dtype = safetensors_dtype(view.dtype())?;
-            let mut want = entry.shape.clone();
-            if let Some(first) = want.first_mut() {
-                *first = slice.end - slice.start;
-            }
-            if slice.start != next || shape != want || dtype_name(dtype)? != entry.dtype {
-                bail!(
-                    "{}: tensor {tagged} in {}: rows {}..{} of shape {shape:?} {}, the manifest \
-                     says rows from {next}, shape {want:?} {}",
-                    dir.display(),
-                    slice.file,
-                    slice.start,
-                    slice.end,
-                    dtype_name(dtype)?,
-                    entry.dtype
-                );
-            }
-            if format!("{:x}", Sha256::digest(data)) != slice.sha256 {
-                bail!(
-                    "{}: tensor {tagged} in {} does not match its checksum: the file is \
-                     damaged; use another checkpoint",
-                    dir.display(),
-                    slice.file
-                );
-            }
-            next = slice.end;
-            rows.push(Tensor::from_data_size(data, &shape, dtype));
+            let t = read_slice(dir, tagged, entry, slice, file)?;
+            bytes.read += claimed;
+            parts.push(match entry.shape.is_empty() || total_rows == 0 {
+                true => t,
+                false => t.narrow(0, first - slice.start, last - first),
+            });
         }
-        if next != entry.shape.first().copied().unwrap_or(1) {
+        if next != total_rows {
             bail!(
                 "{}: tensor {tagged} has rows up to {next} of {:?}",
                 dir.display(),
                 entry.shape
             );
         }
-        let whole = match rows.len() {
-            1 => rows.pop().expect("one slice"),
-            _ => Tensor::cat(&rows, 0),
+        let t = match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 0),
         };
-        out.insert(name.to_string(), whole);
+        out.insert(name.to_string(), t);
     }
-    Ok(out)
+    Ok((out, bytes))
+}
+
+/// One slice of tensor `tagged`, read from `file` and checked against the manifest
+/// (shape, dtype, checksum).
+fn read_slice(
+    dir: &Path,
+    tagged: &str,
+    entry: &TensorEntry,
+    slice: &Slice,
+    file: &SliceFile,
+) -> Result<Tensor> {
+    let (data, kind, shape) = file
+        .read(&slice.key)
+        .map_err(|e| anyhow::anyhow!("{}: tensor {tagged}: {e:#}", dir.display()))?;
+    let mut want = entry.shape.clone();
+    if let Some(first) = want.first_mut() {
+        *first = slice.end - slice.start;
+    }
+    if shape != want || dtype_name(kind)? != entry.dtype {
+        bail!(
+            "{}: tensor {tagged} in {}: rows {}..{} of shape {shape:?} {}, the manifest \
+             says shape {want:?} {}",
+            dir.display(),
+            slice.file,
+            slice.start,
+            slice.end,
+            dtype_name(kind)?,
+            entry.dtype
+        );
+    }
+    if format!("{:x}", Sha256::digest(&data)) != slice.sha256 {
+        bail!(
+            "{}: tensor {tagged} in {} does not match its checksum: the file is \
+             damaged; use another checkpoint",
+            dir.display(),
+            slice.file
+        );
+    }
+    Ok(Tensor::from_data_size(&data, &shape, kind))
+}
+
+/// The single-file layout of earlier versions (`model.safetensors`, no manifest): read
+/// whole, then narrowed.
+fn read_single_file(
+    dir: &Path,
+    rows: &dyn Fn(&str, i64) -> Result<Range<i64>>,
+) -> Result<(BTreeMap<String, Tensor>, BytesRead)> {
+    let file = dir.join("model.safetensors");
+    let len = std::fs::metadata(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let mut out = BTreeMap::new();
+    for (name, t) in
+        Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?
+    {
+        let total = t.size().first().copied().unwrap_or(1);
+        let want = rows(&name, total)?;
+        let t = match t.dim() {
+            0 => t,
+            _ => t.narrow(0, want.start, want.end - want.start),
+        };
+        out.insert(name, t);
+    }
+    Ok((
+        out,
+        BytesRead {
+            read: len,
+            total: len,
+        },
+    ))
 }
 
 /// A safetensors file begins with the length of its header: a claim beyond the file's end
-/// (a truncated or damaged file) is named here, before anything is parsed.
-fn check_header_claim(path: &Path, bytes: &[u8]) -> Result<()> {
-    let Some(claim) = bytes.get(..8) else {
+/// (a truncated or damaged file, `len` bytes long, beginning with `first`) is named here,
+/// before anything is parsed.
+fn check_header_claim(path: &Path, first: &[u8], len: u64) -> Result<()> {
+    let Some(claim) = first.get(..8) else {
         bail!(
-            "{}: {} bytes, too short for a safetensors file: it is truncated; use another \
+            "{}: {len} bytes, too short for a safetensors file: it is truncated; use another \
              checkpoint",
-            path.display(),
-            bytes.len()
+            path.display()
         );
     };
     let claim = u64::from_le_bytes(claim.try_into().expect("8 bytes"));
-    let holds = bytes.len() as u64 - 8;
+    let holds = len - 8;
     if claim > holds {
         bail!(
             "{}: the safetensors header claims {claim} bytes, the file holds {holds} after its \

@@ -3,8 +3,8 @@
 //! `mpirun`/`srun`; TCP through the launcher's rendezvous store when a torchrun-style
 //! launcher started it without MPI; NCCL between GPUs), the process groups for data + expert
 //! parallelism, and the agreements the loop needs: parameters equal at the start,
-//! gradients synchronised, stop and skip decisions taken together, and whole tensors
-//! (every expert) for the checkpoint that rank 0 writes.
+//! gradients synchronised, stop and skip decisions taken together, and which rows of
+//! each tensor (its experts) a worker holds, builds and reads.
 //!
 //! A single process (no starter variables) needs none of it: every method is then the
 //! identity and no collective runs.
@@ -179,32 +179,33 @@ impl Distributed {
         }
     }
 
-    /// This worker's rows of a whole tensor (parameter or optimizer moment, by name):
-    /// expert banks narrowed to the local experts (by global expert id), the rest whole.
-    pub fn local_rows(&self, name: &str, t: &Tensor) -> Result<Tensor> {
+    /// The rows of a tensor (parameter or optimizer moment, by name, `rows` in its first
+    /// dimension) this worker holds: of an expert bank, its local experts (by global
+    /// expert id); of the rest, all.
+    pub fn local_range(&self, name: &str, rows: i64) -> Result<std::ops::Range<i64>> {
         match &self.groups {
             Some(g) if g.ep_size > 1 && placement(name) == Placement::Expert => {
-                let experts = t.size()[0];
-                if experts % g.ep_size as i64 != 0 {
+                if rows % g.ep_size as i64 != 0 {
                     bail!(
-                        "tensor {name}: {experts} experts do not split over ep {}",
+                        "tensor {name}: {rows} experts do not split over ep {}",
                         g.ep_size
                     );
                 }
-                let local = experts / g.ep_size as i64;
-                Ok(t.narrow(0, g.ep.rank() as i64 * local, local))
+                let local = rows / g.ep_size as i64;
+                let first = g.ep.rank() as i64 * local;
+                Ok(first..first + local)
             }
-            _ => Ok(t.shallow_clone()),
+            _ => Ok(0..rows),
         }
     }
 
-    /// Copies whole-model tensors (a freshly built full model or a checkpoint) into this
-    /// worker's variables, expert banks narrowed to the local experts; a missing tensor or
-    /// a shape that differs is named.
-    pub fn load_global(&self, global: &BTreeMap<String, Tensor>, vs: &nn::VarStore) -> Result<()> {
+    /// Copies this worker's rows of the model (`local`, as [`Distributed::local_range`]
+    /// says, read from a checkpoint) into its variables; a missing tensor or a shape that
+    /// differs is named.
+    pub fn load_local(&self, local: &BTreeMap<String, Tensor>, vs: &nn::VarStore) -> Result<()> {
         tch::no_grad(|| {
             for (name, mut var) in vs.variables() {
-                let Some(t) = global.get(&name) else {
+                let Some(t) = local.get(&name) else {
                     // A model that never had expert biases (a parent, an upcycled
                     // checkpoint) starts them at zero.
                     if is_expert_bias(&name) {
@@ -216,7 +217,6 @@ impl Distributed {
                     }
                     bail!("tensor {name} is missing");
                 };
-                let t = self.local_rows(&name, t)?;
                 if t.size() != var.size() {
                     bail!(
                         "tensor {name} has shape {:?}, the model expects {:?}",
@@ -224,7 +224,7 @@ impl Distributed {
                         var.size()
                     );
                 }
-                var.copy_(&t);
+                var.copy_(t);
             }
             Ok(())
         })

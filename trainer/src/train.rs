@@ -774,7 +774,7 @@ impl Trainer {
         let moe = dist.moe_context(config.moe_conf.clone());
         let (mean, istd) = data.cmvn.mean_istd();
         let model = build_model(&config, &vs, vocab, &moe, (&mean, &istd), uc.seed)?;
-        let resume = restore_weights(opts, &config, &dist, &vs, vocab, (&mean, &istd))?;
+        let resume = restore_weights(opts, &config, &dist, &vs)?;
         let teacher = load_teacher(&uc, &model, device)?;
         let n_params: i64 = vs
             .trainable_variables()
@@ -1261,16 +1261,13 @@ impl Dataset {
 }
 
 /// Loads into `vs` the weights the run starts from: the checkpoint it continues (which
-/// it returns), `--init`'s, or (experts spread over ranks) this worker's part of the
-/// model a single process would build from the seed; then every worker takes rank 0's
-/// replicated parameters.
+/// it returns) or `--init`'s (without either, the seeded build stands); then every
+/// worker takes rank 0's replicated parameters.
 fn restore_weights(
     opts: &TrainOptions,
     config: &TrainConfig,
     dist: &Distributed,
     vs: &nn::VarStore,
-    vocab: Vocab,
-    cmvn: (&[f32], &[f32]),
 ) -> Result<Option<PathBuf>> {
     let resume = match &opts.resume {
         Some(dir) => Some(checkpoint::resolve_latest(dir)?),
@@ -1282,29 +1279,22 @@ fn restore_weights(
             tracing::warn!(from = %dir.display(), "resuming the run; --init is ignored");
         }
     }
-    // The whole model this worker holds a part of: a checkpoint, or (experts spread
-    // over ranks) the one a single process would build from this seed.
-    let whole = if let Some(dir) = &resume {
+    // This worker's rows of a checkpoint; without one, the model built from the seed is
+    // already this worker's part of a single process's (each expert drawn by its global
+    // id).
+    let from = if let Some(dir) = &resume {
         tracing::info!(from = %dir.display(), "resuming");
-        Some((checkpoint::read_tensors(dir)?, dir.display().to_string()))
+        Some(dir.clone())
     } else if let Some(init) = &opts.init {
         // Weights (and CMVN buffers) only: step 0, a fresh optimizer.
-        let dir = checkpoint::resolve_parent(init)?;
-        Some((checkpoint::read_tensors(&dir)?, dir.display().to_string()))
-    } else if dist.ep() > 1 {
-        let full = nn::VarStore::new(dist.device);
-        let local = MoeContext::local(config.moe_conf.clone());
-        build_model(config, &full, vocab, &local, cmvn, config.upcycle_conf.seed)?;
-        Some((
-            full.variables().into_iter().collect(),
-            "the seeded model".into(),
-        ))
+        Some(checkpoint::resolve_parent(init)?)
     } else {
         None
     };
-    if let Some((tensors, from)) = whole {
-        dist.load_global(&tensors, vs)
-            .with_context(|| format!("loading {from}"))?;
+    if let Some(dir) = from {
+        let tensors = read_local(&dir, "model", dist)?;
+        dist.load_local(&tensors, vs)
+            .with_context(|| format!("loading {}", dir.display()))?;
     }
     dist.broadcast_parameters(vs)?;
     Ok(resume)
@@ -1343,13 +1333,29 @@ fn restore_optimizer(
     opt: &mut AdamW,
 ) -> Result<TrainState> {
     let manifest = checkpoint::read_manifest(dir)?;
-    let moments = checkpoint::read_group(dir, "optim")?
-        .into_iter()
-        .map(|(n, t)| Ok((n.clone(), dist.local_rows(&n, &t)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let moments = read_local(dir, "optim", dist)?.into_iter().collect();
     opt.load_state(&manifest.optimizer_steps(), moments)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     checkpoint::read_state(dir)
+}
+
+/// This worker's rows of a checkpoint group (`model` or `optim`): only the slices that
+/// hold them are read; the bytes read are logged beside the group's.
+fn read_local(
+    dir: &std::path::Path,
+    group: &str,
+    dist: &Distributed,
+) -> Result<BTreeMap<String, Tensor>> {
+    let (tensors, bytes) =
+        checkpoint::read_group_rows(dir, group, &|name, rows| dist.local_range(name, rows))?;
+    tracing::info!(
+        rank = dist.rank(),
+        "{group}: read {} bytes of {} in the checkpoint {}",
+        bytes.read,
+        bytes.total,
+        dir.display()
+    );
+    Ok(tensors)
 }
 
 /// Keeps the same share of the resumed epoch done; with another layout or batch size
