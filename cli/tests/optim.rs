@@ -56,6 +56,31 @@ for step, lr in enumerate(plan["lrs"]):
 save_file(saved, out + "/adamw.safetensors")
 "#;
 
+/// Runs a PyTorch `script` on `plan` (written to `dir/plan.json`); returns the tensors it
+/// saved in `dir/out` and the parameters it started from (its `init.*` tensors, as fresh
+/// leaves that require gradients).
+fn run_torch(
+    script: &str,
+    dir: &std::path::Path,
+    plan: &serde_json::Value,
+    out: &str,
+) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    std::fs::write(dir.join("plan.json"), plan.to_string()).unwrap();
+    python(script, &[dir]);
+    let torch: BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join(out))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let params = torch
+        .iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix("init.")?;
+            Some((name.to_string(), t.copy().set_requires_grad(true)))
+        })
+        .collect();
+    (torch, params)
+}
+
 #[test]
 fn adamw_equals_torch_when_frozen_parameters_are_released() {
     let tmp = tempfile::tempdir().unwrap();
@@ -88,21 +113,7 @@ fn adamw_equals_torch_when_frozen_parameters_are_released() {
         "lrs": lrs, "betas": conf.betas, "eps": conf.eps,
         "weight_decay": conf.weight_decay, "phases": phases,
     });
-    std::fs::write(tmp.path().join("plan.json"), plan.to_string()).unwrap();
-    python(TORCH_ADAMW, &[tmp.path()]);
-    let torch: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(tmp.path().join("adamw.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-
-    let params: BTreeMap<String, Tensor> = torch
-        .iter()
-        .filter_map(|(k, t)| {
-            let name = k.strip_prefix("init.")?;
-            Some((name.to_string(), t.copy().set_requires_grad(true)))
-        })
-        .collect();
+    let (torch, params) = run_torch(TORCH_ADAMW, tmp.path(), &plan, "adamw.safetensors");
     assert_eq!(params.len(), 4);
     let freeze = FreezeSchedule::new(&phases, &params).unwrap();
     let mut opt = AdamW::new(
@@ -264,20 +275,7 @@ fn clipping_and_skipping_a_nonfinite_step_equal_torch() {
         "lr": lr, "betas": conf.betas, "eps": conf.eps, "weight_decay": conf.weight_decay,
         "steps": steps, "nan_steps": nan_steps, "max_norm": max_norm,
     });
-    std::fs::write(tmp.path().join("plan.json"), plan.to_string()).unwrap();
-    python(TORCH_CLIP_SKIP, &[tmp.path()]);
-    let torch: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(tmp.path().join("clip_skip.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let params: BTreeMap<String, Tensor> = torch
-        .iter()
-        .filter_map(|(k, t)| {
-            let name = k.strip_prefix("init.")?;
-            Some((name.to_string(), t.copy().set_requires_grad(true)))
-        })
-        .collect();
+    let (torch, params) = run_torch(TORCH_CLIP_SKIP, tmp.path(), &plan, "clip_skip.safetensors");
     let mut opt = AdamW::new(
         conf,
         params
