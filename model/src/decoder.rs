@@ -5,7 +5,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::activation::Activation;
-use crate::attention::MultiHeadedAttention;
+use crate::attention::{AttentionMask, MultiHeadedAttention};
 use crate::config::DecoderConf;
 use crate::embedding::sinusoid;
 use crate::ffn::{FeedForward, FfnFactory};
@@ -52,14 +52,14 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        tgt_mask: &Tensor,
+        tgt_mask: &AttentionMask,
         memory: &Tensor,
-        memory_mask: &Tensor,
+        memory_mask: &AttentionMask,
         train: bool,
         routing: &mut Routing,
     ) -> Tensor {
         // Position i is real iff it may attend to itself.
-        let valid = tgt_mask.diagonal(0, 1, 2);
+        let valid = tgt_mask.allowed().diagonal(0, 1, 2);
         let h = self.norm1.forward(x);
         let x = x + self
             .self_attn
@@ -134,15 +134,18 @@ impl TransformerDecoder {
         routing: &mut Routing,
     ) -> Tensor {
         let l = ys_in.size()[1];
-        let tgt_mask = make_pad_mask(ys_in_lens, l)
-            .logical_not()
-            .unsqueeze(1)
-            .logical_and(&subsequent_mask(l, ys_in.device()).unsqueeze(0));
+        let tgt_mask = AttentionMask::new(
+            &make_pad_mask(ys_in_lens, l)
+                .logical_not()
+                .unsqueeze(1)
+                .logical_and(&subsequent_mask(l, ys_in.device()).unsqueeze(0)),
+        );
+        let memory_mask = AttentionMask::new(memory_mask);
         let x = self.embed.forward(ys_in) * (self.d as f64).sqrt()
             + sinusoid(0, l, self.d, ys_in.device());
         let mut x = x.dropout(self.positional_dropout, train);
         for layer in &self.decoders {
-            x = layer.forward(&x, &tgt_mask, memory, memory_mask, train, routing);
+            x = layer.forward(&x, &tgt_mask, memory, &memory_mask, train, routing);
         }
         let _t = crate::profile::span("decoder_output");
         self.output_layer.forward(&self.after_norm.forward(&x))

@@ -6,7 +6,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::activation::Activation;
-use crate::attention::RelPositionMultiHeadedAttention;
+use crate::attention::{AttentionMask, RelPositionMultiHeadedAttention};
 use crate::config::EncoderConf;
 use crate::convolution::ConvolutionModule;
 use crate::embedding::{sinusoid, Conv2dSubsampling, GlobalCmvn};
@@ -73,11 +73,11 @@ impl ConformerEncoderLayer {
         }
     }
 
-    /// `x` `[B, T, d]`, attention mask `[B, T or 1, T]`, padding mask `[B, 1, T]`.
+    /// `x` `[B, T, d]`, attention mask (of `[B, T or 1, T]`), padding mask `[B, 1, T]`.
     pub fn forward(
         &self,
         x: &Tensor,
-        att_mask: &Tensor,
+        att_mask: &AttentionMask,
         pos_emb: &Tensor,
         mask_pad: &Tensor,
         train: bool,
@@ -229,7 +229,7 @@ impl ConformerEncoder {
         let len = xs.size()[1];
         let xs = (xs * (self.d as f64).sqrt()).dropout(self.positional_dropout, train);
         let pos_emb = sinusoid(0, len, self.d, xs.device()).dropout(self.positional_dropout, train);
-        let att_mask = chunk_attention_mask(&masks, chunk);
+        let att_mask = AttentionMask::new(&chunk_attention_mask(&masks, chunk));
         let mut x = xs;
         for layer in &self.encoders {
             x = layer.forward(&x, &att_mask, &pos_emb, &masks, train, routing);

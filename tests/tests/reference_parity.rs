@@ -1,7 +1,8 @@
 //! The Rust U2++ model against the PyTorch oracle (`bench/reference/u2pp.py`, WeNet's
 //! model in eager PyTorch, run with the project's own torch 2.11): same weights, real
 //! fbank input of two utterances of different lengths, outputs in full context and in
-//! chunked modes, and every parameter's gradient. Tolerance: fp32, 1e-5.
+//! chunked modes, and every parameter's gradient, with each attention kernel (explicit,
+//! and fused `scaled_dot_product_attention` as CUDA runs it). Tolerance: fp32, 1e-5.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::process::Command;
 
 use tch::{nn, Device, Kind, Tensor};
 use upcycle_model::asr::Vocab;
+use upcycle_model::attention::AttentionKernel;
 use upcycle_model::mask::ChunkMode;
 use upcycle_model::naming::from_wenet;
 use upcycle_trainer::config::TrainConfig;
@@ -132,80 +134,88 @@ fn parity(config_text: &str, label: &str) {
             .collect(),
     )
     .unwrap();
-    let mut worst = 0f64;
-    for (mode, chunk) in [
-        ("full", ChunkMode::Full),
-        (
-            "chunk4",
-            ChunkMode::Chunk {
-                size: 4,
-                left_chunks: -1,
-            },
-        ),
-        (
-            "chunk4left1",
-            ChunkMode::Chunk {
-                size: 4,
-                left_chunks: 1,
-            },
-        ),
-    ] {
-        let l = model.forward(feats, lens, target, tlens, chunk, false);
-        let key = |k: &str| format!("{mode}.{k}");
-        let enc_valid = io[&key("encoder_mask")].transpose(1, 2);
-        let masked = |t: &Tensor, valid: &Tensor| t * valid;
-        check(
-            &key("encoder_out"),
-            &masked(&l.encoder_out.0, &enc_valid),
-            &masked(&io[&key("encoder_out")], &enc_valid),
-            &mut worst,
-        );
-        check(
-            &key("encoder_mask"),
-            &l.encoder_out.1.to_kind(Kind::Int64),
-            &io[&key("encoder_mask")],
-            &mut worst,
-        );
-        check(
-            &key("ctc_log_probs"),
-            &masked(&l.ctc_log_probs, &enc_valid),
-            &masked(&io[&key("ctc_log_probs")], &enc_valid),
-            &mut worst,
-        );
-        check(
-            &key("decoder_out"),
-            &masked(&l.decoder_out, &dec_valid),
-            &masked(&io[&key("decoder_out")], &dec_valid),
-            &mut worst,
-        );
-        if let Some(r) = &l.r_decoder_out {
-            check(
-                &key("r_decoder_out"),
-                &masked(r, &dec_valid),
-                &masked(&io[&key("r_decoder_out")], &dec_valid),
-                &mut worst,
-            );
-        }
-        check(&key("loss_ctc"), &l.ctc, &io[&key("loss_ctc")], &mut worst);
-        check(&key("loss_att"), &l.att, &io[&key("loss_att")], &mut worst);
-        check(&key("loss"), &l.loss, &io[&key("loss")], &mut worst);
-        if mode == "full" {
-            l.loss.backward();
-            for (name, var) in vs
-                .variables()
-                .into_iter()
-                .filter(|(_, v)| v.requires_grad())
-            {
-                let what = format!("grad.{name}");
-                if moe {
-                    check_scaled(&what, &var.grad(), &grads[&name]);
-                } else {
-                    check(&what, &var.grad(), &grads[&name], &mut worst);
+    // Both attention kernels, forced on the CPU: the fused one is what CUDA runs.
+    for kernel in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+        kernel.force(|| {
+            for (_, mut var) in vs.variables() {
+                var.zero_grad();
+            }
+            let mut worst = 0f64;
+            for (mode, chunk) in [
+                ("full", ChunkMode::Full),
+                (
+                    "chunk4",
+                    ChunkMode::Chunk {
+                        size: 4,
+                        left_chunks: -1,
+                    },
+                ),
+                (
+                    "chunk4left1",
+                    ChunkMode::Chunk {
+                        size: 4,
+                        left_chunks: 1,
+                    },
+                ),
+            ] {
+                let l = model.forward(feats, lens, target, tlens, chunk, false);
+                let key = |k: &str| format!("{mode}.{k}");
+                let enc_valid = io[&key("encoder_mask")].transpose(1, 2);
+                let masked = |t: &Tensor, valid: &Tensor| t * valid;
+                check(
+                    &key("encoder_out"),
+                    &masked(&l.encoder_out.0, &enc_valid),
+                    &masked(&io[&key("encoder_out")], &enc_valid),
+                    &mut worst,
+                );
+                check(
+                    &key("encoder_mask"),
+                    &l.encoder_out.1.to_kind(Kind::Int64),
+                    &io[&key("encoder_mask")],
+                    &mut worst,
+                );
+                check(
+                    &key("ctc_log_probs"),
+                    &masked(&l.ctc_log_probs, &enc_valid),
+                    &masked(&io[&key("ctc_log_probs")], &enc_valid),
+                    &mut worst,
+                );
+                check(
+                    &key("decoder_out"),
+                    &masked(&l.decoder_out, &dec_valid),
+                    &masked(&io[&key("decoder_out")], &dec_valid),
+                    &mut worst,
+                );
+                if let Some(r) = &l.r_decoder_out {
+                    check(
+                        &key("r_decoder_out"),
+                        &masked(r, &dec_valid),
+                        &masked(&io[&key("r_decoder_out")], &dec_valid),
+                        &mut worst,
+                    );
+                }
+                check(&key("loss_ctc"), &l.ctc, &io[&key("loss_ctc")], &mut worst);
+                check(&key("loss_att"), &l.att, &io[&key("loss_att")], &mut worst);
+                check(&key("loss"), &l.loss, &io[&key("loss")], &mut worst);
+                if mode == "full" {
+                    l.loss.backward();
+                    for (name, var) in vs
+                        .variables()
+                        .into_iter()
+                        .filter(|(_, v)| v.requires_grad())
+                    {
+                        let what = format!("grad.{name}");
+                        if moe {
+                            check_scaled(&what, &var.grad(), &grads[&name]);
+                        } else {
+                            check(&what, &var.grad(), &grads[&name], &mut worst);
+                        }
+                    }
                 }
             }
-        }
+            eprintln!("{label} ({kernel:?} attention): worst excess over rtol 1e-5: {worst:.2e}");
+        });
     }
-    eprintln!("{label}: worst excess over rtol 1e-5: {worst:.2e}");
 }
 
 fn tiny() -> String {
