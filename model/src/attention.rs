@@ -289,6 +289,7 @@ mod tests {
     /// before the output projection, in both kernels, forward and backward, with no NaN.
     #[test]
     fn rows_with_nothing_visible_give_zeros_not_nan() {
+        let _rng = crate::test_rng::lock();
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
         let attn = MultiHeadedAttention::new(&vs.root(), 2, 8, 0.0);

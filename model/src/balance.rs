@@ -126,6 +126,7 @@ mod tests {
 
     #[test]
     fn the_bias_moves_towards_an_even_load() {
+        let _rng = crate::test_rng::lock();
         let mut bias = Tensor::from_slice(&[0.0f32, 0.5, -0.25, 0.0]);
         // Mean load 25: expert 0 over it, 1 and 2 under, 3 exactly even.
         update_expert_bias(
@@ -143,6 +144,7 @@ mod tests {
     /// One process, no accumulation: the global loss is the per-micro-batch formula.
     #[test]
     fn one_process_global_loss_is_the_micro_batch_loss() {
+        let _rng = crate::test_rng::lock();
         tch::manual_seed(0);
         let probs =
             Tensor::randn([10, 4], (Kind::Float, tch::Device::Cpu)).softmax(-1, Kind::Float);

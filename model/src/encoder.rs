@@ -256,6 +256,7 @@ mod tests {
     /// in the group's first block) and keep their own routers.
     #[test]
     fn shared_expert_banks_are_stored_once_with_a_router_per_block() {
+        let _rng = crate::test_rng::lock();
         let c = conf("expert_sharing: [[0, 1], [2, 3]]\n");
         c.validate().unwrap();
         let vs = nn::VarStore::new(Device::Cpu);

@@ -233,6 +233,7 @@ mod tests {
     /// An MoE block costs the router plus k experts, not E; training is 3x the forward.
     #[test]
     fn moe_counts_active_experts_and_training_triples() {
+        let _rng = crate::test_rng::lock();
         let (dense, moe) = (tiny("position_wise_feed_forward"), tiny("moe"));
         let ffn = 2 * 2 * 2 * 8 * 16;
         let router = 2 * 2 * 8 * 4;

@@ -62,6 +62,7 @@ mod tests {
 
     #[test]
     fn bounds_are_pytorchs() {
+        let _rng = crate::test_rng::lock();
         let vs = nn::VarStore::new(Device::Cpu);
         let l = linear(vs.root() / "l", 400, 10, true);
         let max = l.ws.abs().max().double_value(&[]);

@@ -50,3 +50,19 @@ pub mod precision;
 pub mod profile;
 pub mod search;
 pub mod upcycle;
+
+/// Unit tests of this crate draw from libtorch's one global generator, and some seed it
+/// and compare two draws: run in parallel, another test's draw in between changes the
+/// second. Every unit test holds this lock, so they run one at a time (they take well
+/// under a second together).
+#[cfg(test)]
+mod test_rng {
+    use std::sync::{Mutex, MutexGuard};
+
+    static RNG: Mutex<()> = Mutex::new(());
+
+    /// The lock (a test that failed while holding it does not poison the others).
+    pub(crate) fn lock() -> MutexGuard<'static, ()> {
+        RNG.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -118,6 +118,7 @@ mod tests {
 
     #[test]
     fn sos_eos_and_reverse_as_wenet() {
+        let _rng = crate::test_rng::lock();
         let ys = Tensor::from_slice(&[1i64, 2, 3, 4, 5, -1, -1, -1]).view([2, 4]);
         let lens = Tensor::from_slice(&[4i64, 1]);
         let (yin, yout) = add_sos_eos(&ys, &lens, 10, 11);
@@ -129,6 +130,7 @@ mod tests {
 
     #[test]
     fn label_smoothing_without_smoothing_is_cross_entropy() {
+        let _rng = crate::test_rng::lock();
         let logits = Tensor::from_slice(&[0.1f32, 2.0, -1.0, 0.5, 0.3, 0.2]).view([1, 2, 3]);
         let target = Tensor::from_slice(&[1i64, -1]).view([1, 2]);
         let got = label_smoothing_loss(&logits, &target, 0.0, false).double_value(&[]);

@@ -155,6 +155,7 @@ mod tests {
 
     #[test]
     fn chunk_mask_matches_wenet() {
+        let _rng = crate::test_rng::lock();
         // WeNet's docstring example: size 4, chunk 2.
         let m = rows(&subsequent_chunk_mask(4, 2, -1, Device::Cpu));
         assert_eq!(
@@ -174,6 +175,7 @@ mod tests {
 
     #[test]
     fn pad_mask_and_dynamic_rule() {
+        let _rng = crate::test_rng::lock();
         let m = make_pad_mask(&Tensor::from_slice(&[2i64, 4]), 4);
         assert_eq!(
             Vec::<bool>::try_from(m.get(0)).unwrap(),
@@ -201,6 +203,7 @@ mod tests {
 
     #[test]
     fn rows_with_nothing_visible_become_all_visible() {
+        let _rng = crate::test_rng::lock();
         // Length 2 of 6, one left chunk of size 2: rows 4 and 5 would see only padding.
         let masks = make_pad_mask(&Tensor::from_slice(&[2i64]), 6)
             .logical_not()

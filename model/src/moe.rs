@@ -653,6 +653,7 @@ mod tests {
     /// groups of a granular upcycle) and softmax_topk's weights are 1/k, as WeNet's.
     #[test]
     fn ties_go_to_the_lower_experts_and_softmax_topk_scales_by_e_over_k() {
+        let _rng = crate::test_rng::lock();
         let logits = Tensor::zeros([3, 8], (Kind::Float, Device::Cpu));
         let probs = logits.softmax(-1, Kind::Float);
         for router in [Router::TopkSoftmax, Router::SoftmaxTopk] {
@@ -678,6 +679,7 @@ mod tests {
     /// drawn one at a time keep their initial weights.
     #[test]
     fn experts_drawn_one_at_a_time_are_the_whole_draw() {
+        let _rng = crate::test_rng::lock();
         let (e, d, f) = (3, 5, 7);
         tch::manual_seed(11);
         let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -696,6 +698,7 @@ mod tests {
     /// Same input, same gradients, bit for bit (resume and parity rely on it).
     #[test]
     fn forward_and_backward_are_deterministic() {
+        let _rng = crate::test_rng::lock();
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
         let moe = layer(
@@ -732,6 +735,7 @@ mod tests {
     /// moved after each batch it evens out a router that favours one expert.
     #[test]
     fn expert_bias_evens_the_load_and_leaves_the_weights() {
+        let _rng = crate::test_rng::lock();
         tch::manual_seed(2);
         let vs = nn::VarStore::new(Device::Cpu);
         let moe = layer(
@@ -792,6 +796,7 @@ mod tests {
     /// says how many.
     #[test]
     fn jitter_is_training_only_and_dropped_copies_are_counted() {
+        let _rng = crate::test_rng::lock();
         tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
         let moe = layer(

@@ -156,6 +156,7 @@ mod tests {
 
     #[test]
     fn stacking_round_trips_bit_for_bit() {
+        let _rng = crate::test_rng::lock();
         let mut wenet = BTreeMap::new();
         for j in 0..3 {
             wenet.insert(
@@ -199,6 +200,7 @@ mod tests {
 
     #[test]
     fn position_tables_are_written_checked_and_dropped() {
+        let _rng = crate::test_rng::lock();
         let ours: BTreeMap<String, Tensor> = [
             ("encoder.embed.out.0.weight", [8, 12]),
             ("decoder.left_decoder.embed.0.weight", [30, 8]),
@@ -237,6 +239,7 @@ mod tests {
 
     #[test]
     fn missing_expert_is_named() {
+        let _rng = crate::test_rng::lock();
         let mut wenet = BTreeMap::new();
         for j in [0, 2] {
             wenet.insert(

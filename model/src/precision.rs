@@ -100,6 +100,7 @@ mod tests {
 
     #[test]
     fn products_run_in_bf16_inside_and_fp32_in_the_islands() {
+        let _rng = crate::test_rng::lock();
         let a = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
         assert_eq!(a.matmul(&b).kind(), Kind::Float);
@@ -118,6 +119,7 @@ mod tests {
 
     #[test]
     fn a_panic_inside_restores_the_switch() {
+        let _rng = crate::test_rng::lock();
         let r = std::panic::catch_unwind(|| autocast(Precision::Bf16, Device::Cpu, || panic!("x")));
         assert!(r.is_err());
         assert!(!is_autocast(Device::Cpu));
@@ -125,6 +127,7 @@ mod tests {
 
     #[test]
     fn the_config_names_are_lowercase() {
+        let _rng = crate::test_rng::lock();
         let p: Precision = serde_yaml::from_str("bf16").unwrap();
         assert_eq!(p, Precision::Bf16);
     }

@@ -206,6 +206,7 @@ mod tests {
 
     #[test]
     fn greedy_collapses_repeats_and_drops_blanks() {
+        let _rng = crate::test_rng::lock();
         let x = lp(&[
             &[0.1, 0.8, 0.1],
             &[0.1, 0.8, 0.1],
@@ -222,6 +223,7 @@ mod tests {
 
     #[test]
     fn prefix_beam_finds_the_sequence_greedy_misses() {
+        let _rng = crate::test_rng::lock();
         // Greedy path is blank-blank (p = 0.36) but "a" has total probability
         // 0.4*0.6 + 0.6*0.4 + 0.4*0.4 = 0.64 over its three alignments.
         let x = lp(&[&[0.6, 0.4], &[0.6, 0.4]]);

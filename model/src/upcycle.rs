@@ -352,6 +352,7 @@ mod tests {
 
     #[test]
     fn experts_are_exact_copies_unless_noise_is_asked_for() {
+        let _rng = crate::test_rng::lock();
         let (dense, moe) = dense_and_moe(4, 12);
         let r = upcycle(&dense, &moe, Method::Copy).unwrap();
         assert_eq!((r.banks, r.routers, r.unused.len()), (1, 1, 0));
@@ -374,6 +375,7 @@ mod tests {
     /// parent's.
     #[test]
     fn drop_reinitialises_a_fraction_of_each_experts_units() {
+        let _rng = crate::test_rng::lock();
         let (dense, moe) = dense_and_moe(4, 12);
         tch::manual_seed(3);
         upcycle(&dense, &moe, Method::Drop { ratio: 0.5 }).unwrap();
@@ -420,6 +422,7 @@ mod tests {
     /// equal router rows.
     #[test]
     fn granular_slices_put_back_together_are_the_parent() {
+        let _rng = crate::test_rng::lock();
         let (dense, moe) = dense_and_moe(6, 4);
         upcycle(&dense, &moe, Method::Granular { granularity: 3 }).unwrap();
         let (w_1, b_1) = (var(&moe, "ff.experts.w_1"), var(&moe, "ff.experts.b_1"));
@@ -449,6 +452,7 @@ mod tests {
 
     #[test]
     fn a_missing_or_misshapen_source_is_named() {
+        let _rng = crate::test_rng::lock();
         let (mut dense, moe) = dense_and_moe(4, 12);
         let w = dense.remove("ff.w_2.weight").unwrap();
         let e = upcycle(&dense, &moe, Method::Copy).unwrap_err();
