@@ -6,7 +6,7 @@ include!("link_cuda.rs");
 
 fn main() {
     compile_against_libtorch("csrc/all_to_all.cpp", "upcycle_all_to_all");
-    link_libtorch_cuda();
+    link_libtorch_cuda("");
     println!("cargo:rerun-if-changed=torch_cc.rs");
     println!("cargo:rerun-if-changed=link_cuda.rs");
     println!("cargo:rerun-if-changed=build.rs");

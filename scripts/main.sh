@@ -25,9 +25,9 @@ U=${UPCYCLE:-./target/release/upcycle}
 DATA=${DATA:-data/multilingual}
 RUN=${RUN:-runs/multilingual}
 UME=${UME:-runs/ume}
-METHODS=${METHODS:-copy granular}
+METHODS=${METHODS:-copy top1}
 PARENT_STEPS=${PARENT_STEPS:-3000}
-EXTRA_STEPS=${EXTRA_STEPS:-600}
+EXTRA_STEPS=${EXTRA_STEPS:-1200}
 SCRATCH=${SCRATCH:-1}
 $U data prepare --corpus multilingual --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
@@ -48,8 +48,13 @@ upcycle_args() { # METHOD
   case $1 in
     copy | noise | drop) echo "--method $1 --experts 8 --top-k 2" ;;
     granular) echo "--method granular --experts 16 --top-k 4 --granularity 4 --router softmax_topk --router-init zero" ;;
-    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular)" >&2; return 1 ;;
+    top1) echo "--method copy --experts 4 --top-k 1 --router softmax_topk --router-init zero" ;;
+    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular, top1)" >&2; return 1 ;;
   esac
+}
+# The upcycling method of a METHODS entry (top1: copy, routed at the parent's cost).
+method_of() { # METHOD
+  case $1 in top1) echo copy ;; *) echo "$1" ;; esac
 }
 # The training config of a method: its own when it changes the experts' shape.
 upcycle_config() { # METHOD
@@ -72,7 +77,7 @@ for m in $METHODS; do
   train_and_eval "$UME/b-$m" --config "$(upcycle_config "$m")" --init "$UME/upcycled-$m" \
     --max-steps "$EXTRA_STEPS"
   rows+=("b-$m=$UME/b-$m")
-  methods+=(--method "b-$m=$m")
+  methods+=(--method "b-$m=$(method_of "$m")")
   after+=(--after "b-$m=parent")
 done
 if [ "$SCRATCH" = 1 ]; then

@@ -8,6 +8,7 @@
 
 mod bench;
 mod convert;
+mod cuda;
 mod data;
 mod device;
 mod eval;
@@ -76,6 +77,10 @@ fn keep_freed_memory() {
 
 fn main() {
     keep_freed_memory();
+    if let Err(e) = cuda::load() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

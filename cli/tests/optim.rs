@@ -209,7 +209,7 @@ fn continuation_schedules_equal_torch_schedulers() {
         min_lr: 1e-4,
     };
     for (name, want) in &torch {
-        let ours = Schedule::new(name, 1e-3, &conf);
+        let ours = Schedule::new(name, 1e-3, &conf, 0);
         assert_eq!(want.len(), 60);
         for (step, w) in want.iter().enumerate() {
             let got = ours.lr(step as u64);

@@ -82,7 +82,8 @@ pub struct SchedulerConf {
     /// Linear warm-up steps.
     #[serde(default = "warmup")]
     pub warmup_steps: u64,
-    /// Total steps for `cosine` and `linear` (they decay to `min_lr` there).
+    /// Total steps for `cosine` and `linear` (they decay to `min_lr` there); 0 decays
+    /// until the run's last step (a phase's schedule: counted from the phase's first).
     #[serde(default)]
     pub total_steps: u64,
     /// Floor of `cosine` and `linear`.
@@ -117,10 +118,10 @@ fn check_schedule(key: &str, name: &str, conf: &SchedulerConf) -> Result<(), Str
             SCHEDULERS.join(", ")
         ));
     }
-    if name != "warmuplr" && conf.total_steps <= conf.warmup_steps {
+    if name != "warmuplr" && conf.total_steps != 0 && conf.total_steps <= conf.warmup_steps {
         return Err(format!(
-            "{key}: {name} decays until scheduler_conf.total_steps, which must be set above \
-             warmup_steps ({} and {})",
+            "{key}: {name} decays until scheduler_conf.total_steps, which must be above \
+             warmup_steps ({} and {}), or 0 to decay until the run's last step",
             conf.total_steps, conf.warmup_steps
         ));
     }
@@ -783,8 +784,10 @@ mod tests {
             e.contains("freeze[0].lr_schedule.scheduler: \"step\""),
             "{e}"
         );
-        let e = phase("{scheduler: cosine, scheduler_conf: {warmup_steps: 10}}").unwrap_err();
+        let e = phase("{scheduler: cosine, scheduler_conf: {warmup_steps: 10, total_steps: 10}}")
+            .unwrap_err();
         assert!(e.contains("total_steps"), "{e}");
+        phase("{scheduler: cosine, scheduler_conf: {warmup_steps: 10}}").unwrap();
         phase("{scheduler: linear, scheduler_conf: {warmup_steps: 10, total_steps: 20}}").unwrap();
         // The model refuses its own keys when it is built.
         let e = TrainConfig::parse("moe_conf: {balance_scope: world}")

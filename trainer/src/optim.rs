@@ -363,19 +363,24 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The schedule named in the config.
-    pub fn new(name: &str, lr: f64, conf: &SchedulerConf) -> Schedule {
+    /// The schedule named in the config; `run_steps` is the length a `total_steps` of 0
+    /// stands for (the steps from the schedule's start to the run's end).
+    pub fn new(name: &str, lr: f64, conf: &SchedulerConf, run_steps: u64) -> Schedule {
+        let total = match conf.total_steps {
+            0 => run_steps,
+            n => n,
+        };
         match name {
             "cosine" => Schedule::Cosine {
                 lr,
                 warmup: conf.warmup_steps,
-                total: conf.total_steps,
+                total,
                 min_lr: conf.min_lr,
             },
             "linear" => Schedule::Linear {
                 lr,
                 warmup: conf.warmup_steps,
-                total: conf.total_steps,
+                total,
                 min_lr: conf.min_lr,
             },
             _ => Schedule::Warmup {
@@ -434,10 +439,16 @@ pub struct StagedSchedule {
 
 impl StagedSchedule {
     /// The config's `scheduler` at peak `lr`, and each phase's `lr_schedule` (its peak
-    /// `lr` unless it sets one) from its `from_step`.
-    pub fn new(name: &str, lr: f64, conf: &SchedulerConf, phases: &[FreezePhase]) -> Self {
+    /// `lr` unless it sets one) from its `from_step`, for a run of `run_steps` steps.
+    pub fn new(
+        name: &str,
+        lr: f64,
+        conf: &SchedulerConf,
+        phases: &[FreezePhase],
+        run_steps: u64,
+    ) -> Self {
         Self {
-            run: Schedule::new(name, lr, conf),
+            run: Schedule::new(name, lr, conf, run_steps),
             phases: phases
                 .iter()
                 .filter_map(|p| {
@@ -445,7 +456,12 @@ impl StagedSchedule {
                     let peak = s.lr.unwrap_or(lr);
                     Some((
                         p.from_step,
-                        Schedule::new(&s.scheduler, peak, &s.scheduler_conf),
+                        Schedule::new(
+                            &s.scheduler,
+                            peak,
+                            &s.scheduler_conf,
+                            run_steps.saturating_sub(p.from_step),
+                        ),
                     ))
                 })
                 .collect(),
@@ -661,6 +677,7 @@ mod tests {
             2e-3,
             &run,
             &[phase(0, None), phase(100, Some(rewarm)), phase(200, None)],
+            1000,
         );
         let close = |step: u64, want: f64| {
             let got = s.lr(step);
@@ -680,5 +697,15 @@ mod tests {
         close(149, 1e-4);
         // A later phase without a schedule keeps the one in force.
         close(250, 1e-4);
+        // A total of 0 decays until the run's last step: half way at the middle of the
+        // run (steps 1..=100 after 4 of warm-up), the floor at its end.
+        let to_end = SchedulerConf {
+            warmup_steps: 4,
+            total_steps: 0,
+            min_lr: 1e-4,
+        };
+        let s = Schedule::new("linear", 1e-3, &to_end, 104);
+        assert!((s.lr(53) - 5.5e-4).abs() < 1e-12, "{}", s.lr(53));
+        assert!((s.lr(103) - 1e-4).abs() < 1e-12, "{}", s.lr(103));
     }
 }

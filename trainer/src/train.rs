@@ -794,12 +794,6 @@ impl Trainer {
         if let Some(dir) = &resume {
             state = restore_optimizer(dir, &dist, learner.optimizer_mut())?;
         }
-        let schedule = StagedSchedule::new(
-            &config.scheduler,
-            config.optim_conf.lr,
-            &config.scheduler_conf,
-            &uc.freeze,
-        );
         let (train_loader, dev_loader) = data.loaders(&config, &dist)?;
         let batches_per_epoch = train_loader.plan(0)?.batches_per_rank as u64;
         let steps_per_epoch = batches_per_epoch.div_ceil(config.accum_grad);
@@ -807,6 +801,13 @@ impl Trainer {
             0 => steps_per_epoch * config.max_epoch,
             n => n,
         };
+        let schedule = StagedSchedule::new(
+            &config.scheduler,
+            config.optim_conf.lr,
+            &config.scheduler_conf,
+            &uc.freeze,
+            total_steps,
+        );
         let eval_interval = match uc.eval_interval {
             0 => steps_per_epoch.max(1),
             n => n,
