@@ -109,9 +109,10 @@ fn open_torch_cuda() -> Result<(), String> {
 
 /// The path of the libtorch_cpu.so mapped in a `/proc/<pid>/maps` text.
 fn torch_cpu_path(maps: &str) -> Option<PathBuf> {
+    // The path is the rest of the line from its first '/' (the fields before it have
+    // none), so a folder with spaces in its name is kept whole.
     maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .map(Path::new)
+        .filter_map(|l| l.find('/').map(|i| Path::new(&l[i..])))
         .find(|p| p.file_name().is_some_and(|f| f == "libtorch_cpu.so"))
         .map(Path::to_path_buf)
 }
@@ -124,13 +125,13 @@ mod tests {
     fn finds_libtorch_cpu_in_a_maps_text() {
         let maps = "\
 7f40 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6
-7f41 r-xp 00001000 08:01 2 /opt/torch/lib/libtorch_cpu.so
+7f41 r-xp 00001000 08:01 2 /opt/my torch/lib/libtorch_cpu.so
 7f42 rw-p 00000000 00:00 0
 7f43 r--p 00000000 08:01 3 /opt/torch/lib/libtorch_cuda_linalg.so
 ";
         assert_eq!(
             torch_cpu_path(maps),
-            Some(PathBuf::from("/opt/torch/lib/libtorch_cpu.so"))
+            Some(PathBuf::from("/opt/my torch/lib/libtorch_cpu.so"))
         );
         assert_eq!(torch_cpu_path("7f42 rw-p 00000000 00:00 0\n"), None);
     }
