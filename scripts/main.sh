@@ -12,12 +12,14 @@
 # finished stage is kept: rerunning continues where it stopped.
 #
 # Budgets are steps, not minutes, so that the models (and the table's CER) are the same on
-# a loaded or a faster machine; only the minutes differ. On 2 idle cores: data 1 min;
-# parent PARENT_STEPS=3000 (~30 min); (a) and each (b) EXTRA_STEPS=600 (~6 and ~9 min);
-# (c) parent's steps + EXTRA_STEPS (~45 min); evaluation ~2 min per model: ~115 min with
-# the default METHODS ("copy granular"). METHODS="copy noise drop granular" runs the full
-# comparison (+20 min). UPCYCLE names another build of the binary (default: this
-# checkout's release build).
+# a loaded or a faster machine; only the minutes differ. The parent's learning rate is
+# annealed to its floor at its last step (a finished parent); (a) and (b) re-warm and
+# decay to the same floor over their EXTRA_STEPS. On 2 cores: data 1 min; parent
+# PARENT_STEPS=3000 (~23 min); (a) and each (b) EXTRA_STEPS=1200 (~9 and ~10-12 min);
+# (c) parent's steps + EXTRA_STEPS (~40 min); evaluation ~2 min per model: ~110 min with
+# the default METHODS ("copy top1": 8 experts top-2, and 4 experts top-1 at the parent's
+# active size). METHODS="copy top1 noise drop granular" runs every method (+35 min).
+# UPCYCLE names another build of the binary (default: this checkout's release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -83,7 +83,8 @@ pub struct SchedulerConf {
     #[serde(default = "warmup")]
     pub warmup_steps: u64,
     /// Total steps for `cosine` and `linear` (they decay to `min_lr` there); 0 decays
-    /// until the run's last step (a phase's schedule: counted from the phase's first).
+    /// until the run's last step (a phase's schedule: counted from the phase's first; a
+    /// run resumed with another `max_steps` decays until the new last step).
     #[serde(default)]
     pub total_steps: u64,
     /// Floor of `cosine` and `linear`.
