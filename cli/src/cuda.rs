@@ -44,7 +44,14 @@ pub(crate) fn load() -> Result<(), String> {
             } else {
                 match open_torch_cuda() {
                     Ok(()) => CudaRuntime::Loaded,
-                    Err(e) => CudaRuntime::Skipped(format!("libtorch_cuda: {e}")),
+                    Err(e) => {
+                        // Said at once: `--device auto` would quietly train on the CPU.
+                        eprintln!(
+                            "warning: an NVIDIA driver is installed but libtorch's CUDA \
+                             libraries could not be loaded ({e}); no GPU will be used"
+                        );
+                        CudaRuntime::Skipped(format!("libtorch_cuda: {e}"))
+                    }
                 }
             }
         }
