@@ -76,3 +76,36 @@ fn forced_load_computes_and_a_bad_value_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("UPCYCLE_CUDA=\"yes\": expected 1"), "{err}");
 }
+
+#[test]
+fn device_cuda_without_a_gpu_says_why() {
+    let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.yaml");
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(
+        None,
+        &[
+            "train",
+            "--config",
+            configs.to_str().unwrap(),
+            "--data",
+            tmp.path().join("no-data").to_str().unwrap(),
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    if driver_installed() {
+        // A GPU machine gets past the device check (and fails on the missing data).
+        assert!(!err.contains("no CUDA device is visible"), "{err}");
+    } else {
+        assert!(
+            err.contains("no CUDA device is visible")
+                && err.contains("no NVIDIA driver here")
+                && err.contains("UPCYCLE_CUDA=1 forces them"),
+            "{err}"
+        );
+    }
+}
