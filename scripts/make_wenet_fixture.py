@@ -12,21 +12,8 @@ used from a checkout given by --wenet (no WeNet code is copied into this reposit
     PYTHONPATH=/path/to/wenet-deps .venv/bin/python scripts/make_wenet_fixture.py \
         --wenet /path/to/wenet --out tests/golden/wenet
 
-Packages WeNet's imports need besides the project's .venv (torch 2.11.0, numpy, PyYAML,
-safetensors), installed into a separate directory so .venv stays as it is:
-
-    .venv/bin/pip install --target /path/to/wenet-deps --no-deps torchaudio==2.11.0 \
-        openai-whisper more-itertools
-    .venv/bin/pip install --target /path/to/wenet-deps librosa langid tensorboardX tqdm \
-        sentencepiece tiktoken
-    # wenet/utils/train_utils.py imports deepspeed (an sdist; builds without CUDA ops):
-    .venv/bin/pip install --target /path/to/build-tools wheel
-    DS_BUILD_OPS=0 PYTHONPATH=/path/to/build-tools PATH=$PWD/.venv/bin:$PATH \
-        .venv/bin/pip install --target /path/to/wenet-deps --no-deps --no-build-isolation \
-        deepspeed hjson ninja psutil py-cpuinfo einops pydantic pydantic-core \
-        annotated-types typing-inspection
-    # then delete from /path/to/wenet-deps the copies of packages .venv already has
-    # (numpy, packaging, typing_extensions, protobuf, google/) so they do not shadow it.
+Packages WeNet's imports need besides the project's .venv: `bash scripts/wenet_deps.sh
+/path/to/wenet-deps` installs them into a separate directory, so .venv stays as it is.
 
 Audio: the 5 LibriVox clips of pocketsphinx-testdata
 (/usr/share/pocketsphinx/test/data/librivox); no audio goes into the fixture.

@@ -13,6 +13,7 @@
 //! | [`loader`] | sharded, batched, background feature extraction |
 //! | [`corpus`] | `data prepare` for the corpora of DATA.md |
 //! | [`npy`] | `.npy` writing, for features to inspect (`upcycle data fbank`) |
+//! | [`threads`] | background threads that leave libtorch's CPUs to the training step |
 //!
 //! The crate knows nothing of training, models or processes: the caller says which
 //! part of a list is its own ([`loader::Shard`]), and batches come out as `tch`
@@ -34,3 +35,4 @@ pub mod list;
 pub mod loader;
 pub mod npy;
 pub mod text;
+pub mod threads;

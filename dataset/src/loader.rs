@@ -886,7 +886,8 @@ impl EpochIter {
                     .name(format!("data-worker-{w}"))
                     .spawn(move || {
                         // Features are computed one utterance at a time per thread;
-                        // libtorch's own thread pool stays for the training step.
+                        // libtorch's own threads stay for the training step.
+                        crate::threads::serial_libtorch();
                         for job in job_rx {
                             let batch = loader.make_batch(
                                 epoch,

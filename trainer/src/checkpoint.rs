@@ -541,7 +541,10 @@ impl Checkpointer {
         let rank = dist.rank();
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
-            .spawn(move || write_part(&tmp, layout, rank, &tensors).map_err(|e| format!("{e:#}")))
+            .spawn(move || {
+                upcycle_dataset::threads::serial_libtorch();
+                write_part(&tmp, layout, rank, &tensors).map_err(|e| format!("{e:#}"))
+            })
             .context("starting the checkpoint writer")?;
         self.pending = Some(Pending {
             writer,
