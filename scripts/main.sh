@@ -31,6 +31,7 @@ METHODS=${METHODS:-copy top1}
 PARENT_STEPS=${PARENT_STEPS:-3000}
 EXTRA_STEPS=${EXTRA_STEPS:-1200}
 SCRATCH=${SCRATCH:-1}
+CONFIGS=${CONFIGS:-configs}   # another folder of the same config names: a variant of the experiment
 $U data prepare --corpus multilingual --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
 
@@ -51,22 +52,24 @@ upcycle_args() { # METHOD
     copy | noise | drop) echo "--method $1 --experts 8 --top-k 2" ;;
     granular) echo "--method granular --experts 16 --top-k 4 --granularity 4 --router softmax_topk --router-init zero" ;;
     top1) echo "--method copy --experts 4 --top-k 1 --router softmax_topk --router-init zero" ;;
-    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular, top1)" >&2; return 1 ;;
+    kmeans) echo "--method copy --experts 8 --top-k 2 --router-init kmeans --router-data $DATA/train" ;;
+    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular, top1, kmeans)" >&2; return 1 ;;
   esac
 }
-# The upcycling method of a METHODS entry (top1: copy, routed at the parent's cost).
+# The upcycling method of a METHODS entry (top1: copy, routed at the parent's cost;
+# kmeans: copy, its routers fitted to the parent's tokens on the training set).
 method_of() { # METHOD
-  case $1 in top1) echo copy ;; *) echo "$1" ;; esac
+  case $1 in top1 | kmeans) echo copy ;; *) echo "$1" ;; esac
 }
 # The training config of a method: its own when it changes the experts' shape.
 upcycle_config() { # METHOD
-  local own=configs/multilingual-upcycle-$1.yaml
-  if [ -e "$own" ]; then echo "$own"; else echo configs/multilingual-upcycle.yaml; fi
+  local own=$CONFIGS/multilingual-upcycle-$1.yaml
+  if [ -e "$own" ]; then echo "$own"; else echo "$CONFIGS/multilingual-upcycle.yaml"; fi
 }
 
-train_and_eval "$RUN" --config configs/multilingual.yaml --max-steps "$PARENT_STEPS"
+train_and_eval "$RUN" --config "$CONFIGS/multilingual.yaml" --max-steps "$PARENT_STEPS"
 mkdir -p "$UME"
-train_and_eval "$UME/a-dense" --config configs/multilingual-continue.yaml --init "$RUN/checkpoints" \
+train_and_eval "$UME/a-dense" --config "$CONFIGS/multilingual-continue.yaml" --init "$RUN/checkpoints" \
   --max-steps "$EXTRA_STEPS"
 rows=("parent=$RUN" "a-dense=$UME/a-dense")
 methods=(--method parent=parent --method a-dense=dense)
@@ -85,7 +88,7 @@ done
 if [ "$SCRATCH" = 1 ]; then
   parent_steps=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" \
     "$RUN/checkpoints/$(cat "$RUN/checkpoints/latest")/state.json")
-  train_and_eval "$UME/c-scratch" --config configs/multilingual-moe-scratch.yaml \
+  train_and_eval "$UME/c-scratch" --config "$CONFIGS/multilingual-moe-scratch.yaml" \
     --max-steps $((parent_steps + EXTRA_STEPS))
   rows+=("c-scratch=$UME/c-scratch")
   methods+=(--method c-scratch=scratch)

@@ -121,9 +121,20 @@ pub(crate) struct UpcycleArgs {
     /// computes its parent's outputs exactly).
     #[arg(long, default_value = "topk_softmax")]
     pub(crate) router: String,
-    /// Router initialisation: normal (small random, breaks the copies' symmetry) or zero.
+    /// Router initialisation: normal (small random, breaks the copies' symmetry), zero,
+    /// or kmeans (each router's rows the k-means centroids of the tokens it sees when the
+    /// parent runs on --router-data, so that every expert starts on its own cluster).
     #[arg(long, default_value = "normal")]
     pub(crate) router_init: String,
+    /// --router-init kmeans: the data set (a directory from `data prepare`, or a
+    /// data.list) to fit the routers on: utterances that span the training data (all
+    /// its languages and speakers), e.g. a small corpus's train/, or a sample of a large
+    /// one's list. Read in list order.
+    #[arg(long)]
+    pub(crate) router_data: Option<PathBuf>,
+    /// --router-init kmeans: the first N utterances of --router-data (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) router_utterances: usize,
     /// Standard deviation of a normal router.
     #[arg(long, default_value_t = 0.02)]
     pub(crate) router_std: f64,
@@ -163,16 +174,18 @@ pub(crate) fn run(command: ConvertCommand) -> Result<()> {
                 router: a.router,
                 router_init: a.router_init,
                 router_std: a.router_std,
+                router_data: a.router_data.map(|d| (d, a.router_utterances)),
                 encoder_only: a.encoder_only,
                 seed: a.seed,
                 layout: upcycle_trainer::checkpoint::Layout::new(a.world, a.ep),
             })?;
             let (total, active) = upcycle_trainer::inspect::parameter_counts(&dir)?;
             println!(
-                "upcycled ({method}): {} expert banks filled, {} fresh routers, {} tensors copied; \
-                 {total} parameters ({active} active per token) -> {}",
+                "upcycled ({method}): {} expert banks filled, {} fresh routers ({} fitted by \
+                 k-means), {} tensors copied; {total} parameters ({active} active per token) -> {}",
                 r.banks,
                 r.routers,
+                r.fitted,
                 r.copied,
                 dir.display()
             );

@@ -61,12 +61,15 @@ fn batch(units: &upcycle_dataset::text::Units) -> Batch {
     }
 }
 
+/// `m` on the batch, in evaluation mode (no dropout), with gradients.
+fn forward(m: &LoadedModel, b: &Batch, chunk: ChunkMode) -> upcycle_model::asr::Losses {
+    m.model
+        .forward(&b.feats, &b.lens, &b.target, &b.target_lens, chunk, false)
+}
+
 /// CTC log-probabilities, left and right decoder outputs, with padding zeroed.
 fn outputs(m: &LoadedModel, b: &Batch, chunk: ChunkMode) -> [Tensor; 3] {
-    let o = tch::no_grad(|| {
-        m.model
-            .forward(&b.feats, &b.lens, &b.target, &b.target_lens, chunk, false)
-    });
+    let o = tch::no_grad(|| forward(m, b, chunk));
     let frames = o.encoder_out.1.transpose(1, 2).to_kind(Kind::Float);
     let l = b.target.size()[1] + 1;
     let tokens = Tensor::arange(l, (Kind::Int64, Device::Cpu))
@@ -132,6 +135,7 @@ fn child(dense: &Path, out: &Path, method: Method, k: i64, (router, init): Routi
         router: router.into(),
         router_init: init.into(),
         router_std: 0.02,
+        router_data: None,
         encoder_only: false,
         seed: 3,
         layout: Layout::new(1, 1),
@@ -267,14 +271,7 @@ fn top_1_softmax_topk_gives_every_router_a_gradient() {
     let out = tmp.path().join("top-1");
     let child = child(&dense, &out, Method::Copy, 1, SOFTMAX_TOPK);
     let b = batch(&child.units);
-    let o = child.model.forward(
-        &b.feats,
-        &b.lens,
-        &b.target,
-        &b.target_lens,
-        ChunkMode::Full,
-        false,
-    );
+    let o = forward(&child, &b, ChunkMode::Full);
     o.loss.backward();
     let routers: Vec<(String, Tensor)> = child
         .vs
@@ -292,4 +289,92 @@ fn top_1_softmax_topk_gives_every_router_a_gradient() {
         eprintln!("{name}: max |grad| {g:.2e}");
         assert!(g > 1e-6, "{name}: no gradient ({g})");
     }
+}
+
+/// `--router-init kmeans` on real speech: the routers are fitted to the tokens WeNet's
+/// dense model gives on the LibriVox clips, and the copy child still computes its
+/// parent's outputs (copies under topk_softmax, whatever the router). Why it exists: a
+/// normal router over identical copies gets no gradient from the task's loss (the k
+/// weights sum to 1 over equal outputs), so it starts and stays near uniform.
+#[test]
+fn kmeans_routers_fit_the_parents_tokens_and_keep_its_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = import_dense(tmp.path());
+    let data = common::librivox(&tmp.path().join("data")).join("train");
+    let parent = checkpoint::load_model(&dense, Device::Cpu).unwrap();
+    let b = batch(&parent.units);
+    // `convert upcycle --router-init kmeans` into `out`, fitted on `data` (if any),
+    // with `extra` arguments.
+    let convert = |out: &str, data: Option<&Path>, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "convert".to_string(),
+            "upcycle".into(),
+            "--from".into(),
+            dense.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--router-init".into(),
+            "kmeans".into(),
+        ];
+        if let Some(data) = data {
+            args.extend(["--router-data".into(), data.display().to_string()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (upcycle(&args), out)
+    };
+    let refused = |out: &str, data: Option<&Path>, extra: &[&str]| {
+        let (o, _) = convert(out, data, extra);
+        assert!(!o.status.success(), "{out}: accepted");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+
+    let (o, out) = convert("kmeans", Some(&data), &[]);
+    let printed = ok(&o);
+    assert!(
+        printed.contains("6 fresh routers (6 fitted by k-means)"),
+        "{printed}"
+    );
+    let fitted = checkpoint::load_model(&out, Device::Cpu).unwrap();
+    let (excess, d) = distance(&parent, &fitted, &b);
+    eprintln!("copy top-2, kmeans routers: max |child - parent| = {d:.2e}");
+    assert!(excess <= 1e-5, "kmeans routers moved the child {d:.3e}");
+
+    // The routing of the five clips: nearer to a choice than a normal router's.
+    let normal = child(&dense, &tmp.path().join("normal"), Method::Copy, 2, WENET);
+    let entropy = |m: &LoadedModel| {
+        let o = tch::no_grad(|| forward(m, &b, ChunkMode::Full));
+        let layers = &o.routing.layers;
+        layers
+            .iter()
+            .map(|l| l.entropy.double_value(&[]))
+            .sum::<f64>()
+            / layers.len() as f64
+    };
+    let (k, n) = (entropy(&fitted), entropy(&normal));
+    eprintln!(
+        "mean router entropy: kmeans {k:.4}, normal {n:.4} (ln 8 = {:.4})",
+        8f64.ln()
+    );
+    assert!(k < n, "kmeans entropy {k} not below a normal router's {n}");
+
+    // The task's loss gives a normal router over copies no gradient (without dropout,
+    // which would make the copies' outputs differ).
+    let o = forward(&normal, &b, ChunkMode::Full);
+    (&o.ctc + &o.att).backward();
+    for (name, router) in normal.vs.variables() {
+        if name.ends_with(".router.weight") {
+            let g = router.grad().abs().max().double_value(&[]);
+            assert!(g < 1e-6, "{name}: a gradient {g} through identical copies");
+        }
+    }
+
+    let e = refused("no-data", None, &[]);
+    assert!(e.contains("name the data with --router-data"), "{e}");
+    let e = refused("missing-data", Some(&tmp.path().join("data")), &[]);
+    assert!(e.contains("data.list does not exist"), "{e}");
+    let top_1 = ["--router", "softmax_topk", "--top-k", "1"];
+    let e = refused("softmax-topk", Some(&data), &top_1);
+    assert!(e.contains("--router topk_softmax"), "{e}");
 }

@@ -165,7 +165,31 @@ impl AsrModel {
         chunk: ChunkMode,
         train: bool,
     ) -> Losses {
-        let mut routing = Routing::recording();
+        let routing = Routing::recording();
+        self.forward_routed(
+            feats,
+            feats_lens,
+            target,
+            target_lens,
+            chunk,
+            train,
+            routing,
+        )
+    }
+
+    /// [`Self::forward`] with the MoE layers reporting to `routing` (e.g. one that keeps
+    /// the router inputs); it comes back in [`Losses::routing`].
+    #[allow(clippy::too_many_arguments)] // `forward`'s batch and mode, plus the collector
+    pub fn forward_routed(
+        &self,
+        feats: &Tensor,
+        feats_lens: &Tensor,
+        target: &Tensor,
+        target_lens: &Tensor,
+        chunk: ChunkMode,
+        train: bool,
+        mut routing: Routing,
+    ) -> Losses {
         let (enc, mask) = self
             .encoder
             .forward(feats, feats_lens, chunk, train, &mut routing);

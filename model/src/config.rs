@@ -272,7 +272,9 @@ pub struct ModelConf {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MoeConf {
-    /// `normal` (N(0, router_init_std), breaks the symmetry of upcycled copies) or `zero`.
+    /// `normal` (N(0, router_init_std), breaks the symmetry of upcycled copies), `zero`,
+    /// or `kmeans` (fitted to the parent's tokens by `convert upcycle`; a model built
+    /// from the config alone starts as `normal`, and its trained router is then loaded).
     #[serde(default = "normal")]
     pub router_init: String,
     /// Standard deviation of a `normal` router initialisation.
@@ -354,7 +356,7 @@ impl MoeConf {
         one_of(
             "moe_conf.router_init",
             &self.router_init,
-            &["normal", "zero"],
+            &["normal", "zero", "kmeans"],
         )?;
         one_of(
             "moe_conf.router",

@@ -277,6 +277,9 @@ pub struct LayerRouting {
     pub dropped: Tensor,
     /// Mean entropy of the router's distribution over experts, in nats.
     pub entropy: Tensor,
+    /// The tokens the router saw `[N, d]` (fp32, detached), kept only by a collector
+    /// from [`Routing::capturing_inputs`].
+    pub inputs: Option<Tensor>,
 }
 
 /// Collects [`LayerRouting`] of every MoE layer through a forward pass; a disabled
@@ -284,6 +287,7 @@ pub struct LayerRouting {
 #[derive(Debug, Default)]
 pub struct Routing {
     enabled: bool,
+    capture_inputs: bool,
     /// The layers' records, in forward order.
     pub layers: Vec<LayerRouting>,
 }
@@ -293,7 +297,17 @@ impl Routing {
     pub fn recording() -> Self {
         Self {
             enabled: true,
+            capture_inputs: false,
             layers: Vec::new(),
+        }
+    }
+
+    /// A collector that records and also keeps every layer's router inputs
+    /// ([`LayerRouting::inputs`]), e.g. to fit routers to them.
+    pub fn capturing_inputs() -> Self {
+        Self {
+            capture_inputs: true,
+            ..Self::recording()
         }
     }
 
@@ -446,6 +460,7 @@ impl MoeFeedForward {
     pub fn new(path: &nn::Path<'_>, experts: ExpertBank, spec: &MoeSpec) -> Self {
         let init = match spec.conf.router_init.as_str() {
             "zero" => Init::Const(0.0),
+            // `kmeans` is fitted after the build (`kmeans_router`); normal until then.
             _ => Init::Randn {
                 mean: 0.0,
                 stdev: spec.conf.router_init_std,
@@ -562,9 +577,9 @@ impl MoeFeedForward {
         let kept_expert = copy_expert.index_select(0, &order);
         let kept = kept_expert.bincount(None::<&Tensor>, e);
         if routing.enabled() {
-            routing
-                .layers
-                .push(self.statistics(&logits, &probs, &routed, &kept, train));
+            let mut record = self.statistics(&logits, &probs, &routed, &kept, train);
+            record.inputs = routing.capture_inputs.then(|| input.detach());
+            routing.layers.push(record);
         }
         Route {
             token: order.divide_scalar_mode(k, "trunc"),
@@ -621,6 +636,7 @@ impl MoeFeedForward {
             dropped: (routed - kept).sum(Kind::Int64),
             tokens_per_expert: kept.shallow_clone(),
             entropy,
+            inputs: None,
         }
     }
 }

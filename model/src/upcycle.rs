@@ -134,6 +134,9 @@ pub struct UpcycleReport {
     pub banks: usize,
     /// Routers left at their fresh initialisation (granular: made into virtual groups).
     pub routers: usize,
+    /// Of those, routers then fitted to the parent's tokens (`kmeans`; set by the caller,
+    /// which runs the data).
+    pub fitted: usize,
     /// Dense feed-forward tensors no expert bank took (layers that share a bank take
     /// the owner block's network).
     pub unused: Vec<String>,
@@ -225,6 +228,77 @@ fn virtual_groups(name: &str, router: &Tensor, granularity: i64) -> Result<(), S
         .repeat_interleave_self_int(granularity, 0, None);
     router.shallow_clone().copy_(&groups);
     Ok(())
+}
+
+/// Router rows `[E, d]` fitted to the tokens `[N, d]` a layer's router sees: spherical
+/// k-means (cosine similarity; k-means++ seeding, then `rounds` of Lloyd's updates) makes
+/// E / `granularity` centroids, each repeated for the G experts of its virtual group. A
+/// token's largest logits are then its nearest centroids, so from step 0 every expert
+/// (copy) is trained on one coherent region of the token space instead of a random share
+/// of it: a normal router over identical copies gets no gradient (the k weights sum to 1
+/// over equal outputs) and stays near uniform. The rows are the unit centroids divided
+/// by the tokens' mean norm, so a logit is about the cosine of token and centroid.
+/// Seeded by libtorch's generator (`tch::manual_seed`).
+pub fn kmeans_router(
+    tokens: &Tensor,
+    experts: i64,
+    granularity: i64,
+    rounds: usize,
+) -> Result<Tensor, String> {
+    let clusters = experts / granularity.max(1);
+    let n = tokens.size()[0];
+    if clusters < 1 || experts % granularity.max(1) != 0 {
+        return Err(format!(
+            "{experts} experts are not a whole number of virtual groups of {granularity}"
+        ));
+    }
+    if n < clusters {
+        return Err(format!(
+            "{n} tokens cannot be split into {clusters} clusters (fit on more utterances)"
+        ));
+    }
+    tch::no_grad(|| {
+        let x = tokens.to_kind(Kind::Float);
+        let norms = x.norm_scalaropt_dim(2, [-1].as_slice(), true);
+        let unit = &x / norms.clamp_min(1e-12);
+        // k-means++: each next seed drawn with probability proportional to its cosine
+        // distance from the nearest seed so far.
+        let first = Tensor::randint(n, [1], (Kind::Int64, x.device()));
+        let mut seeds = vec![unit.index_select(0, &first)];
+        let cosine_distance = |seed: &Tensor| -> Tensor {
+            (unit.matmul(&seed.tr()).squeeze_dim(1) * -1.0 + 1.0).clamp_min(0.0)
+        };
+        let mut distance = cosine_distance(&seeds[0]);
+        for _ in 1..clusters {
+            // Every token on a seed already (up to rounding): no new direction to draw.
+            if distance.max().double_value(&[]) <= 1e-6 {
+                return Err(format!(
+                    "the tokens have fewer than {clusters} distinct directions: nothing to                      cluster (fit on more, or more varied, utterances)"
+                ));
+            }
+            let pick = distance.multinomial(1, false);
+            let seed = unit.index_select(0, &pick);
+            distance = distance.minimum(&cosine_distance(&seed));
+            seeds.push(seed);
+        }
+        let mut centroids = Tensor::cat(&seeds, 0);
+        for _ in 0..rounds {
+            let nearest = unit.matmul(&centroids.tr()).argmax(-1, false);
+            let sums = centroids.zeros_like().index_add(0, &nearest, &unit);
+            let moved = &sums
+                / sums
+                    .norm_scalaropt_dim(2, [-1].as_slice(), true)
+                    .clamp_min(1e-12);
+            // A cluster left without tokens keeps its centroid.
+            let empty = nearest
+                .bincount(None::<&Tensor>, clusters)
+                .eq(0)
+                .unsqueeze(1);
+            centroids = centroids.where_self(&empty, &moved);
+        }
+        let mean_norm = norms.mean(Kind::Float).clamp_min(1e-12);
+        Ok((centroids / mean_norm).repeat_interleave_self_int(granularity.max(1), 0, None))
+    })
 }
 
 /// Fills the expert bank under `layer` (e.g. `encoder.encoders.0.feed_forward.`) from
@@ -348,6 +422,63 @@ mod tests {
 
     fn var(moe: &nn::VarStore, name: &str) -> Tensor {
         moe.variables()[name].shallow_clone()
+    }
+
+    /// Tokens around `groups` random directions of `d` dimensions (norms 2-6), 50 each,
+    /// and the group of each.
+    fn clustered_tokens(groups: i64, d: i64) -> (Tensor, Tensor) {
+        let centres = Tensor::randn([groups, d], (Kind::Float, Device::Cpu));
+        let group = Tensor::arange(groups, (Kind::Int64, Device::Cpu))
+            .repeat_interleave_self_int(50, 0, None);
+        let noise = Tensor::randn([groups * 50, d], (Kind::Float, Device::Cpu)) * 0.05;
+        let scale = Tensor::rand([groups * 50, 1], (Kind::Float, Device::Cpu)) * 4.0 + 2.0;
+        ((centres.index_select(0, &group) + noise) * scale, group)
+    }
+
+    /// Every token's largest logit is the row of its own group, a different row for each
+    /// group; logits are about cosines; granular rows come in equal virtual groups.
+    #[test]
+    fn a_kmeans_router_sends_each_cluster_of_tokens_to_its_own_expert() {
+        let _rng = crate::test_rng::lock();
+        tch::manual_seed(3);
+        let (tokens, group) = clustered_tokens(4, 16);
+        let router = kmeans_router(&tokens, 4, 1, 20).unwrap();
+        assert_eq!(router.size(), [4, 16]);
+        let logits = tokens.matmul(&router.tr());
+        let chosen = Vec::<i64>::try_from(&logits.argmax(-1, false)).unwrap();
+        let group = Vec::<i64>::try_from(&group).unwrap();
+        let mut expert_of = BTreeMap::new();
+        for (g, e) in group.iter().zip(&chosen) {
+            assert_eq!(*expert_of.entry(*g).or_insert(*e), *e, "group {g} split");
+        }
+        let experts: BTreeSet<i64> = expert_of.values().copied().collect();
+        assert_eq!(
+            experts.len(),
+            4,
+            "two groups share an expert: {expert_of:?}"
+        );
+        let top = logits.amax(-1, false).abs().max().double_value(&[]);
+        assert!(top < 2.5, "logits should be about cosines, largest {top}");
+
+        let router = kmeans_router(&tokens, 8, 2, 20).unwrap();
+        let pairs = router.view([4, 2, 16]);
+        assert!(pairs.select(1, 0).equal(&pairs.select(1, 1)));
+    }
+
+    #[test]
+    fn kmeans_refuses_too_few_or_identical_tokens_by_name() {
+        let _rng = crate::test_rng::lock();
+        let few = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        let e = kmeans_router(&few, 4, 1, 5).unwrap_err();
+        assert!(
+            e.contains("3 tokens cannot be split into 4 clusters"),
+            "{e}"
+        );
+        let same = Tensor::ones([20, 8], (Kind::Float, Device::Cpu));
+        let e = kmeans_router(&same, 4, 1, 5).unwrap_err();
+        assert!(e.contains("fewer than 4 distinct directions"), "{e}");
+        let e = kmeans_router(&few, 6, 4, 5).unwrap_err();
+        assert!(e.contains("not a whole number of virtual groups"), "{e}");
     }
 
     #[test]

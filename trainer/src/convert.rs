@@ -9,13 +9,18 @@ pub mod wenet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 use upcycle_dataset::cmvn::CmvnStats;
+use upcycle_dataset::loader::{DataLoader, Mode, Shard};
 use upcycle_dataset::text::Units;
 use upcycle_files::atomic::{self, StagedDir};
-use upcycle_model::upcycle::{upcycle, Method, UpcycleReport};
+use upcycle_model::asr::AsrModel;
+use upcycle_model::mask::ChunkMode;
+use upcycle_model::moe::Routing;
+use upcycle_model::upcycle::{kmeans_router, upcycle, Method, UpcycleReport};
 
 use crate::checkpoint::{self, Layout, SaveRequest, TrainState};
 use crate::config::TrainConfig;
@@ -41,6 +46,10 @@ pub struct UpcycleOptions {
     pub router_init: String,
     /// Standard deviation of a `normal` router.
     pub router_std: f64,
+    /// `kmeans` routers: the data set (directory or `data.list`) whose utterances the
+    /// parent encodes and decodes (teacher-forced) to give each router its tokens, and
+    /// how many of its utterances.
+    pub router_data: Option<(PathBuf, usize)>,
     /// Leave the decoder dense.
     pub encoder_only: bool,
     /// Seed of the routers (and the noise).
@@ -84,12 +93,28 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
     config.moe_conf.router_init_std = o.router_std;
     config.moe_conf.router = o.router.clone();
     config.validate().context("the upcycled configuration")?;
+    let router_data = match (o.router_init.as_str(), &o.router_data) {
+        ("kmeans", None) => bail!(
+            "--router-init kmeans fits the routers to the parent's tokens: name the data with \
+             --router-data (e.g. the training set's directory)"
+        ),
+        ("kmeans", Some(_)) if o.router == "softmax_topk" => bail!(
+            "--router-init kmeans with --router softmax_topk would change the parent's \
+             outputs at step 0 (its weights scale the experts): use --router topk_softmax, or \
+             --router-init zero"
+        ),
+        ("kmeans", Some(data)) => Some(data),
+        _ => None,
+    };
 
     tch::manual_seed(o.seed as i64);
     let vs = nn::VarStore::new(Device::Cpu);
-    config.build_model(&vs.root(), crate::config::vocab(&dense.units))?;
+    let model = config.build_model(&vs.root(), crate::config::vocab(&dense.units))?;
     let parent = checkpoint::read_tensors(&dense.dir)?;
-    let report = upcycle(&parent, &vs, o.method).map_err(anyhow::Error::msg)?;
+    let mut report = upcycle(&parent, &vs, o.method).map_err(anyhow::Error::msg)?;
+    if let Some((list, utterances)) = router_data {
+        report.fitted = fit_routers(&model, &vs, &config, &dense.units, list, *utterances, o)?;
+    }
     let cmvn = CmvnStats::load(&dense.dir.join("global_cmvn"))?;
     let dir = checkpoint::save_layout(
         &o.out,
@@ -107,6 +132,77 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
     )?;
     Ok((dir, report))
 }
+
+/// Sets every router of the child `model` that the data reaches to k-means centroids of
+/// the tokens it sees ([`kmeans_router`]) over `utterances` of `list`; returns how many.
+/// The child computes its parent's outputs here (copies under `topk_softmax`, whatever
+/// the router), so one pass gives every layer the inputs it will have at step 0.
+fn fit_routers(
+    model: &AsrModel,
+    vs: &nn::VarStore,
+    config: &TrainConfig,
+    units: &Arc<Units>,
+    list: &Path,
+    utterances: usize,
+    o: &UpcycleOptions,
+) -> Result<usize> {
+    let list = crate::inspect::data_list(list);
+    if !list.is_file() {
+        bail!(
+            "--router-data: {} does not exist (name a data set: `data prepare`'s train/ \
+             directory, or a data.list)",
+            list.display()
+        );
+    }
+    let loader = DataLoader::new(
+        &list,
+        units.clone(),
+        config.dataset_conf.clone(),
+        Mode::Eval,
+        Shard::SINGLE,
+        0,
+    )
+    .with_context(|| format!("--router-data {}", list.display()))?;
+    let mut tokens: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    let seen = crate::inspect::routed_passes(
+        model,
+        &loader,
+        utterances,
+        ChunkMode::Full,
+        Routing::capturing_inputs,
+        |r| {
+            for l in r.layers {
+                if let Some(inputs) = l.inputs {
+                    tokens.entry(l.layer).or_default().push(inputs);
+                }
+            }
+        },
+    )?;
+    let vars = vs.variables();
+    let granularity = o.method.granularity();
+    for (layer, parts) in &tokens {
+        let name = format!("{layer}.router.weight");
+        let mut router = vars[&name].shallow_clone();
+        let all = Tensor::cat(parts, 0);
+        let n = all.size()[0];
+        let sample = if n > KMEANS_TOKENS {
+            let pick = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+            all.index_select(0, &pick.narrow(0, 0, KMEANS_TOKENS))
+        } else {
+            all
+        };
+        let fitted = kmeans_router(&sample, o.experts, granularity, KMEANS_ROUNDS)
+            .map_err(|e| anyhow::anyhow!("{name} on {seen} utterances: {e}"))?;
+        tch::no_grad(|| router.copy_(&fitted));
+    }
+    Ok(tokens.len())
+}
+
+/// Lloyd's rounds of the routers' k-means: a few tens settle it on tens of thousands of
+/// tokens.
+const KMEANS_ROUNDS: usize = 30;
+/// Tokens a router's k-means runs on at most (a random sample of those the data gave).
+const KMEANS_TOKENS: i64 = 200_000;
 
 /// `expert_linear_units` of a section whose `linear_units` hidden units the method splits
 /// (granular: G ways; `None`, the same as `linear_units`, otherwise). Granular needs

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 use upcycle_dataset::loader::{DataLoader, Mode, Shard};
+use upcycle_model::asr::AsrModel;
 use upcycle_model::mask::ChunkMode;
+use upcycle_model::moe::Routing;
 
 use crate::checkpoint::{self, load_model};
 
@@ -59,11 +61,7 @@ pub fn routing_table(
     chunk: i64,
 ) -> Result<String> {
     let m = load_model(checkpoint, Device::Cpu)?;
-    let list = if list.is_dir() {
-        list.join("data.list")
-    } else {
-        list.to_path_buf()
-    };
+    let list = data_list(list);
     let loader = DataLoader::new(
         &list,
         m.units.clone(),
@@ -81,40 +79,28 @@ pub fn routing_table(
         ChunkMode::Full
     };
     let mut layers: Vec<(String, Tensor, f64)> = Vec::new();
-    let (mut seen, mut batches) = (0usize, 0usize);
-    for batch in loader.epoch(0)? {
-        let b = match utterances {
-            0 => batch?,
-            _ => batch?.first(utterances - seen),
-        };
-        let l = tch::no_grad(|| {
-            m.model.forward(
-                &b.feats,
-                &b.feats_lengths,
-                &b.target,
-                &b.target_lengths,
-                mode,
-                false,
-            )
-        });
-        if layers.is_empty() {
-            layers = l
-                .routing
-                .layers
-                .iter()
-                .map(|r| (r.layer.clone(), r.tokens_per_expert.zeros_like(), 0.0))
-                .collect();
-        }
-        for (acc, r) in layers.iter_mut().zip(&l.routing.layers) {
-            acc.1 = &acc.1 + &r.tokens_per_expert;
-            acc.2 += r.entropy.double_value(&[]);
-        }
-        batches += 1;
-        seen += b.keys.len();
-        if utterances > 0 && seen >= utterances {
-            break;
-        }
-    }
+    let mut batches = 0usize;
+    let seen = routed_passes(
+        &m.model,
+        &loader,
+        utterances,
+        mode,
+        Routing::recording,
+        |r| {
+            if layers.is_empty() {
+                layers = r
+                    .layers
+                    .iter()
+                    .map(|r| (r.layer.clone(), r.tokens_per_expert.zeros_like(), 0.0))
+                    .collect();
+            }
+            for (acc, r) in layers.iter_mut().zip(&r.layers) {
+                acc.1 = &acc.1 + &r.tokens_per_expert;
+                acc.2 += r.entropy.double_value(&[]);
+            }
+            batches += 1;
+        },
+    )?;
     if layers.is_empty() {
         bail!("{}: the model has no MoE layer", m.dir.display());
     }
@@ -146,6 +132,52 @@ pub fn routing_table(
         );
     }
     Ok(out)
+}
+
+/// A data set's `data.list`: `path` itself, or the list inside a dataset directory.
+pub fn data_list(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("data.list")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Runs `model` without gradients, as in evaluation, over the first `utterances` of
+/// `loader`'s epoch 0 (0: all), each batch reporting to a fresh `collector()`, which is
+/// then given to `each`; returns the utterances seen.
+pub fn routed_passes(
+    model: &AsrModel,
+    loader: &DataLoader,
+    utterances: usize,
+    mode: ChunkMode,
+    collector: fn() -> Routing,
+    mut each: impl FnMut(Routing),
+) -> Result<usize> {
+    let mut seen = 0usize;
+    for batch in loader.epoch(0)? {
+        let b = match utterances {
+            0 => batch?,
+            _ => batch?.first(utterances - seen),
+        };
+        let l = tch::no_grad(|| {
+            model.forward_routed(
+                &b.feats,
+                &b.feats_lengths,
+                &b.target,
+                &b.target_lengths,
+                mode,
+                false,
+                collector(),
+            )
+        });
+        each(l.routing);
+        seen += b.keys.len();
+        if utterances > 0 && seen >= utterances {
+            break;
+        }
+    }
+    Ok(seen)
 }
 
 /// One row of [`runs_table`]: a name and a run directory (`metrics.jsonl`,
