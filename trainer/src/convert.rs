@@ -135,8 +135,9 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
 
 /// Sets every router of the child `model` that the data reaches to k-means centroids of
 /// the tokens it sees ([`kmeans_router`]) over `utterances` of `list`; returns how many.
-/// The child computes its parent's outputs here (copies under `topk_softmax`, whatever
-/// the router), so one pass gives every layer the inputs it will have at step 0.
+/// A copy or granular child computes its parent's outputs under `topk_softmax` whatever
+/// the router (noise and drop children nearly), so one pass gives every layer the
+/// inputs it will have at step 0.
 fn fit_routers(
     model: &AsrModel,
     vs: &nn::VarStore,
