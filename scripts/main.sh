@@ -53,17 +53,19 @@ upcycle_args() { # METHOD
     granular) echo "--method granular --experts 16 --top-k 4 --granularity 4 --router softmax_topk --router-init zero" ;;
     top1) echo "--method copy --experts 4 --top-k 1 --router softmax_topk --router-init zero" ;;
     kmeans) echo "--method copy --experts 8 --top-k 2 --router-init kmeans --router-data $DATA/train" ;;
-    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular, top1, kmeans)" >&2; return 1 ;;
+    kmeans-top1) echo "--method copy --experts 4 --top-k 1 --router softmax_topk --router-init kmeans --router-data $DATA/train" ;;
+    *) echo "unknown method $1 in METHODS (copy, noise, drop, granular, top1, kmeans, kmeans-top1)" >&2; return 1 ;;
   esac
 }
 # The upcycling method of a METHODS entry (top1: copy, routed at the parent's cost;
 # kmeans: copy, its routers fitted to the parent's tokens on the training set).
 method_of() { # METHOD
-  case $1 in top1 | kmeans) echo copy ;; *) echo "$1" ;; esac
+  case $1 in top1 | kmeans | kmeans-top1) echo copy ;; *) echo "$1" ;; esac
 }
-# The training config of a method: its own when it changes the experts' shape.
+# The training config of a method: its own when it changes the experts' shape
+# (kmeans-top1: top1's).
 upcycle_config() { # METHOD
-  local own=$CONFIGS/multilingual-upcycle-$1.yaml
+  local own=$CONFIGS/multilingual-upcycle-${1#kmeans-}.yaml
   if [ -e "$own" ]; then echo "$own"; else echo "$CONFIGS/multilingual-upcycle.yaml"; fi
 }
 

@@ -98,11 +98,6 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
             "--router-init kmeans fits the routers to the parent's tokens: name the data with \
              --router-data (e.g. the training set's directory)"
         ),
-        ("kmeans", Some(_)) if o.router == "softmax_topk" => bail!(
-            "--router-init kmeans with --router softmax_topk would change the parent's \
-             outputs at step 0 (its weights scale the experts): use --router topk_softmax, or \
-             --router-init zero"
-        ),
         ("kmeans", Some(data)) => Some(data),
         _ => None,
     };
@@ -136,8 +131,8 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
 /// Sets every router of the child `model` that the data reaches to k-means centroids of
 /// the tokens it sees ([`kmeans_router`]) over `utterances` of `list`; returns how many.
 /// A copy or granular child computes its parent's outputs under `topk_softmax` whatever
-/// the router (noise and drop children nearly), so one pass gives every layer the
-/// inputs it will have at step 0.
+/// the router, and nearly under `softmax_topk` with these small routers (noise and drop
+/// children nearly), so one pass gives every layer the inputs it will have at step 0.
 fn fit_routers(
     model: &AsrModel,
     vs: &nn::VarStore,
@@ -181,6 +176,13 @@ fn fit_routers(
     )?;
     let vars = vs.variables();
     let granularity = o.method.granularity();
+    // softmax_topk scales each chosen expert by E/k times its probability: near-zero
+    // logits keep that near 1 (the parent's outputs) while choosing as k-means does.
+    let scale = if o.router == "softmax_topk" {
+        KMEANS_SOFTMAX_TOPK_SCALE
+    } else {
+        1.0
+    };
     for (layer, parts) in &tokens {
         let name = format!("{layer}.router.weight");
         let mut router = vars[&name].shallow_clone();
@@ -192,8 +194,9 @@ fn fit_routers(
         } else {
             all
         };
-        let fitted = kmeans_router(&sample, o.experts, granularity, KMEANS_ROUNDS)
-            .map_err(|e| anyhow::anyhow!("{name} on {seen} utterances: {e}"))?;
+        let fitted = scale
+            * kmeans_router(&sample, o.experts, granularity, KMEANS_ROUNDS)
+                .map_err(|e| anyhow::anyhow!("{name} on {seen} utterances: {e}"))?;
         tch::no_grad(|| router.copy_(&fitted));
     }
     Ok(tokens.len())
@@ -202,6 +205,9 @@ fn fit_routers(
 /// Lloyd's rounds of the routers' k-means: a few tens settle it on tens of thousands of
 /// tokens.
 const KMEANS_ROUNDS: usize = 30;
+/// How much smaller kmeans routers are under `softmax_topk`: logits of about 1e-3 times a
+/// cosine move each expert's weight E p / k from 1 by about 0.1%.
+const KMEANS_SOFTMAX_TOPK_SCALE: f64 = 1e-3;
 /// Tokens a router's k-means runs on at most (a random sample of those the data gave).
 const KMEANS_TOKENS: i64 = 200_000;
 
