@@ -18,8 +18,11 @@
 # PARENT_STEPS=3000 (~23 min); (a) and each (b) EXTRA_STEPS=1200 (~9 and ~10-12 min);
 # (c) parent's steps + EXTRA_STEPS (~40 min); evaluation ~2 min per model: ~110 min with
 # the default METHODS ("copy top1": 8 experts top-2, and 4 experts top-1 at the parent's
-# active size). METHODS="copy top1 noise drop granular" runs every method (+35 min).
-# UPCYCLE names another build of the binary (default: this checkout's release build).
+# active size). METHODS="copy top1 noise drop granular kmeans kmeans-top1" runs every
+# method (kmeans: copies routed by k-means of the parent's tokens, `convert upcycle
+# --router-init kmeans`). FFN=64 narrows every model's feed-forward networks (the
+# 2026-12-07 variant of docs/experiments/ume.md). UPCYCLE names another build of the
+# binary (default: this checkout's release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -31,7 +34,18 @@ METHODS=${METHODS:-copy top1}
 PARENT_STEPS=${PARENT_STEPS:-3000}
 EXTRA_STEPS=${EXTRA_STEPS:-1200}
 SCRATCH=${SCRATCH:-1}
-CONFIGS=${CONFIGS:-configs}   # another folder of the same config names: a variant of the experiment
+# FFN: every model's feed-forward width (linear_units; granular experts a quarter of it)
+# instead of the configs' 256, from copies of the configs written to $UME/configs.
+FFN=${FFN:-}
+CONFIGS=configs
+if [ -n "$FFN" ]; then
+  CONFIGS=$UME/configs
+  mkdir -p "$CONFIGS"
+  for f in configs/multilingual*.yaml; do
+    sed -e "s/^\(  linear_units:\) .*/\1 $FFN/" \
+      -e "s/^\(  expert_linear_units:\) .*/\1 $((FFN / 4))/" "$f" >"$CONFIGS/$(basename "$f")"
+  done
+fi
 $U data prepare --corpus multilingual --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
 
@@ -95,7 +109,7 @@ if [ "$SCRATCH" = 1 ]; then
   rows+=("c-scratch=$UME/c-scratch")
   methods+=(--method c-scratch=scratch)
 fi
-command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS ./run main"
+command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS${FFN:+ FFN=$FFN} ./run main"
 $U inspect runs "${rows[@]}" "${methods[@]}" --json "$UME/ume.json" --command "$command" |
   tee "$UME/table.md"
 for m in $METHODS; do
