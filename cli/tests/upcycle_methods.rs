@@ -305,7 +305,7 @@ fn kmeans_routers_fit_the_parents_tokens_and_keep_its_function() {
     let parent = checkpoint::load_model(&dense, Device::Cpu).unwrap();
     let b = batch(&parent.units);
     // `convert upcycle --router-init kmeans` into `out`, fitted on `data` (if any),
-    // with `extra` arguments.
+    // with `extra` arguments (which may name another --router-init).
     let convert = |out: &str, data: Option<&Path>, extra: &[&str]| {
         let out = tmp.path().join(out);
         let mut args = vec![
@@ -315,9 +315,10 @@ fn kmeans_routers_fit_the_parents_tokens_and_keep_its_function() {
             dense.display().to_string(),
             "--out".into(),
             out.display().to_string(),
-            "--router-init".into(),
-            "kmeans".into(),
         ];
+        if !extra.contains(&"--router-init") {
+            args.extend(["--router-init".into(), "kmeans".into()]);
+        }
         if let Some(data) = data {
             args.extend(["--router-data".into(), data.display().to_string()]);
         }
@@ -375,6 +376,11 @@ fn kmeans_routers_fit_the_parents_tokens_and_keep_its_function() {
     assert!(e.contains("name the data with --router-data"), "{e}");
     let e = refused("missing-data", Some(&tmp.path().join("data")), &[]);
     assert!(e.contains("data.list does not exist"), "{e}");
+    let e = refused("data-unread", Some(&data), &["--router-init", "normal"]);
+    assert!(
+        e.contains("--router-data is read only by --router-init kmeans"),
+        "{e}"
+    );
 
     // Top-1 under softmax_topk: the kmeans rows made small keep each chosen expert's
     // weight E p near 1, so the child stays within about 0.1% of its parent.

@@ -99,7 +99,11 @@ pub fn upcycle_checkpoint(o: &UpcycleOptions) -> Result<(PathBuf, UpcycleReport)
              --router-data (e.g. the training set's directory)"
         ),
         ("kmeans", Some(data)) => Some(data),
-        _ => None,
+        (init, Some(_)) => bail!(
+            "--router-data is read only by --router-init kmeans (this is --router-init {init}): \
+             drop it, or ask for kmeans routers"
+        ),
+        (_, None) => None,
     };
 
     tch::manual_seed(o.seed as i64);
