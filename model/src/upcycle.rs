@@ -273,7 +273,8 @@ pub fn kmeans_router(
             // Every token on a seed already (up to rounding): no new direction to draw.
             if distance.max().double_value(&[]) <= 1e-6 {
                 return Err(format!(
-                    "the tokens have fewer than {clusters} distinct directions: nothing to                      cluster (fit on more, or more varied, utterances)"
+                    "the tokens have fewer than {clusters} distinct directions: nothing to \
+                     cluster (fit on more, or more varied, utterances)"
                 ));
             }
             let pick = distance.multinomial(1, false);
