@@ -21,13 +21,20 @@
 # active size). METHODS="copy top1 noise drop granular kmeans kmeans-top1" runs every
 # method (kmeans: copies routed by k-means of the parent's tokens, `convert upcycle
 # --router-init kmeans`). FFN=64 narrows every model's feed-forward networks (the
-# 2026-12-07 variant of docs/experiments/ume.md). UPCYCLE names another build of the
+# 2026-12-07 variant of docs/experiments/ume.md). SYNTH=N adds N espeak-ng utterances
+# per language to the training split (`data prepare --synth`; dev and test stay real),
+# in data/multilingual-synthN. UPCYCLE names another build of the
 # binary (default: this checkout's release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 U=${UPCYCLE:-./target/release/upcycle}
-DATA=${DATA:-data/multilingual}
+SYNTH=${SYNTH:-0}
+if [ "$SYNTH" = 0 ]; then
+  DATA=${DATA:-data/multilingual}
+else
+  DATA=${DATA:-data/multilingual-synth$SYNTH}
+fi
 RUN=${RUN:-runs/multilingual}
 UME=${UME:-runs/ume}
 METHODS=${METHODS:-copy top1}
@@ -46,7 +53,7 @@ if [ -n "$FFN" ]; then
       -e "s/^\(  expert_linear_units:\) .*/\1 $((FFN / 4))/" "$f" >"$CONFIGS/$(basename "$f")"
   done
 fi
-$U data prepare --corpus multilingual --out "$DATA"
+$U data prepare --corpus multilingual --synth "$SYNTH" --out "$DATA"
 $U data check --data "$DATA/train" --config configs/dataset_conf.yaml
 
 train_and_eval() { # DIR ARGS...
@@ -109,7 +116,7 @@ if [ "$SCRATCH" = 1 ]; then
   rows+=("c-scratch=$UME/c-scratch")
   methods+=(--method c-scratch=scratch)
 fi
-command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS${FFN:+ FFN=$FFN} ./run main"
+command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS${FFN:+ FFN=$FFN}$([ "$SYNTH" = 0 ] || echo " SYNTH=$SYNTH") ./run main"
 $U inspect runs "${rows[@]}" "${methods[@]}" --json "$UME/ume.json" --command "$command" |
   tee "$UME/table.md"
 for m in $METHODS; do

@@ -48,10 +48,15 @@ pub(crate) struct PrepareArgs {
     /// Utterances to synthesise (espeak-en).
     #[arg(long, default_value_t = 500)]
     pub(crate) count: usize,
+    /// espeak-ng utterances per language to add to the training split (multilingual):
+    /// many voices, speeds and pitches, speaking only training text (the training
+    /// transcripts and Fillets NG's dialogue from training levels); dev and test stay real.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) synth: usize,
     /// Your data (dir): a folder with wav.scp + text, or a data.list.
     #[arg(long)]
     pub(crate) src: Option<PathBuf>,
-    /// Seed of the synthesis choices (espeak-en).
+    /// Seed of the synthesis choices (espeak-en, --synth).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
     /// Rebuild even if OUT already holds a complete dataset.
@@ -93,6 +98,7 @@ pub(crate) fn run(command: DataCommand) -> Result<()> {
                 corpus: a.corpus,
                 out: a.out.clone(),
                 count: a.count,
+                synth_per_language: a.synth,
                 src: a.src,
                 seed: a.seed,
                 force: a.force,

@@ -188,12 +188,99 @@ fn entries(dir: &Path, split: &str) -> Vec<(String, String, Option<String>)> {
         .collect()
 }
 
+/// The fraction of a recording's power above `hz`, from Hann-windowed 512-point DFTs of
+/// its frames.
+fn power_above(wav: &Path, hz: f64) -> f64 {
+    let a = audio::read_wav(wav).unwrap();
+    let rate = a.sample_rate as f64;
+    let x = a.into_mono();
+    const N: usize = 512;
+    let (mut high, mut all) = (0.0, 0.0);
+    let hann = |n: usize| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / N as f64).cos();
+    for frame in x.chunks_exact(N).step_by(4) {
+        for k in 1..N / 2 {
+            let (mut re, mut im) = (0.0f64, 0.0f64);
+            for (n, &v) in frame.iter().enumerate() {
+                let w = -2.0 * std::f64::consts::PI * (k * n) as f64 / N as f64;
+                re += v as f64 * hann(n) * w.cos();
+                im += v as f64 * hann(n) * w.sin();
+            }
+            let p = re * re + im * im;
+            all += p;
+            if k as f64 * rate / N as f64 > hz {
+                high += p;
+            }
+        }
+    }
+    high / all
+}
+
 #[test]
 fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("multilingual");
-    let s = prepare("multilingual", &dir, &[]);
+    let s = prepare("multilingual", &dir, &["--synth", "40"]);
     check_dataset(&dir, &s);
+    // espeak-ng speech in every language, in the training split only; the Asterisk
+    // languages band-limited as their telephone prompts are, Czech not.
+    let synth = s["synthetic_train"][0].as_u64().unwrap();
+    assert!((200..=240).contains(&synth), "{s}");
+    let synth_keys = |split: &str| -> Vec<(String, String)> {
+        entries(&dir, split)
+            .into_iter()
+            .filter(|(k, _, _)| k.starts_with("espeak-"))
+            .map(|(k, _, l)| (k, l.unwrap()))
+            .collect()
+    };
+    assert!(synth_keys("dev").is_empty() && synth_keys("test").is_empty());
+    let train_synth = synth_keys("train");
+    assert_eq!(train_synth.len() as u64, synth);
+    for lang in ["cs", "en", "es", "fr", "it", "ru"] {
+        let (key, _) = train_synth
+            .iter()
+            .find(|(_, l)| l == lang)
+            .unwrap_or_else(|| panic!("no synthetic {lang}"));
+        let wav = dir.join("wav").join(format!("{key}.wav"));
+        // Measured: 0.006-0.016 for Czech (and its real Fillets lines); 1e-5 to 2e-4
+        // for the band-limited languages (and the real Asterisk prompts).
+        let high = power_above(&wav, 4500.0);
+        if lang == "cs" {
+            assert!(high > 2e-3, "{key}: {high} of its power above 4.5 kHz");
+        } else {
+            assert!(high < 5e-4, "{key}: {high} of its power above 4.5 kHz");
+        }
+    }
+    // Prepared again with another --synth: refused, naming both.
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args([
+            "data",
+            "prepare",
+            "--no-install",
+            "--corpus",
+            "multilingual",
+        ])
+        .args(["--synth", "0", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--synth 40 (not 0)"),
+        "{err}"
+    );
+    // --synth belongs to the multilingual corpus.
+    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+        .args(["data", "prepare", "--no-install", "--corpus", "librivox"])
+        .args(["--synth", "3", "--out"])
+        .arg(tmp.path().join("not-made"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("multilingual corpus only"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("not-made").exists());
     let langs = ["cs", "en", "es", "fr", "it", "ru"];
     // Every language has a real held-out dev and test set, about a tenth of it.
     for lang in langs {
@@ -249,8 +336,13 @@ fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
             _ => format!("prompt {}", parts[2]),
         }
     };
-    let units_of =
-        |i: usize| -> HashSet<String> { splits[i].iter().map(|e| unit_of(&e.0)).collect() };
+    let units_of = |i: usize| -> HashSet<String> {
+        splits[i]
+            .iter()
+            .filter(|e| !e.0.starts_with("espeak-"))
+            .map(|e| unit_of(&e.0))
+            .collect()
+    };
     let (tr, dv, te) = (units_of(0), units_of(1), units_of(2));
     assert!(tr.is_disjoint(&te) && tr.is_disjoint(&dv) && dv.is_disjoint(&te));
 }

@@ -138,6 +138,8 @@ pub struct PrepareOptions {
     pub out: PathBuf,
     /// Utterances to synthesise (`espeak-en`).
     pub count: usize,
+    /// espeak-ng utterances per language added to the training split (`multilingual`).
+    pub synth_per_language: usize,
     /// Source folder or list (`dir`).
     pub src: Option<PathBuf>,
     /// Seed of synthesis choices.
@@ -203,6 +205,16 @@ pub struct Summary {
     pub removed_overlap: usize,
     /// Frames in the CMVN statistics.
     pub cmvn_frames: u64,
+    /// espeak-ng utterances per language asked for the training split (`multilingual`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub synth_per_language: usize,
+    /// The synthetic training utterances that were kept, and their hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic_train: Option<(usize, f64)>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Summary {
@@ -234,6 +246,11 @@ impl Summary {
                     ));
                 }
             }
+        }
+        if let Some((n, hours)) = self.synthetic_train {
+            s.push_str(&format!(
+                "of train: {n} utterances, {hours:.3} h synthesised by espeak-ng\n"
+            ));
         }
         if self.removed_overlap > 0 {
             s.push_str(&format!(
@@ -291,10 +308,20 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(
         .collect()
 }
 
-/// The corpus's Debian packages that `dpkg-query` does not report as installed.
-fn missing_packages(corpus: CorpusName) -> Vec<&'static str> {
-    corpus
-        .packages()
+impl PrepareOptions {
+    /// The Debian packages this preparation needs.
+    fn packages(&self) -> Vec<&'static str> {
+        let mut p = self.corpus.packages().to_vec();
+        if self.synth_per_language > 0 {
+            p.push("espeak-ng");
+        }
+        p
+    }
+}
+
+/// The packages that `dpkg-query` does not report as installed.
+fn missing_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -308,8 +335,9 @@ fn missing_packages(corpus: CorpusName) -> Vec<&'static str> {
 
 /// Makes sure the corpus's Debian packages are present: installs them with apt-get
 /// when allowed, else fails with the exact command to run.
-fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
-    let missing = missing_packages(corpus);
+fn ensure_packages(opts: &PrepareOptions) -> Result<()> {
+    let (corpus, packages) = (opts.corpus, opts.packages());
+    let missing = missing_packages(&packages);
     if missing.is_empty() {
         return Ok(());
     }
@@ -317,7 +345,7 @@ fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
         "apt-get install -y --no-install-recommends {}",
         missing.join(" ")
     );
-    if !install {
+    if !opts.install {
         bail!(
             "corpus {} needs Debian packages that are not installed; run: {cmd}",
             corpus.label()
@@ -332,7 +360,7 @@ fn ensure_packages(corpus: CorpusName, install: bool) -> Result<()> {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !ok || !missing_packages(corpus).is_empty() {
+    if !ok || !missing_packages(&packages).is_empty() {
         bail!(
             "installing the packages of corpus {} failed; run as root: {cmd}",
             corpus.label()
@@ -420,6 +448,12 @@ fn convert(src: &Path, dst: &Path, tmp: &Path) -> Result<f64, String> {
 
 /// Prepares a dataset directory; returns its summary (also printed by the CLI).
 pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
+    if opts.synth_per_language > 0 && opts.corpus != CorpusName::Multilingual {
+        bail!(
+            "--synth adds speech to the multilingual corpus only; for synthetic English \
+             alone use --corpus espeak-en --count N"
+        );
+    }
     let summary_path = opts.out.join("summary.json");
     if summary_path.exists() && !opts.force {
         let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
@@ -436,13 +470,22 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Summary> {
                 s.corpus.label()
             );
         }
+        if s.synth_per_language != opts.synth_per_language {
+            bail!(
+                "{} was prepared with --synth {} (not {}); choose another --out or pass \
+                 --force to replace it",
+                opts.out.display(),
+                s.synth_per_language,
+                opts.synth_per_language
+            );
+        }
         tracing::info!(
             "{} is complete; pass --force to rebuild",
             opts.out.display()
         );
         return Ok(s);
     }
-    ensure_packages(opts.corpus, opts.install)?;
+    ensure_packages(opts)?;
 
     let staged = StagedDir::beside(&opts.out, "partial")?;
     std::fs::create_dir_all(staged.path().join("wav"))?;
@@ -463,6 +506,16 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         .filter(|t| !t.is_empty())
         .context("no training utterances left after the split")?;
 
+    let synthetic_train = (opts.synth_per_language > 0).then(|| {
+        let synth: Vec<&SplitItem> = train
+            .iter()
+            .filter(|i| i.entry.key.starts_with("espeak-"))
+            .collect();
+        (
+            synth.len(),
+            synth.iter().map(|i| i.secs).sum::<f64>() / 3600.0,
+        )
+    });
     let units = Units::from_texts(train.iter().map(|i| i.entry.txt.as_str()));
     units.save(&work.join("units.txt"))?;
     let cmvn = global_cmvn(work, train)?;
@@ -475,6 +528,8 @@ fn build(opts: &PrepareOptions, work: &Path) -> Result<Summary> {
         skipped,
         removed_overlap,
         cmvn_frames: cmvn.frame_num,
+        synth_per_language: opts.synth_per_language,
+        synthetic_train,
     };
     std::fs::write(
         work.join("summary.json"),
@@ -508,7 +563,7 @@ fn gather(
     let mut utts = match opts.corpus {
         CorpusName::FilletsCs => sources::fillets_cs()?,
         CorpusName::AsteriskEn => sources::asterisk("en")?,
-        CorpusName::Multilingual => multilingual()?,
+        CorpusName::Multilingual => multilingual(opts.synth_per_language, opts.seed, work)?,
         CorpusName::Librivox => sources::librivox()?,
         CorpusName::EspeakEn => sources::espeak_en(opts.count, opts.seed, &work.join("synth"))?,
         CorpusName::Dir => {
@@ -545,8 +600,10 @@ fn gather(
 
 /// Fillets Czech and the five Asterisk languages, each source split on its own (by
 /// level; by prompt file) so that every language gets its ~10% dev and test. Every
-/// transcript goes through [`sources::spoken_text`] of its language.
-fn multilingual() -> Result<Vec<RawUtterance>> {
+/// transcript goes through [`sources::spoken_text`] of its language. With
+/// `synth_per_language` > 0, that many espeak-ng utterances of each language join the
+/// training split ([`synthetic_training_speech`]).
+fn multilingual(synth_per_language: usize, seed: u64, work: &Path) -> Result<Vec<RawUtterance>> {
     // Czech text normalised as every language is (its lines with digits left out).
     let fillets: Vec<RawUtterance> = sources::fillets_cs()?
         .into_iter()
@@ -564,6 +621,67 @@ fn multilingual() -> Result<Vec<RawUtterance>> {
         let by_group = assign_splits(&part);
         part.iter_mut()
             .for_each(|u| u.split = Some(by_group[&u.group]));
+        out.extend(part);
+    }
+    if synth_per_language > 0 {
+        let synth = synthetic_training_speech(&out, synth_per_language, seed, work)?;
+        out.extend(synth);
+    }
+    Ok(out)
+}
+
+/// Words in a synthesised line: long lines would make batches of one.
+const SYNTH_WORDS: std::ops::RangeInclusive<usize> = 2..=30;
+
+/// espeak-ng speech in each language of `real`, for the training split only. Its text is
+/// the language's training transcripts plus the game's dialogue in that language
+/// (Fillets NG ships translations of every line) from levels that are not held out, so
+/// no dev or test sentence is spoken (and [`split`] drops any that still matches one).
+/// Voices, variants, speeds and pitches are drawn at random; the Asterisk languages are
+/// band-limited to 8 kHz, as their prompts are.
+fn synthetic_training_speech(
+    real: &[RawUtterance],
+    per_language: usize,
+    seed: u64,
+    work: &Path,
+) -> Result<Vec<RawUtterance>> {
+    let held_out_levels: HashSet<&str> = real
+        .iter()
+        .filter(|u| u.key.starts_with("fillets-") && u.split != Some("train"))
+        .map(|u| u.group.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for (i, (lang, voices)) in sources::ESPEAK_LANGUAGES.iter().enumerate() {
+        let mut texts: BTreeSet<String> = real
+            .iter()
+            .filter(|u| u.lang.as_deref() == Some(lang) && u.split == Some("train"))
+            .map(|u| u.text.clone())
+            .collect();
+        for (level, line) in sources::fillets_lines(lang)? {
+            if !held_out_levels.contains(level.as_str()) {
+                texts.extend(sources::spoken_text(lang, &line));
+            }
+        }
+        texts.retain(|t| SYNTH_WORDS.contains(&t.split_whitespace().count()));
+        let texts: Vec<String> = texts.into_iter().collect();
+        tracing::info!(
+            "synthesising {per_language} utterances of {lang} from {} training sentences",
+            texts.len()
+        );
+        let how = sources::Synthesis {
+            lang,
+            voices,
+            telephone: *lang != "cs",
+            key_prefix: &format!("espeak-{lang}"),
+        };
+        let mut part = sources::espeak(
+            &how,
+            &texts,
+            per_language,
+            seed.wrapping_add(i as u64),
+            &work.join("synth"),
+        )?;
+        part.iter_mut().for_each(|u| u.split = Some("train"));
         out.extend(part);
     }
     Ok(out)

@@ -84,8 +84,20 @@ fn lua_tokens(src: &str) -> Vec<LuaToken> {
     out
 }
 
-/// `(id, font, czech text)` of every `dialogId("id", "font", "en") dialogStr("cs")`.
-fn parse_dialogs(src: &str) -> Vec<(String, String, String)> {
+/// One line of a Fillets NG dialogue script:
+/// `dialogId("id", "font", "english") dialogStr("translation")`.
+#[derive(Debug, PartialEq)]
+struct DialogLine {
+    id: String,
+    font: String,
+    /// The game's source text.
+    english: String,
+    /// The text in the file's language (`dialogs_<lang>.lua`).
+    translation: String,
+}
+
+/// Every line of a `dialogs_<lang>.lua` script that has a translation.
+fn parse_dialogs(src: &str) -> Vec<DialogLine> {
     let toks = lua_tokens(src);
     let mut out = Vec::new();
     let mut i = 0;
@@ -110,10 +122,14 @@ fn parse_dialogs(src: &str) -> Vec<(String, String, String)> {
         if toks[i] == LuaToken::Ident("dialogId".into()) {
             if let Some((id_args, next)) = args(i) {
                 if toks.get(next) == Some(&LuaToken::Ident("dialogStr".into())) {
-                    if let Some((cs, after)) = args(next) {
-                        if let (Some(id), Some(text)) = (id_args.first(), cs.first()) {
-                            let font = id_args.get(1).cloned().unwrap_or_default();
-                            out.push((id.clone(), font, text.clone()));
+                    if let Some((tr, after)) = args(next) {
+                        if let (Some(id), Some(translation)) = (id_args.first(), tr.first()) {
+                            out.push(DialogLine {
+                                id: id.clone(),
+                                font: id_args.get(1).cloned().unwrap_or_default(),
+                                english: id_args.get(2).cloned().unwrap_or_default(),
+                                translation: translation.clone(),
+                            });
                         }
                         i = after;
                         continue;
@@ -140,7 +156,13 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
     for dir in levels {
         let level = dir.file_name().unwrap().to_string_lossy().to_string();
         let src = std::fs::read_to_string(dir.join("dialogs_cs.lua"))?;
-        for (id, font, cs) in parse_dialogs(&src) {
+        for DialogLine {
+            id,
+            font,
+            translation,
+            ..
+        } in parse_dialogs(&src)
+        {
             let audio = root
                 .join("sound")
                 .join(&level)
@@ -153,7 +175,7 @@ pub(crate) fn fillets_cs() -> Result<Vec<RawUtterance>> {
             out.push(RawUtterance {
                 key: format!("fillets-{level}-{id}"),
                 audio,
-                text: cs,
+                text: translation,
                 speaker: if speaker.is_empty() {
                     "narrator".into()
                 } else {
@@ -359,6 +381,37 @@ pub(crate) fn librivox() -> Result<Vec<RawUtterance>> {
     Ok(out)
 }
 
+/// The lines of every Fillets NG dialogue in `lang`, as `(level, text)`: the game's
+/// translation (`dialogs_<lang>.lua`), or for `en` its source text (which every
+/// translation holds). Text only; most languages have no recordings.
+pub(crate) fn fillets_lines(lang: &str) -> Result<Vec<(String, String)>> {
+    let scripts = Path::new(FILLETS_ROOT).join("script");
+    // English lines are read from the Czech scripts, where each carries its source text.
+    let file = format!("dialogs_{}.lua", if lang == "en" { "cs" } else { lang });
+    let mut levels: Vec<PathBuf> = std::fs::read_dir(&scripts)
+        .with_context(|| format!("reading {}", scripts.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(&file).exists())
+        .collect();
+    levels.sort();
+    let mut out = Vec::new();
+    for dir in levels {
+        let level = dir.file_name().unwrap().to_string_lossy().to_string();
+        let path = dir.join(&file);
+        let src = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for line in parse_dialogs(&src) {
+            let text = if lang == "en" {
+                line.english
+            } else {
+                line.translation
+            };
+            out.push((level.clone(), text));
+        }
+    }
+    Ok(out)
+}
+
 /// English voices of espeak-ng and variants that change timbre.
 const ESPEAK_VOICES: [&str; 8] = [
     "en-us",
@@ -400,21 +453,67 @@ fn english_sentences() -> Result<Vec<String>> {
     Ok(sentences.into_iter().collect())
 }
 
-/// Synthesises `count` utterances with varied voices, speeds and pitches into
+/// Synthesises `count` English utterances with varied voices, speeds and pitches into
 /// `work/`; returns them as raw utterances (grouped by sentence).
 pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawUtterance>> {
-    let mut sentences = english_sentences()?;
+    let sentences = english_sentences()?;
+    let voice = Synthesis {
+        lang: "en",
+        voices: &ESPEAK_VOICES,
+        telephone: false,
+        key_prefix: "espeak",
+    };
+    espeak(&voice, &sentences, count, seed, work)
+}
+
+/// espeak-ng's voices for each language of the multilingual corpus.
+pub(crate) const ESPEAK_LANGUAGES: [(&str, &[&str]); 6] = [
+    ("cs", &["cs"]),
+    ("en", &ESPEAK_VOICES),
+    ("es", &["es", "es-419"]),
+    ("fr", &["fr-fr", "fr-be", "fr-ch"]),
+    ("it", &["it"]),
+    ("ru", &["ru", "ru-lv"]),
+];
+
+/// How one language is synthesised.
+pub(crate) struct Synthesis<'a> {
+    /// Language tag of the utterances.
+    pub(crate) lang: &'a str,
+    /// espeak-ng voices to draw from (each combined with a random variant).
+    pub(crate) voices: &'a [&'a str],
+    /// Band-limit to 8 kHz, as the Asterisk prompts are recorded.
+    pub(crate) telephone: bool,
+    /// Keys are `<key_prefix>-<index>`.
+    pub(crate) key_prefix: &'a str,
+}
+
+/// Synthesises `count` utterances of `texts` (cycled through in a shuffled order) with
+/// random voices, variants, speeds and pitches into `work/`; returns them as raw
+/// utterances grouped by sentence.
+pub(crate) fn espeak(
+    how: &Synthesis<'_>,
+    texts: &[String],
+    count: usize,
+    seed: u64,
+    work: &Path,
+) -> Result<Vec<RawUtterance>> {
+    if texts.is_empty() {
+        bail!("no text to synthesise in language {:?}", how.lang);
+    }
+    let mut texts = texts.to_vec();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    sentences.shuffle(&mut rng);
+    texts.shuffle(&mut rng);
     std::fs::create_dir_all(work)?;
     let jobs: Vec<(RawUtterance, Vec<String>)> = (0..count)
         .map(|i| {
-            let text = sentences[i % sentences.len()].clone();
-            let voice = ESPEAK_VOICES[rng.random_range(0..ESPEAK_VOICES.len())];
+            let text = texts[i % texts.len()].clone();
+            let voice = how.voices[rng.random_range(0..how.voices.len())];
             let variant = ESPEAK_VARIANTS[rng.random_range(0..ESPEAK_VARIANTS.len())];
             let speed = rng.random_range(120..=200);
             let pitch = rng.random_range(25..=75);
-            let audio = work.join(format!("espeak-{i:06}.wav"));
+            let key = format!("{}-{i:06}", how.key_prefix);
+            let audio = work.join(format!("{key}.wav"));
             let args = vec![
                 "-v".into(),
                 format!("{voice}+{variant}"),
@@ -427,12 +526,12 @@ pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawU
                 text.clone(),
             ];
             let u = RawUtterance {
-                key: format!("espeak-{i:06}"),
+                key,
                 audio,
                 group: text::normalize(&text),
                 text,
                 speaker: format!("{voice}+{variant}"),
-                lang: Some("en".into()),
+                lang: Some(how.lang.into()),
                 split: None,
             };
             (u, args)
@@ -447,11 +546,25 @@ pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawU
         if !st.success() {
             bail!("espeak-ng failed for {}", u.key);
         }
+        if how.telephone {
+            to_telephone_band(&u.audio)?;
+        }
         Ok(())
     })
     .into_iter()
     .collect::<Result<Vec<()>>>()?;
     Ok(jobs.into_iter().map(|(u, _)| u).collect())
+}
+
+/// Rewrites a WAV at 8 kHz, so that it carries no more of the spectrum than a telephone
+/// prompt does (the dataset's conversion brings it back to 16 kHz).
+fn to_telephone_band(path: &Path) -> Result<()> {
+    const TELEPHONE_RATE: u32 = 8000;
+    let a = crate::audio::read_wav(path).with_context(|| format!("reading {}", path.display()))?;
+    let rate = a.sample_rate;
+    let narrow = crate::audio::resample(&a.into_mono(), rate, TELEPHONE_RATE);
+    crate::audio::write_wav_i16(path, &narrow, TELEPHONE_RATE)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A user's own data: a folder with Kaldi's `wav.scp` + `text` (and optionally
@@ -570,12 +683,17 @@ dialogId("no-cs", "", "only english")
         assert_eq!(d.len(), 2);
         assert_eq!(
             d[0],
-            (
-                "let-m-divna".into(),
-                "font_small".into(),
-                "Co je to za divnou loď?".into()
-            )
+            DialogLine {
+                id: "let-m-divna".into(),
+                font: "font_small".into(),
+                english: "What kind of strange ship is that?".into(),
+                translation: "Co je to za divnou loď?".into()
+            }
         );
-        assert_eq!(d[1].2, "Jak si to \"představuješ\"? Pohne ocelí, no a?");
+        assert_eq!(d[1].english, "English");
+        assert_eq!(
+            d[1].translation,
+            "Jak si to \"představuješ\"? Pohne ocelí, no a?"
+        );
     }
 }
