@@ -5,11 +5,11 @@
 #   (a)     the parent trained EXTRA_STEPS more steps, dense          runs/ume/a-dense
 #   (b)     the parent upcycled by each of METHODS, EXTRA_STEPS steps runs/ume/b-<method>
 #   (c)     the same MoE from scratch, parent's steps + EXTRA_STEPS   runs/ume/c-scratch (SCRATCH=0 skips it)
-# then every model is evaluated on the held-out test set (CER per language; RTF in full
-# context and at chunk 16, measured back to back by one `eval`), and the table is written
-# to runs/ume/table.md, its numbers to runs/ume/ume.json (the form of
-# docs/experiments/ume.json), the report (plots, summary) to runs/ume/report/. Each
-# finished stage is kept: rerunning continues where it stopped.
+# then every model's last checkpoint is evaluated on the held-out test set (CER per
+# language; RTF in full context and at chunk 16, measured back to back by one `eval`),
+# and the table is written to runs/ume/table.md, its numbers to runs/ume/ume.json (the
+# form of docs/experiments/ume.json), the report (plots, summary) to runs/ume/report/.
+# Each finished stage is kept: rerunning continues where it stopped.
 #
 # Budgets are steps, not minutes, so that the models (and the table's CER) are the same on
 # a loaded or a faster machine; only the minutes differ. The parent's learning rate is
@@ -64,7 +64,10 @@ train_and_eval() { # DIR ARGS...
     $U train --data "$DATA" --out "$dir" "$@"
   fi
   [ -e "$dir/eval-test/results.json" ] ||
-    $U eval --checkpoint "$dir" --data "$DATA/test" --out "$dir/eval-test" --chunk 0 --chunk 16
+    # The last checkpoint, not the best on dev: the comparison is at equal steps, and
+    # a 200-step dev pick can be nearly the parent.
+    $U eval --checkpoint "$dir/checkpoints/latest" --data "$DATA/test" --out "$dir/eval-test" \
+      --chunk 0 --chunk 16
 }
 
 # `convert upcycle` arguments of each method.

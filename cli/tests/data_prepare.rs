@@ -13,8 +13,9 @@ use upcycle_dataset::list::ListReader;
 use upcycle_dataset::loader::{DataLoader, Mode, Shard};
 use upcycle_dataset::text::Units;
 
-fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
+/// Runs `upcycle data prepare --no-install --corpus CORPUS --out OUT EXTRA...`.
+fn run_prepare(corpus: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_upcycle"))
         .args([
             "data",
             "prepare",
@@ -26,7 +27,12 @@ fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
         .arg(out)
         .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Prepares a corpus, which must succeed; returns its summary.
+fn prepare(corpus: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = run_prepare(corpus, out, extra);
     assert!(
         o.status.success(),
         "prepare {corpus} failed: {}",
@@ -251,30 +257,14 @@ fn multilingual_tags_six_languages_and_holds_out_test_sentences() {
         }
     }
     // Prepared again with another --synth: refused, naming both.
-    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
-        .args([
-            "data",
-            "prepare",
-            "--no-install",
-            "--corpus",
-            "multilingual",
-        ])
-        .args(["--synth", "0", "--out"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let o = run_prepare("multilingual", &dir, &["--synth", "0"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("--synth 40 (not 0)"),
         "{err}"
     );
     // --synth belongs to the multilingual corpus.
-    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
-        .args(["data", "prepare", "--no-install", "--corpus", "librivox"])
-        .args(["--synth", "3", "--out"])
-        .arg(tmp.path().join("not-made"))
-        .output()
-        .unwrap();
+    let o = run_prepare("librivox", &tmp.path().join("not-made"), &["--synth", "3"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("multilingual corpus only"),
@@ -368,18 +358,7 @@ fn librivox_espeak_and_a_users_own_dir() {
             .modified()
             .unwrap()
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_upcycle"))
-        .args([
-            "data",
-            "prepare",
-            "--no-install",
-            "--corpus",
-            "asterisk-en",
-            "--out",
-        ])
-        .arg(&libri)
-        .output()
-        .unwrap();
+    let o = run_prepare("asterisk-en", &libri, &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already holds corpus librivox"));
 
