@@ -95,6 +95,19 @@ fn global_balance_and_expert_bias_under_two_workers_equal_one_process() {
             continue;
         }
         assert!(worst <= 1e-5, "global scope: loss differs by {worst:e}");
+        // The logged balance loss is the job's mean, the single process's.
+        let (want_bal, got_bal) = (
+            logged(&single, "loss_balance"),
+            logged(&out, "loss_balance"),
+        );
+        assert_eq!(got_bal.len(), steps as usize);
+        for (step, b) in &got_bal {
+            let w = want_bal[step];
+            assert!(
+                (b - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "step {step}: loss_balance {b} vs {w}"
+            );
+        }
         let params = checkpoint::read_tensors(&out.join("checkpoints/step-4")).unwrap();
         for (name, w) in &want_tensors {
             let d = (&params[name] - w).abs().max().double_value(&[]);

@@ -59,6 +59,23 @@ fn idle_experts(out: &Path) -> usize {
         .count()
 }
 
+/// Per (step, MoE layer): the logged share of token copies of each expert, and copies
+/// dropped.
+fn routing_loads(out: &Path) -> BTreeMap<(u64, String), (Vec<f64>, i64)> {
+    let mut all = BTreeMap::new();
+    for l in metrics(out) {
+        let (Some(step), Some(layers)) = (l["step"].as_u64(), l["moe"].as_object()) else {
+            continue;
+        };
+        for (name, layer) in layers {
+            let load = serde_json::from_value(layer["load"].clone()).unwrap();
+            let dropped = layer["dropped"].as_i64().unwrap();
+            all.insert((step, name.clone()), (load, dropped));
+        }
+    }
+    all
+}
+
 #[test]
 fn data_and_expert_parallel_runs_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
@@ -81,6 +98,8 @@ fn data_and_expert_parallel_runs_equal_one_process() {
     let want_losses = losses(&single);
     assert_eq!(want_losses.len(), 10);
     let want_dev = dev(&single);
+    let want_loads = routing_loads(&single);
+    assert!(!want_loads.is_empty());
     assert_eq!(want_dev.2, 9);
     let want: BTreeMap<String, Tensor> =
         checkpoint::read_tensors(&single.join("checkpoints/step-10")).unwrap();
@@ -112,6 +131,15 @@ fn data_and_expert_parallel_runs_equal_one_process() {
                 && (got_dev.1 - want_dev.1).abs() <= 0.5,
             "np {np} ep {ep}: dev (loss, CER, utterances) {got_dev:?} vs one process {want_dev:?}"
         );
+        // The routing metrics are the whole job's, not worker 0's share of the tokens.
+        let got_loads = routing_loads(&out);
+        assert_eq!(got_loads.len(), want_loads.len(), "np {np} ep {ep}");
+        for (at, want) in &want_loads {
+            assert_eq!(
+                &got_loads[at], want,
+                "np {np} ep {ep}: logged (load, dropped) at {at:?}"
+            );
+        }
         let idle = idle_experts(&out);
         eprintln!("np {np} ep {ep}: {idle} (step, layer) pairs with an expert that got no token");
         // The case that must not break expert parallelism: a rank's expert receives no

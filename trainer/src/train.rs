@@ -141,36 +141,64 @@ impl RoutingWindow {
         }
     }
 
-    /// Adds the window's means to a metrics line (`loss_balance`, `loss_z`,
-    /// `loss_distill`, and `moe`: per layer the share of token copies each expert
-    /// computed, copies dropped and mean router entropy) and starts a new window.
-    fn take_into(&mut self, line: &mut serde_json::Value, batches: u64) {
-        let mean = |t: &Option<Tensor>| t.as_ref().map(|t| host::scalar_f64(t) / batches as f64);
-        for (key, part) in [
+    /// Adds the window's means over every worker's batches to a metrics line
+    /// (`loss_balance`, `loss_z`, `loss_distill`, and `moe`: per layer the share of token
+    /// copies each expert computed, copies dropped and mean router entropy) and starts a
+    /// new window. Every worker calls it: the sums travel in one all-reduce, read once.
+    /// `batches` is the window's batch count over all workers.
+    fn take_into(
+        &mut self,
+        line: &mut serde_json::Value,
+        dist: &Distributed,
+        batches: f64,
+    ) -> Result<()> {
+        let device = dist.device;
+        let losses = [
             ("loss_balance", &self.balance),
             ("loss_z", &self.z_loss),
             ("loss_distill", &self.distill),
-        ] {
-            if let Some(v) = mean(part) {
-                line[key] = v.into();
+        ];
+        // Every worker has the same losses and layers (one config), so the layouts agree.
+        let mut parts: Vec<Tensor> = losses
+            .iter()
+            .filter_map(|(_, t)| t.as_ref())
+            .map(|t| t.to_kind(Kind::Double).reshape([1]))
+            .collect();
+        for (_, load, dropped, entropy) in &self.layers {
+            parts.push(load.to_kind(Kind::Double).reshape([-1]));
+            parts.push(dropped.to_kind(Kind::Double).reshape([1]));
+            parts.push(entropy.to_kind(Kind::Double).reshape([1]));
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let parts: Vec<Tensor> = parts.iter().map(|t| t.to_device(device)).collect();
+        let sums = host::to_vec_f64(&dist.sum_on_device(&Tensor::cat(&parts, 0))?)?;
+        let mut next = sums.into_iter();
+        let mut take = |n: usize| -> Vec<f64> { next.by_ref().take(n).collect() };
+        for (key, part) in losses {
+            if part.is_some() {
+                line[key] = (take(1)[0] / batches).into();
             }
         }
         if !self.layers.is_empty() {
             let layers: serde_json::Map<String, serde_json::Value> = self
                 .layers
                 .iter()
-                .map(|(name, load, dropped, entropy)| {
-                    let load = host::to_vec_i64(load).unwrap_or_default();
-                    let total = load.iter().sum::<i64>().max(1) as f64;
-                    let share: Vec<f64> = load.iter().map(|&c| c as f64 / total).collect();
-                    let v = json!({"load": share, "dropped": host::scalar_i64(dropped),
-                                   "entropy": host::scalar_f64(entropy) / batches as f64});
+                .map(|(name, load, _, _)| {
+                    let load = take(load.numel());
+                    let total = load.iter().sum::<f64>().max(1.0);
+                    let share: Vec<f64> = load.iter().map(|c| c / total).collect();
+                    let dropped = take(1)[0] as i64;
+                    let entropy = take(1)[0] / batches;
+                    let v = json!({"load": share, "dropped": dropped, "entropy": entropy});
                     (name.clone(), v)
                 })
                 .collect();
             line["moe"] = layers.into();
         }
         *self = Self::default();
+        Ok(())
     }
 }
 
@@ -1040,7 +1068,7 @@ impl Trainer {
             "elapsed_s": self.started.elapsed().as_secs_f64(), "freeze_phase": self.phase.flatten(),
             "host_reads_per_step": reads_per_step,
         });
-        log.routing.take_into(&mut line, log.batches.max(1));
+        log.routing.take_into(&mut line, &self.dist, n)?;
         for (name, bias) in self.learner.expert_biases() {
             let layer = name.trim_end_matches(&expert_bias_name(""));
             if let Some(entry) = line["moe"].get_mut(layer) {
