@@ -457,13 +457,13 @@ fn english_sentences() -> Result<Vec<String>> {
 /// `work/`; returns them as raw utterances (grouped by sentence).
 pub(crate) fn espeak_en(count: usize, seed: u64, work: &Path) -> Result<Vec<RawUtterance>> {
     let sentences = english_sentences()?;
-    let voice = Synthesis {
+    let how = Synthesis {
         lang: "en",
         voices: &ESPEAK_VOICES,
         telephone: false,
         key_prefix: "espeak",
     };
-    espeak(&voice, &sentences, count, seed, work)
+    espeak(&how, &sentences, count, seed, work)
 }
 
 /// espeak-ng's voices for each language of the multilingual corpus.
