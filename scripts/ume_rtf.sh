@@ -20,7 +20,10 @@ open(sys.argv[2], "w").writelines(l for lang in sorted(by) for l in by[lang][:10
 P
 for round in $(seq "$ROUNDS"); do
   for r in "$@"; do
-    $U eval --checkpoint "$r" --data "$DATA/test-rtf60" --mode attention-rescoring \
+    # A run's last checkpoint, as main.sh evaluates its CER (eval's own default is best dev).
+    ckpt=$r
+    if [ -e "$r/checkpoints/latest" ]; then ckpt=$r/checkpoints/latest; fi
+    $U eval --checkpoint "$ckpt" --data "$DATA/test-rtf60" --mode attention-rescoring \
       --chunk 0 --chunk 16 --out "$OUT/$(basename "$r")-$round" >/dev/null
   done
 done
