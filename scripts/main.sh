@@ -42,15 +42,25 @@ PARENT_STEPS=${PARENT_STEPS:-3000}
 EXTRA_STEPS=${EXTRA_STEPS:-1200}
 SCRATCH=${SCRATCH:-1}
 # FFN: every model's feed-forward width (linear_units; granular experts a quarter of it)
-# instead of the configs' 256, from copies of the configs written to $UME/configs.
+# instead of the configs' 256. CONTINUE_LR: the peak learning rate that (a) and every (b)
+# re-warm to instead of the configs' 5e-4; 0.002, the parent's own peak, made both better
+# and the copies more so (docs/experiments/ume.md, run of 2026-12-08). Either writes copies
+# of the configs to $UME/configs.
 FFN=${FFN:-}
+CONTINUE_LR=${CONTINUE_LR:-}
 CONFIGS=configs
-if [ -n "$FFN" ]; then
+if [ -n "$FFN$CONTINUE_LR" ]; then
   CONFIGS=$UME/configs
   mkdir -p "$CONFIGS"
   for f in configs/multilingual*.yaml; do
-    sed -e "s/^\(  linear_units:\) .*/\1 $FFN/" \
-      -e "s/^\(  expert_linear_units:\) .*/\1 $((FFN / 4))/" "$f" >"$CONFIGS/$(basename "$f")"
+    edits=(-e '')
+    [ -z "$FFN" ] || edits+=(-e "s/^\(  linear_units:\) .*/\1 $FFN/"
+      -e "s/^\(  expert_linear_units:\) .*/\1 $((FFN / 4))/")
+    case $(basename "$f") in
+      multilingual-continue.yaml | multilingual-upcycle*.yaml)
+        [ -z "$CONTINUE_LR" ] || edits+=(-e "s/^\(optim_conf: {lr:\) [^,]*,/\1 $CONTINUE_LR,/") ;;
+    esac
+    sed "${edits[@]}" "$f" >"$CONFIGS/$(basename "$f")"
   done
 fi
 $U data prepare --corpus multilingual --synth "$SYNTH" --out "$DATA"
@@ -119,7 +129,7 @@ if [ "$SCRATCH" = 1 ]; then
   rows+=("c-scratch=$UME/c-scratch")
   methods+=(--method c-scratch=scratch)
 fi
-command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS${FFN:+ FFN=$FFN}$([ "$SYNTH" = 0 ] || echo " SYNTH=$SYNTH") ./run main"
+command="METHODS='$METHODS' PARENT_STEPS=$PARENT_STEPS EXTRA_STEPS=$EXTRA_STEPS${FFN:+ FFN=$FFN}${CONTINUE_LR:+ CONTINUE_LR=$CONTINUE_LR}$([ "$SYNTH" = 0 ] || echo " SYNTH=$SYNTH") ./run main"
 $U inspect runs "${rows[@]}" "${methods[@]}" --json "$UME/ume.json" --command "$command" |
   tee "$UME/table.md"
 for m in $METHODS; do
