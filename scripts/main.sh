@@ -48,6 +48,10 @@ SCRATCH=${SCRATCH:-1}
 # of the configs to $UME/configs.
 FFN=${FFN:-}
 CONTINUE_LR=${CONTINUE_LR:-}
+if [ -n "$CONTINUE_LR" ] && ! python3 -c 'import sys; assert float(sys.argv[1]) > 0' "$CONTINUE_LR" 2>/dev/null; then
+  echo "CONTINUE_LR=$CONTINUE_LR is not a positive learning rate (e.g. CONTINUE_LR=0.002)" >&2
+  exit 2
+fi
 CONFIGS=configs
 if [ -n "$FFN$CONTINUE_LR" ]; then
   CONFIGS=$UME/configs
@@ -61,6 +65,12 @@ if [ -n "$FFN$CONTINUE_LR" ]; then
         [ -z "$CONTINUE_LR" ] || edits+=(-e "s/^\(optim_conf: {lr:\) [^,]*,/\1 $CONTINUE_LR,/") ;;
     esac
     sed "${edits[@]}" "$f" >"$CONFIGS/$(basename "$f")"
+    # A config whose optim_conf line no longer has the one-line form would keep its rate silently.
+    if [ -n "$CONTINUE_LR" ] && [[ $f == *continue.yaml || $f == *upcycle*.yaml ]] &&
+      ! grep -q "^optim_conf: {lr: $CONTINUE_LR," "$CONFIGS/$(basename "$f")"; then
+      echo "CONTINUE_LR could not be set in $f: its line 'optim_conf: {lr: ...}' is missing" >&2
+      exit 2
+    fi
   done
 fi
 $U data prepare --corpus multilingual --synth "$SYNTH" --out "$DATA"
